@@ -1,0 +1,63 @@
+//! The one place where errors become gRPC statuses.
+
+use crate::store::StoreError;
+use tonic::{Code, Status};
+
+/// Why a call failed: the request broke a rule, or the store refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::InvalidArgument(message.into())
+    }
+
+    /// Prefixes the message with the failing mutation of a Write.
+    pub fn in_mutation(self, index: usize) -> Self {
+        match self {
+            ApiError::InvalidArgument(m) => {
+                ApiError::InvalidArgument(format!("mutation {index}: {m}"))
+            }
+            ApiError::Store(e) => ApiError::Store(e.in_mutation(index)),
+        }
+    }
+}
+
+fn store_code(e: &StoreError) -> Code {
+    // Exhaustive on purpose: a new kind of store error needs a decision here.
+    match e {
+        StoreError::NotFound { .. } => Code::NotFound,
+        StoreError::AlreadyExists { .. } => Code::AlreadyExists,
+        StoreError::RevMismatch { .. } => Code::Aborted,
+        StoreError::PermissionDenied(_) => Code::PermissionDenied,
+        StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::InMutation { source, .. } => store_code(source),
+        StoreError::Internal(_) => Code::Internal,
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        match e {
+            ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+            ApiError::Store(e) => {
+                let code = store_code(&e);
+                if code == Code::Internal {
+                    tracing::error!(error = %e, "store fault");
+                }
+                Status::new(code, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        ApiError::Store(e).into()
+    }
+}

@@ -1,0 +1,491 @@
+//! Command line and environment: every setting is a flag with an environment
+//! variable (see `docsidecar --help`), resolved once into typed values.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The sidecar's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "docsidecar",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serving settings, for `docsidecar` without a subcommand.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the DocumentService (the default).
+    Serve(ServeArgs),
+    /// Apply the database schema with the admin credentials, then exit.
+    Migrate(MigrateArgs),
+}
+
+/// Settings of `docsidecar serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on: HOST:PORT, or unix:/path/to.sock for a Unix socket.
+    #[arg(long, env = "DOCSIDECAR_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: ListenAddr,
+
+    #[command(flatten)]
+    pub db: ServeDbArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Largest document accepted, in bytes of its JSON encoding.
+    #[arg(long, env = "DOCSIDECAR_MAX_DOCUMENT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_document_bytes: usize,
+
+    /// Largest gRPC request accepted, in bytes (a Write carries many documents).
+    #[arg(long, env = "DOCSIDECAR_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Seconds between database health checks (the gRPC health service follows them).
+    #[arg(long, env = "DOCSIDECAR_HEALTH_INTERVAL", default_value = "2", value_parser = parse_seconds)]
+    pub health_interval: Duration,
+
+    /// Seconds that in-flight calls get to finish after SIGTERM or SIGINT.
+    #[arg(long, env = "DOCSIDECAR_SHUTDOWN_GRACE", default_value = "25", value_parser = parse_seconds)]
+    pub shutdown_grace: Duration,
+}
+
+/// Settings of `docsidecar migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: MigrateDbArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Settings shared by every command.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Log format: text for people, json for log collectors. Levels come from RUST_LOG.
+    #[arg(long, env = "DOCSIDECAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// PostgreSQL schema that holds one table per collection.
+    #[arg(long, env = "DOCSIDECAR_SCHEMA", default_value = "docsidecar")]
+    pub schema: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where to listen: a TCP socket address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("a Unix socket address needs a path: unix:/path/to.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if s.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "`{s}` is not HOST:PORT (for example 127.0.0.1:50051) or unix:/path/to.sock"
+            ));
+        }
+        Ok(ListenAddr::Tcp(s.to_string()))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => f.write_str(addr),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("`{s}` is not a non-negative number of seconds"))
+}
+
+/// Database settings: the same names for serving and, prefixed `MIGRATE_`, for
+/// `docsidecar migrate`, which connects with the admin account.
+macro_rules! db_args {
+    ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Args)]
+        pub struct $name {
+            /// Database URL: sqlite://relative.db, sqlite:///absolute.db, sqlite::memory:, memory://,
+            /// postgres://user@host:port/db. Default: sqlite://docsidecar.db
+            #[arg(long, env = concat!($prefix, "DATABASE_URL"), hide_env_values = true)]
+            pub database_url: Option<String>,
+            /// File holding the database URL (a mounted secret); used when the URL is not set.
+            #[arg(long, env = concat!($prefix, "DATABASE_URL_FILE"))]
+            pub database_url_file: Option<PathBuf>,
+            /// Database type, with the discrete DB_* settings instead of a URL.
+            #[arg(long, env = concat!($prefix, "DB_TYPE"), value_enum)]
+            pub db_type: Option<DbType>,
+            /// Database host (PostgreSQL).
+            #[arg(long, env = concat!($prefix, "DB_HOST"))]
+            pub db_host: Option<String>,
+            /// Database port (PostgreSQL).
+            #[arg(long, env = concat!($prefix, "DB_PORT"))]
+            pub db_port: Option<u16>,
+            /// Database name (PostgreSQL), or the SQLite file path.
+            #[arg(long, env = concat!($prefix, "DB_NAME"))]
+            pub db_name: Option<String>,
+            /// Database user (PostgreSQL).
+            #[arg(long, env = concat!($prefix, "DB_USER"))]
+            pub db_user: Option<String>,
+            /// Database password (PostgreSQL). Prefer the password file.
+            #[arg(long, env = concat!($prefix, "DB_PASS"), hide_env_values = true)]
+            pub db_pass: Option<String>,
+            /// File holding the database password (a mounted secret).
+            #[arg(long, env = concat!($prefix, "DB_PASS_FILE"))]
+            pub db_pass_file: Option<PathBuf>,
+            /// Database connections to keep (SQLite: reader connections). Default: 2 x cores + 1.
+            #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"))]
+            pub db_pool_size: Option<usize>,
+            /// Connection attempts at start-up before giving up (0: retry forever).
+            #[arg(long, env = concat!($prefix, "DB_MAX_RETRIES"), default_value_t = 10)]
+            pub db_max_retries: u32,
+            /// Seconds between start-up connection attempts (doubling, at most 30 s).
+            #[arg(long, env = concat!($prefix, "DB_RETRY_DELAY"), default_value = "1", value_parser = parse_seconds)]
+            pub db_retry_delay: Duration,
+            /// Seconds a call may wait for a pooled connection before UNAVAILABLE.
+            #[arg(long, env = concat!($prefix, "DB_ACQUIRE_TIMEOUT"), default_value = "5", value_parser = parse_seconds)]
+            pub db_acquire_timeout: Duration,
+        }
+
+        impl From<$name> for DbArgs {
+            fn from(a: $name) -> DbArgs {
+                DbArgs {
+                    var_prefix: $prefix,
+                    database_url: a.database_url,
+                    database_url_file: a.database_url_file,
+                    db_type: a.db_type,
+                    db_host: a.db_host,
+                    db_port: a.db_port,
+                    db_name: a.db_name,
+                    db_user: a.db_user,
+                    db_pass: a.db_pass,
+                    db_pass_file: a.db_pass_file,
+                    db_pool_size: a.db_pool_size,
+                    db_max_retries: a.db_max_retries,
+                    db_retry_delay: a.db_retry_delay,
+                    db_acquire_timeout: a.db_acquire_timeout,
+                }
+            }
+        }
+    };
+}
+
+db_args!(
+    /// Runtime database settings.
+    ServeDbArgs,
+    ""
+);
+db_args!(
+    /// Admin database settings for `docsidecar migrate`.
+    MigrateDbArgs,
+    "MIGRATE_"
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DbType {
+    Sqlite,
+    #[value(alias = "postgres")]
+    Postgresql,
+    Memory,
+}
+
+/// Database settings as given, before resolution.
+#[derive(Debug, Clone)]
+pub struct DbArgs {
+    /// `""` for serving, `"MIGRATE_"` for migrate: error messages name the variables.
+    pub var_prefix: &'static str,
+    pub database_url: Option<String>,
+    pub database_url_file: Option<PathBuf>,
+    pub db_type: Option<DbType>,
+    pub db_host: Option<String>,
+    pub db_port: Option<u16>,
+    pub db_name: Option<String>,
+    pub db_user: Option<String>,
+    pub db_pass: Option<String>,
+    pub db_pass_file: Option<PathBuf>,
+    pub db_pool_size: Option<usize>,
+    pub db_max_retries: u32,
+    pub db_retry_delay: Duration,
+    pub db_acquire_timeout: Duration,
+}
+
+/// A configuration problem, stated so that an operator can fix it. Never holds a
+/// credential.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read {what} from {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Which store to open, resolved from [`DbArgs`].
+#[derive(Clone)]
+pub enum Database {
+    Memory,
+    Sqlite(SqliteTarget),
+    Postgres(Box<tokio_postgres::Config>),
+}
+
+impl fmt::Debug for Database {
+    // The PostgreSQL config holds the password: show only where it points.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Memory => f.write_str("memory"),
+            Database::Sqlite(target) => write!(f, "sqlite ({target})"),
+            Database::Postgres(cfg) => write!(f, "postgresql ({})", describe_postgres(cfg)),
+        }
+    }
+}
+
+/// Host, port, database and user of a PostgreSQL config, without the password.
+pub fn describe_postgres(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{}@{host}:{port}/{}",
+        cfg.get_user().unwrap_or("?"),
+        cfg.get_dbname().unwrap_or("?")
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqliteTarget {
+    File(PathBuf),
+    Memory,
+}
+
+impl fmt::Display for SqliteTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SqliteTarget::File(p) => write!(f, "{}", p.display()),
+            SqliteTarget::Memory => f.write_str(":memory:"),
+        }
+    }
+}
+
+/// The SQLite file used when no database is configured.
+pub const DEFAULT_SQLITE_FILE: &str = "docsidecar.db";
+
+impl DbArgs {
+    /// Resolves the URL or the discrete settings into one [`Database`].
+    pub fn database(&self) -> Result<Database, ConfigError> {
+        let p = self.var_prefix;
+        if let Some(url) = self.url()? {
+            return self.parse_url(&url);
+        }
+        match self.db_type {
+            None if self.db_host.is_some() => Err(ConfigError::Invalid(format!(
+                "{p}DB_HOST is set but {p}DB_TYPE is not: set {p}DB_TYPE=postgresql"
+            ))),
+            None => Ok(Database::Sqlite(SqliteTarget::File(
+                self.db_name
+                    .as_deref()
+                    .unwrap_or(DEFAULT_SQLITE_FILE)
+                    .into(),
+            ))),
+            Some(DbType::Memory) => Ok(Database::Memory),
+            Some(DbType::Sqlite) => Ok(Database::Sqlite(match self.db_name.as_deref() {
+                Some(":memory:") => SqliteTarget::Memory,
+                name => SqliteTarget::File(name.unwrap_or(DEFAULT_SQLITE_FILE).into()),
+            })),
+            Some(DbType::Postgresql) => {
+                let mut cfg = tokio_postgres::Config::new();
+                cfg.host(self.db_host.as_deref().unwrap_or("localhost"))
+                    .port(self.db_port.unwrap_or(5432))
+                    .user(self.db_user.as_deref().unwrap_or("postgres"))
+                    .dbname(self.db_name.as_deref().unwrap_or("postgres"));
+                self.finish_postgres(cfg)
+            }
+        }
+    }
+
+    fn url(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(url) = &self.database_url {
+            return Ok(Some(url.trim().to_string()));
+        }
+        match &self.database_url_file {
+            Some(path) => Ok(Some(read_secret(path, "the database URL")?)),
+            None => Ok(None),
+        }
+    }
+
+    fn parse_url(&self, url: &str) -> Result<Database, ConfigError> {
+        let var = format!("{}DATABASE_URL", self.var_prefix);
+        if url == "memory://" || url == "memory:" {
+            return Ok(Database::Memory);
+        }
+        if url == "sqlite::memory:" || url == "sqlite://:memory:" {
+            return Ok(Database::Sqlite(SqliteTarget::Memory));
+        }
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            let path = path.split_once('?').map_or(path, |(p, _)| p);
+            if path.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{var} `sqlite://` names no file: use sqlite://relative/path.db, sqlite:///absolute/path.db or sqlite::memory:"
+                )));
+            }
+            return Ok(Database::Sqlite(SqliteTarget::File(PathBuf::from(path))));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
+                ConfigError::Invalid(format!("{var} is not a valid PostgreSQL URL: {e}"))
+            })?;
+            return self.finish_postgres(cfg);
+        }
+        // Only the scheme is quoted: the rest may hold a password.
+        let scheme = url.split_once(':').map_or("", |(s, _)| s);
+        Err(ConfigError::Invalid(format!(
+            "{var} has an unsupported scheme `{scheme}`: expected sqlite://, sqlite::memory:, memory:// or postgres://"
+        )))
+    }
+
+    /// Applies the password settings and the application name.
+    fn finish_postgres(&self, mut cfg: tokio_postgres::Config) -> Result<Database, ConfigError> {
+        if let Some(pass) = &self.db_pass {
+            cfg.password(pass.as_str());
+        } else if let Some(path) = &self.db_pass_file {
+            cfg.password(read_secret(path, "the database password")?);
+        }
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("docsidecar");
+        }
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(Duration::from_secs(5));
+        }
+        Ok(Database::Postgres(Box::new(cfg)))
+    }
+}
+
+/// Reads a mounted secret, without its trailing newline.
+pub fn read_secret(path: &Path, what: &'static str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+        .map_err(|source| ConfigError::File {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: Option<&str>) -> DbArgs {
+        let cli = Cli::parse_from(["docsidecar"]);
+        let mut db: DbArgs = cli.serve.db.into();
+        db.database_url = url.map(String::from);
+        db
+    }
+
+    #[test]
+    fn parses_database_urls() {
+        let db = |u: &str| args(Some(u)).database();
+        assert!(matches!(db("memory://"), Ok(Database::Memory)));
+        assert!(matches!(
+            db("sqlite::memory:"),
+            Ok(Database::Sqlite(SqliteTarget::Memory))
+        ));
+        match db("sqlite://data/x.db").unwrap() {
+            Database::Sqlite(SqliteTarget::File(p)) => assert_eq!(p, PathBuf::from("data/x.db")),
+            other => panic!("{other:?}"),
+        }
+        match db("sqlite:///var/lib/x.db").unwrap() {
+            Database::Sqlite(SqliteTarget::File(p)) => {
+                assert_eq!(p, PathBuf::from("/var/lib/x.db"))
+            }
+            other => panic!("{other:?}"),
+        }
+        match db("postgresql://app@db:6432/orders").unwrap() {
+            Database::Postgres(cfg) => assert_eq!(describe_postgres(&cfg), "app@db:6432/orders"),
+            other => panic!("{other:?}"),
+        }
+        assert!(db("sqlite://")
+            .unwrap_err()
+            .to_string()
+            .contains("names no file"));
+    }
+
+    #[test]
+    fn url_errors_never_echo_credentials() {
+        for url in [
+            "mysql://root:hunter2@db/x",
+            "postgres://u:hunter2@db:notaport/x",
+        ] {
+            let err = args(Some(url)).database().unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("DATABASE_URL"), "{err}");
+        }
+        let db = args(Some("postgres://u:hunter2@db/x")).database().unwrap();
+        assert!(!format!("{db:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn default_is_a_sqlite_file() {
+        match args(None).database().unwrap() {
+            Database::Sqlite(SqliteTarget::File(p)) => {
+                assert_eq!(p, PathBuf::from(DEFAULT_SQLITE_FILE))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "unix:/tmp/s.sock".parse::<ListenAddr>(),
+            Ok(ListenAddr::Unix("/tmp/s.sock".into()))
+        );
+        assert!("[::1]:50051".parse::<ListenAddr>().is_ok());
+        assert!("localhost".parse::<ListenAddr>().is_err());
+    }
+}

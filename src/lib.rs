@@ -1,0 +1,35 @@
+//! docsidecar: a gRPC data-access sidecar for JSON documents.
+//!
+//! The application talks gRPC (`docsidecar.v1.DocumentService`) to the sidecar
+//! beside it; the sidecar owns the database connections and credentials and
+//! forwards each call to the configured store.
+//!
+//! # Layout
+//!
+//! - [`config`]: the command line and environment, one typed struct (clap).
+//! - [`server`]: start-up, wiring of the gRPC services, graceful shutdown.
+//! - [`api`]: the gRPC layer: validates requests, converts protobuf to store
+//!   types and maps every error to a `tonic::Status` in one place. No SQL.
+//! - [`store`]: the [`store::DocumentStore`] trait and one module per backend
+//!   (memory, SQLite, PostgreSQL). No tonic.
+//! - [`telemetry`]: logging setup and the per-request log layer.
+//! - [`proto`]: the generated protobuf types, server and client.
+
+pub mod api;
+pub mod codec;
+pub mod config;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+/// Generated protobuf types, the `DocumentService` server and its client.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("docsidecar.v1");
+
+    /// Encoded file descriptor set of the API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("docsidecar_descriptor");
+}
+
+pub use proto::document_service_client::DocumentServiceClient;

@@ -1,0 +1,8 @@
+use clap::Parser;
+use docsidecar::config::Cli;
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    docsidecar::server::main(Cli::parse()).await
+}

@@ -1,0 +1,335 @@
+//! Start-up, wiring and shutdown: the one place that knows every part.
+
+use crate::api::{DocumentApi, Limits};
+use crate::config::{
+    Cli, Command, ConfigError, Database, DbArgs, ListenAddr, MigrateArgs, ServeArgs,
+};
+use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
+use crate::store::{DocumentStore, MemoryStore, SqliteStore, StoreError};
+use crate::telemetry::{self, RequestLogLayer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+use tonic::transport::server::Router;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::{error, info, warn};
+
+/// Why the sidecar could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Runs the command line: serve (the default) or migrate.
+pub async fn main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Migrate(args)) => migrate(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), StartError> {
+    telemetry::init(args.common.log_format);
+    Server::bind(args).await?.run_until(shutdown_signal()).await
+}
+
+async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
+    telemetry::init(args.common.log_format);
+    let db: DbArgs = args.db.into();
+    let store = open_store(&db).await?;
+    // Opening a store applies its pending migrations.
+    store.close().await;
+    info!("migrations applied");
+    Ok(())
+}
+
+/// Resolves when SIGTERM (Kubernetes' graceful stop) or SIGINT (Ctrl-C) arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}
+
+fn default_pool_size() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get()) + 1
+}
+
+/// Opens the configured store, applying its schema migrations.
+pub async fn open_store(db: &DbArgs) -> Result<Arc<dyn DocumentStore>, StartError> {
+    let database = db.database()?;
+    info!(database = ?database, "opening store");
+    let pool_size = db.db_pool_size.unwrap_or_else(default_pool_size).max(1);
+    Ok(match database {
+        Database::Memory => Arc::new(MemoryStore::new()),
+        Database::Sqlite(target) => {
+            Arc::new(SqliteStore::open(&target, pool_size, db.db_acquire_timeout).await?)
+        }
+        Database::Postgres(_) => {
+            return Err(ConfigError::Invalid(
+                "PostgreSQL is not supported by this build yet".into(),
+            )
+            .into());
+        }
+    })
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A sidecar with its store open and its socket bound, ready to serve.
+pub struct Server {
+    listener: Listener,
+    store: Arc<dyn DocumentStore>,
+    args: ServeArgs,
+}
+
+impl Server {
+    /// Binds the listener and opens the store. `--listen 127.0.0.1:0` picks a free port.
+    pub async fn bind(args: ServeArgs) -> Result<Server, StartError> {
+        let listener = bind(&args.listen).await?;
+        let db: DbArgs = args.db.clone().into();
+        let store = open_store(&db).await?;
+        Ok(Server {
+            listener,
+            store,
+            args,
+        })
+    }
+
+    /// Where the server listens (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> ListenAddr {
+        match &self.listener {
+            Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().map_or_else(
+                |_| self.args.listen.to_string(),
+                |a: SocketAddr| a.to_string(),
+            )),
+            Listener::Unix(_, path) => ListenAddr::Unix(path.clone()),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls for at most
+    /// the grace period and closes the store.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let Server {
+            listener,
+            store,
+            args,
+        } = self;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        set_health(&reporter, ServingStatus::Serving).await;
+        let watcher = tokio::spawn(watch_health(
+            store.clone(),
+            reporter.clone(),
+            args.health_interval,
+        ));
+
+        let api = DocumentApi::new(
+            store.clone(),
+            Limits {
+                max_document_bytes: args.max_document_bytes,
+            },
+        );
+        let documents = DocumentServiceServer::new(api)
+            .max_decoding_message_size(args.max_message_bytes)
+            .max_encoding_message_size(usize::MAX);
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let router = tonic::transport::Server::builder()
+            .layer(RequestLogLayer)
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(documents);
+
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
+        let drain_reporter = reporter.clone();
+        let stop_watcher = watcher.abort_handle();
+        let signal = async move {
+            shutdown.await;
+            info!("shutting down: no new connections, draining in-flight calls");
+            stop_watcher.abort();
+            set_health(&drain_reporter, ServingStatus::NotServing).await;
+            let _ = draining_tx.send(());
+        };
+
+        let local = match &listener {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        };
+        info!(listen = %local, "serving docsidecar.v1.DocumentService");
+        let result = match listener {
+            Listener::Tcp(l) => {
+                // Small request/response pairs: do not let Nagle delay them.
+                let incoming = TcpListenerStream::new(l).map(|s| {
+                    s.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                });
+                drain(router, incoming, signal, draining_rx, args.shutdown_grace).await
+            }
+            Listener::Unix(l, path) => {
+                let result = drain(
+                    router,
+                    UnixListenerStream::new(l),
+                    signal,
+                    draining_rx,
+                    args.shutdown_grace,
+                )
+                .await;
+                let _ = std::fs::remove_file(&path);
+                result
+            }
+        };
+        watcher.abort();
+        store.close().await;
+        info!("stopped");
+        result
+    }
+}
+
+/// Serves until the signal, then waits at most `grace` for in-flight calls.
+async fn drain<I, IO, E>(
+    router: Router<tower::layer::util::Stack<RequestLogLayer, tower::layer::util::Identity>>,
+    incoming: I,
+    signal: impl Future<Output = ()> + Send + 'static,
+    draining: tokio::sync::oneshot::Receiver<()>,
+    grace: Duration,
+) -> Result<(), StartError>
+where
+    I: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let serve = router.serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(serve);
+    tokio::select! {
+        biased;
+        result = &mut serve => Ok(result?),
+        _ = draining => match tokio::time::timeout(grace, &mut serve).await {
+            Ok(result) => Ok(result?),
+            Err(_) => {
+                warn!(grace_secs = grace.as_secs_f64(), "grace period over: abandoning calls still in flight");
+                Ok(())
+            }
+        },
+    }
+}
+
+async fn bind(addr: &ListenAddr) -> Result<Listener, StartError> {
+    let err = |source| StartError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
+    match addr {
+        ListenAddr::Tcp(a) => Ok(Listener::Tcp(
+            TcpListener::bind(a.as_str()).await.map_err(err)?,
+        )),
+        ListenAddr::Unix(path) => {
+            // A socket file left by a previous run would make bind fail.
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            Ok(Listener::Unix(
+                UnixListener::bind(path).map_err(err)?,
+                path.clone(),
+            ))
+        }
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Keeps the health service in step with the store: NOT_SERVING while the
+/// database does not answer.
+async fn watch_health(store: Arc<dyn DocumentStore>, reporter: HealthReporter, every: Duration) {
+    let mut serving = true;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let ok = match tokio::time::timeout(every.max(Duration::from_secs(1)), store.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                if serving {
+                    warn!(error = %e, "database unreachable: health is NOT_SERVING");
+                }
+                false
+            }
+            Err(_) => {
+                if serving {
+                    warn!("database did not answer a ping in time: health is NOT_SERVING");
+                }
+                false
+            }
+        };
+        if ok != serving {
+            if ok {
+                info!("database reachable again: health is SERVING");
+            }
+            serving = ok;
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_health(&reporter, status).await;
+        }
+    }
+}

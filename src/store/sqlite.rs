@@ -1,0 +1,501 @@
+//! Embedded SQLite store (rusqlite, bundled SQLite).
+//!
+//! One writer connection serializes writes; a small pool of read-only connections
+//! lets reads run in parallel beside it (WAL journal). rusqlite blocks, so every
+//! call runs on tokio's blocking pool, never on an async worker. Conditional writes
+//! read and write inside one `BEGIN IMMEDIATE` transaction.
+
+use super::*;
+use crate::config::SqliteTarget;
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A versioned schema change; applied once, in order, recorded in `schema_migrations`.
+pub struct Migration {
+    pub version: i64,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+/// The schema, oldest first. Append only: a released migration never changes.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "collections and documents",
+    sql: "
+        CREATE TABLE collections (
+            name        TEXT PRIMARY KEY,
+            create_time INTEGER NOT NULL
+        );
+        CREATE TABLE documents (
+            collection  TEXT NOT NULL REFERENCES collections (name),
+            id          TEXT NOT NULL,
+            rev         TEXT NOT NULL,
+            data        TEXT NOT NULL,
+            create_time INTEGER NOT NULL,
+            update_time INTEGER NOT NULL,
+            PRIMARY KEY (collection, id)
+        );",
+}];
+
+/// How long a connection waits for another process's lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SqliteStore {
+    writer: Arc<tokio::sync::Mutex<Connection>>,
+    /// Read-only connections; `None` for an in-memory database, which each
+    /// connection would see as a different database, so reads use the writer.
+    readers: Option<Arc<ReaderPool>>,
+    acquire_timeout: Duration,
+}
+
+struct ReaderPool {
+    path: std::path::PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+impl ReaderPool {
+    fn take(&self) -> rusqlite::Result<Connection> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => open_reader(&self.path),
+        }
+    }
+
+    fn give_back(&self, conn: Connection, _permit: OwnedSemaphorePermit) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // FULL: a write acknowledged to the client survives a power cut, not just a crash.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(())
+}
+
+fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    configure(&conn)?;
+    Ok(conn)
+}
+
+/// Applies the migrations that `conn`'s database lacks, in one transaction.
+pub fn migrate(conn: &mut Connection, migrations: &[Migration]) -> StoreResult<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version     INTEGER PRIMARY KEY,
+            description TEXT NOT NULL,
+            applied_at  INTEGER NOT NULL
+        )",
+    )?;
+    let current: i64 = tx.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    let latest = migrations.last().map_or(0, |m| m.version);
+    if current > latest {
+        return Err(StoreError::Internal(format!(
+            "the database schema is at version {current}, newer than this docsidecar supports ({latest}): run a newer docsidecar"
+        )));
+    }
+    for m in migrations.iter().filter(|m| m.version > current) {
+        tx.execute_batch(m.sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?1, ?2, ?3)",
+            params![m.version, m.description, now_micros()],
+        )?;
+        tracing::info!(
+            version = m.version,
+            description = m.description,
+            "applied SQLite migration"
+        );
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database.
+    pub async fn open(
+        target: &SqliteTarget,
+        readers: usize,
+        acquire_timeout: Duration,
+    ) -> StoreResult<Self> {
+        let target = target.clone();
+        let (writer, path) = tokio::task::spawn_blocking(move || -> StoreResult<_> {
+            let (mut conn, path) = match &target {
+                SqliteTarget::Memory => (Connection::open_in_memory()?, None),
+                SqliteTarget::File(path) => (Connection::open(path)?, Some(path.clone())),
+            };
+            if path.is_some() {
+                let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    tracing::warn!(%mode, "SQLite could not switch to WAL; reads will wait for writes");
+                }
+            }
+            configure(&conn)?;
+            migrate(&mut conn, MIGRATIONS)?;
+            Ok((conn, path))
+        })
+        .await
+        .map_err(join_error)??;
+
+        let readers = path.map(|path| {
+            Arc::new(ReaderPool {
+                path,
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(readers.max(1))),
+            })
+        });
+        Ok(SqliteStore {
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            readers,
+            acquire_timeout,
+        })
+    }
+
+    /// Runs `f` on a read connection, off the async workers.
+    async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let Some(pool) = &self.readers else {
+            return self.write(move |conn| f(conn)).await;
+        };
+        let permit =
+            tokio::time::timeout(self.acquire_timeout, pool.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| self.busy())?
+                .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        let pool = pool.clone();
+        // The connection goes back to the pool from the blocking task itself, so
+        // a caller that gives up (deadline) does not leak it.
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.take()?;
+            let result = f(&conn);
+            pool.give_back(conn, permit);
+            result
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    /// Runs `f` on the single writer connection, off the async workers.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let mut conn = tokio::time::timeout(self.acquire_timeout, self.writer.clone().lock_owned())
+            .await
+            .map_err(|_| self.busy())?;
+        tokio::task::spawn_blocking(move || f(&mut conn))
+            .await
+            .map_err(join_error)?
+    }
+
+    fn busy(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "no SQLite connection became free within {:?}; retry",
+            self.acquire_timeout
+        ))
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Internal(format!("a SQLite task failed: {e}"))
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode::*;
+        match e.sqlite_error_code() {
+            Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(
+                "the SQLite database is locked by another writer; retry".into(),
+            ),
+            Some(ReadOnly | PermissionDenied | CannotOpen) => {
+                StoreError::Unavailable(format!("the SQLite database cannot be written: {e}"))
+            }
+            _ => StoreError::Internal(format!("SQLite: {e}")),
+        }
+    }
+}
+
+const DOC_COLUMNS: &str = "id, rev, data, create_time, update_time";
+
+fn row_to_doc(collection: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
+    Ok(Document {
+        collection: collection.to_string(),
+        id: row.get(0)?,
+        rev: row.get(1)?,
+        data: row.get(2)?,
+        create_time: row.get(3)?,
+        update_time: row.get(4)?,
+    })
+}
+
+/// The stored rev and create time of one document, read inside a transaction.
+fn current(
+    tx: &Transaction<'_>,
+    collection: &str,
+    id: &str,
+) -> rusqlite::Result<Option<(String, Micros)>> {
+    tx.prepare_cached("SELECT rev, create_time FROM documents WHERE collection = ?1 AND id = ?2")?
+        .query_row(params![collection, id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+}
+
+fn save_in(tx: &Transaction<'_>, op: &SaveOp, now: Micros) -> StoreResult<Saved> {
+    let existing = current(tx, &op.collection, &op.id)?;
+    if op.create_only && existing.is_some() {
+        return Err(StoreError::already_exists(&op.collection, &op.id));
+    }
+    StoreError::check_rev(
+        &op.collection,
+        &op.id,
+        op.expected_rev.as_deref(),
+        existing.as_ref().map(|(rev, _)| rev.as_str()),
+    )?;
+    let rev = new_rev();
+    if existing.is_some() {
+        tx.prepare_cached("UPDATE documents SET rev = ?3, data = ?4, update_time = ?5 WHERE collection = ?1 AND id = ?2")?
+            .execute(params![op.collection, op.id, rev, op.data, now])?;
+    } else {
+        tx.prepare_cached("INSERT OR IGNORE INTO collections (name, create_time) VALUES (?1, ?2)")?
+            .execute(params![op.collection, now])?;
+        tx.prepare_cached(
+            "INSERT INTO documents (collection, id, rev, data, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        )?
+        .execute(params![op.collection, op.id, rev, op.data, now])?;
+    }
+    Ok(Saved {
+        rev,
+        update_time: now,
+        created: existing.is_none(),
+    })
+}
+
+fn delete_in(tx: &Transaction<'_>, op: &DeleteOp) -> StoreResult<()> {
+    let Some((rev, _)) = current(tx, &op.collection, &op.id)? else {
+        return Err(StoreError::not_found(&op.collection, &op.id));
+    };
+    StoreError::check_rev(
+        &op.collection,
+        &op.id,
+        op.expected_rev.as_deref(),
+        Some(&rev),
+    )?;
+    tx.prepare_cached("DELETE FROM documents WHERE collection = ?1 AND id = ?2")?
+        .execute(params![op.collection, op.id])?;
+    Ok(())
+}
+
+fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+}
+
+#[async_trait]
+impl DocumentStore for SqliteStore {
+    async fn get(&self, collection: &str, id: &str) -> StoreResult<Document> {
+        let (collection, id) = (collection.to_string(), id.to_string());
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
+            ))?
+            .query_row(params![collection, id], |r| row_to_doc(&collection, r))
+            .optional()?
+            .ok_or_else(|| StoreError::not_found(&collection, &id))
+        })
+        .await
+    }
+
+    async fn save(&self, op: SaveOp) -> StoreResult<Saved> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let saved = save_in(&tx, &op, now_micros())?;
+            tx.commit()?;
+            Ok(saved)
+        })
+        .await
+    }
+
+    async fn delete(&self, op: DeleteOp) -> StoreResult<()> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            delete_in(&tx, &op)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self, collection: &str, after: Option<&str>, limit: usize) -> StoreResult<Page> {
+        let collection = collection.to_string();
+        let after = after.map(str::to_string);
+        self.read(move |conn| {
+            // Keyset pagination: `id > after` on the primary key, never OFFSET.
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
+            ))?;
+            let mut documents = stmt
+                .query_map(params![collection, after, limit as i64 + 1], |r| row_to_doc(&collection, r))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let more = documents.len() > limit;
+            documents.truncate(limit);
+            Ok(Page { documents, more })
+        })
+        .await
+    }
+
+    async fn batch_get(&self, collection: &str, ids: &[String]) -> StoreResult<Vec<Document>> {
+        let collection = collection.to_string();
+        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Internal(e.to_string()))?;
+        self.read(move |conn| {
+            // One statement: the ids travel as one JSON array bind parameter.
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id IN (SELECT value FROM json_each(?2))"
+            ))?;
+            let docs = stmt
+                .query_map(params![collection, ids], |r| row_to_doc(&collection, r))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(docs)
+        })
+        .await
+    }
+
+    async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let now = now_micros();
+            let mut results = Vec::with_capacity(mutations.len());
+            for (index, mutation) in mutations.iter().enumerate() {
+                // Returning early drops `tx`, which rolls everything back.
+                let written = match mutation {
+                    Mutation::Save(op) => save_in(&tx, op, now).map(Some),
+                    Mutation::Delete(op) => delete_in(&tx, op).map(|()| None),
+                }
+                .map_err(|e| e.in_mutation(index))?;
+                results.push(written);
+            }
+            tx.commit()?;
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn list_collections(&self) -> StoreResult<Vec<String>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT name FROM collections ORDER BY name")?;
+            let names = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(names)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+
+    async fn close(&self) {
+        if let Some(pool) = &self.readers {
+            pool.permits.close();
+            pool.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        let result = self
+            .write(|conn| {
+                // Fold the WAL back into the database file so it is complete on its own.
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                Ok(())
+            })
+            .await;
+        match result {
+            Ok(()) => tracing::info!("SQLite store closed (WAL checkpointed)"),
+            Err(e) => tracing::warn!(error = %e, "SQLite checkpoint at shutdown failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V2: Migration = Migration {
+        version: 2,
+        description: "test: an index",
+        sql: "CREATE INDEX documents_by_update ON documents (collection, update_time);",
+    };
+
+    fn versions(conn: &Connection) -> Vec<i64> {
+        let mut stmt = conn
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[test]
+    fn an_old_database_is_upgraded_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&mut conn, &MIGRATIONS[..1]).unwrap();
+        conn.execute_batch(
+            "INSERT INTO collections VALUES ('c', 1);
+             INSERT INTO documents VALUES ('c', 'a', 'r1', '{}', 1, 1);",
+        )
+        .unwrap();
+
+        let upgraded = [MIGRATIONS[0].clone_ref(), V2];
+        migrate(&mut conn, &upgraded).unwrap();
+        assert_eq!(versions(&conn), vec![1, 2]);
+        // Applying again is a no-op.
+        migrate(&mut conn, &upgraded).unwrap();
+        assert_eq!(versions(&conn), vec![1, 2]);
+        let rev: String = conn
+            .query_row("SELECT rev FROM documents WHERE id = 'a'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rev, "r1");
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, &[MIGRATIONS[0].clone_ref(), V2]).unwrap();
+        let err = migrate(&mut conn, MIGRATIONS).unwrap_err().to_string();
+        assert!(err.contains("newer than this docsidecar supports"), "{err}");
+    }
+
+    impl Migration {
+        fn clone_ref(&self) -> Migration {
+            Migration {
+                version: self.version,
+                description: self.description,
+                sql: self.sql,
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Logging: subscriber set-up and a tower layer that gives every gRPC call one
+//! span (method, collection) and one event (code, latency).
+
+use crate::config::LogFormat;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::{field, Instrument, Level, Span};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber once; later calls (tests) are no-ops.
+/// Levels come from `RUST_LOG` (default `info`).
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// Names the collection of the current request in its span.
+pub fn record_collection(collection: &str) {
+    if crate::api::validate::is_valid_collection(collection) {
+        Span::current().record("collection", collection);
+    } else {
+        Span::current().record(
+            "collection",
+            crate::api::validate::shown(collection).as_str(),
+        );
+    }
+}
+
+/// The gRPC status name as the protocol spells it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Success is routine (debug), a caller's mistake is worth a note (info), the
+/// sidecar's or the database's trouble is a warning or an error.
+fn level(code: Code) -> Level {
+    match code {
+        Code::Ok => Level::DEBUG,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => Level::WARN,
+        Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => Level::ERROR,
+        _ => Level::INFO,
+    }
+}
+
+/// Reads the status of a gRPC response from its headers: errors of unary calls
+/// come as trailers-only responses; no `grpc-status` header means the call is
+/// streaming its answer, which for unary calls is success.
+fn response_code<B>(response: &http::Response<B>) -> (Code, String) {
+    let headers = response.headers();
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32);
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(percent_decode)
+        .unwrap_or_default();
+    (code, message)
+}
+
+/// grpc-message is percent-encoded on the wire.
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Tower layer that logs every request; see [`RequestLog`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestLogLayer;
+
+impl<S> Layer<S> for RequestLogLayer {
+    type Service = RequestLog<S>;
+
+    fn layer(&self, inner: S) -> RequestLog<S> {
+        RequestLog { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestLog<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<http::Request<B>> for RequestLog<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let method = path.rsplit('/').next().unwrap_or(path);
+        let span = tracing::info_span!(
+            "rpc",
+            method,
+            service = field::Empty,
+            collection = field::Empty
+        );
+        if let Some(service) = path.trim_start_matches('/').split('/').next() {
+            span.record("service", service);
+        }
+        let start = Instant::now();
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(async move {
+            let result = future.instrument(span.clone()).await;
+            let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+            let _entered = span.enter();
+            match &result {
+                Ok(response) => {
+                    let (code, message) = response_code(response);
+                    let code_name = code_name(code);
+                    macro_rules! log {
+                        ($level:expr) => {
+                            tracing::event!($level, code = code_name, latency_ms, message = %message, "request")
+                        };
+                    }
+                    match level(code) {
+                        Level::DEBUG => log!(Level::DEBUG),
+                        Level::INFO => log!(Level::INFO),
+                        Level::WARN => log!(Level::WARN),
+                        _ => log!(Level::ERROR),
+                    }
+                }
+                Err(e) => tracing::error!(latency_ms, error = %e, "request failed in transport"),
+            }
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_grpc_messages() {
+        assert_eq!(percent_decode("a%20b%3A%25"), "a b:%");
+        assert_eq!(percent_decode("50%"), "50%");
+        assert_eq!(percent_decode("%e2%82%ac"), "€");
+    }
+}
