@@ -169,11 +169,15 @@ where
             let _entered = span.enter();
             match &result {
                 Ok(response) => {
-                    let (code, message) = response_code(response);
+                    let (code, detail) = response_code(response);
                     let code_name = code_name(code);
                     macro_rules! log {
                         ($level:expr) => {
-                            tracing::event!($level, code = code_name, latency_ms, message = %message, "request")
+                            if code == Code::Ok {
+                                tracing::event!($level, code = code_name, latency_ms, "request")
+                            } else {
+                                tracing::event!($level, code = code_name, latency_ms, detail = %detail, "request")
+                            }
                         };
                     }
                     match level(code) {

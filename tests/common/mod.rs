@@ -1,0 +1,216 @@
+//! Test harness: a real docsidecar server on an ephemeral port, one fresh
+//! database per test, and a gRPC client talking to it as users do.
+#![allow(dead_code)]
+
+use clap::Parser;
+use docsidecar::config::Cli;
+use docsidecar::proto::document_service_client::DocumentServiceClient;
+use docsidecar::server::Server;
+use prost_types::{value::Kind, ListValue, Struct, Value};
+use std::future::Future;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub type Client = DocumentServiceClient<Channel>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+/// A running server and a client for it.
+pub struct TestServer {
+    pub client: Client,
+    pub channel: Channel,
+    pub backend: Backend,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+    pg_schema: Option<String>,
+}
+
+/// The PostgreSQL server of the test run, or `None` to skip. With
+/// `DOCSIDECAR_REQUIRE_DB=1` (CI) an unreachable server fails the test instead.
+pub async fn postgres_url() -> Option<String> {
+    let url = std::env::var("DOCSIDECAR_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            drop(client);
+            drop(conn);
+            Some(url)
+        }
+        Err(e) => {
+            if std::env::var("DOCSIDECAR_REQUIRE_DB").is_ok_and(|v| v == "1") {
+                panic!("DOCSIDECAR_REQUIRE_DB=1 but PostgreSQL is unreachable: {e}");
+            }
+            eprintln!("skipped: no PostgreSQL ({e}); set DOCSIDECAR_TEST_POSTGRES_URL");
+            None
+        }
+    }
+}
+
+fn init_logs() {
+    // Silent unless asked: TEST_LOG=1 cargo test
+    if std::env::var_os("TEST_LOG").is_some() {
+        docsidecar::telemetry::init(docsidecar::config::LogFormat::Text);
+    }
+}
+
+impl TestServer {
+    /// Starts a server on `backend` with extra command-line flags; `None` when
+    /// the backend is unavailable (PostgreSQL outside CI).
+    pub async fn start(backend: Backend, extra: &[&str]) -> Option<TestServer> {
+        init_logs();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut pg_schema = None;
+        let url = match backend {
+            Backend::Memory => "memory://".to_string(),
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("test.db").display()),
+            Backend::Postgres => {
+                let url = postgres_url().await?;
+                pg_schema = Some(format!("t_{}", uuid::Uuid::now_v7().simple()));
+                url
+            }
+        };
+        let mut args = vec![
+            "docsidecar",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            url.as_str(),
+        ];
+        let schema_flag;
+        if let Some(schema) = &pg_schema {
+            schema_flag = schema.clone();
+            args.extend(["--schema", schema_flag.as_str()]);
+        }
+        args.extend(extra);
+        let cli = Cli::try_parse_from(args).expect("test flags parse");
+        let server = Server::bind(cli.serve).await.expect("server starts");
+        let addr = format!("http://{}", server.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run_until(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("server runs");
+        });
+        let channel = Channel::from_shared(addr)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects");
+        Some(TestServer {
+            client: DocumentServiceClient::new(channel.clone()),
+            channel,
+            backend,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+            pg_schema,
+        })
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        // Each PostgreSQL test has its own schema; remove it whatever the outcome.
+        if let Some(schema) = self.pg_schema.take() {
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let url = std::env::var("DOCSIDECAR_TEST_POSTGRES_URL")
+                        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+                    if let Ok((client, conn)) =
+                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                    {
+                        tokio::spawn(conn);
+                        let _ = client
+                            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Runs one behaviour case against a fresh server on `backend`.
+pub async fn run<F, Fut>(backend: Backend, case: F)
+where
+    F: FnOnce(TestServer) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if let Some(server) = TestServer::start(backend, &[]).await {
+        case(server).await;
+    }
+}
+
+// JSON-building helpers for Structs.
+
+pub fn null() -> Value {
+    Value {
+        kind: Some(Kind::NullValue(0)),
+    }
+}
+pub fn num(n: f64) -> Value {
+    Value {
+        kind: Some(Kind::NumberValue(n)),
+    }
+}
+pub fn string(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.into())),
+    }
+}
+pub fn boolean(b: bool) -> Value {
+    Value {
+        kind: Some(Kind::BoolValue(b)),
+    }
+}
+pub fn list(values: Vec<Value>) -> Value {
+    Value {
+        kind: Some(Kind::ListValue(ListValue { values })),
+    }
+}
+pub fn object(fields: Vec<(&str, Value)>) -> Struct {
+    Struct {
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    }
+}
+pub fn nested(s: Struct) -> Value {
+    Value {
+        kind: Some(Kind::StructValue(s)),
+    }
+}
+pub fn number_field(s: &Struct, key: &str) -> f64 {
+    match s.fields.get(key).and_then(|v| v.kind.as_ref()) {
+        Some(Kind::NumberValue(n)) => *n,
+        other => panic!("field {key} is not a number: {other:?}"),
+    }
+}
