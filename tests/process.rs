@@ -1,0 +1,283 @@
+//! The real binary as operators run it: start-up, configuration errors,
+//! signals, persistence across restarts, Unix sockets.
+
+mod common;
+
+use common::*;
+use docsidecar::proto::{mutation::Op, GetRequest, Mutation, SaveRequest, WriteRequest};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+const BIN: &str = env!("CARGO_BIN_EXE_docsidecar");
+
+/// A docsidecar process with JSON logs collected from its stdout.
+struct Sidecar {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    logs: Vec<String>,
+}
+
+impl Sidecar {
+    fn spawn(args: &[&str], dir: &Path) -> Sidecar {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("DOCSIDECAR_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Sidecar {
+            child,
+            lines,
+            logs: Vec::new(),
+        }
+    }
+
+    /// Waits for the "serving" log line and returns its listen address.
+    fn listening(&mut self) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no serving line; logs so far: {:#?}", self.logs));
+            self.logs.push(line.clone());
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "serving docsidecar.v1.DocumentService" {
+                    return v["listen"].as_str().unwrap().to_string();
+                }
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit and returns the status and every log line. Async, so the
+    /// test's clients keep answering the server's GOAWAY meanwhile.
+    async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.logs.extend(self.lines.try_iter());
+                return (status, self.logs);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        panic!("the sidecar did not exit within 10 s; logs: {:#?}", self.logs);
+    }
+}
+
+async fn client(addr: &str) -> Client {
+    Client::connect(format!("http://{addr}")).await.expect("connects")
+}
+
+fn save(id: &str, n: f64) -> SaveRequest {
+    SaveRequest {
+        collection: "notes".into(),
+        id: id.into(),
+        data: Some(object(vec![("n", num(n))])),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn sigterm_and_sigint_stop_gracefully_with_exit_code_zero() {
+    for signal in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sidecar = Sidecar::spawn(&["--listen", "127.0.0.1:0"], dir.path());
+        let addr = sidecar.listening();
+        client(&addr).await.save(save("a", 1.0)).await.unwrap();
+        sidecar.signal(signal);
+        let (status, logs) = sidecar.wait().await;
+        assert_eq!(status.code(), Some(0), "SIG{signal}: {logs:#?}");
+        let logs = logs.join("\n");
+        assert!(logs.contains(&format!("SIG{signal} received")), "{logs}");
+        assert!(logs.contains("WAL checkpointed"), "{logs}");
+        // The default store is a SQLite file in the working directory.
+        assert!(dir.path().join("docsidecar.db").exists());
+    }
+}
+
+#[tokio::test]
+async fn sqlite_documents_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "sqlite://data.db";
+    let mut revs = Vec::new();
+    {
+        let mut sidecar = Sidecar::spawn(&["--listen", "127.0.0.1:0", "--database-url", url], dir.path());
+        let mut c = client(&sidecar.listening()).await;
+        let mutations = (0..200)
+            .map(|i| Mutation {
+                op: Some(Op::Save(save(&format!("bulk-{i:03}"), f64::from(i)))),
+            })
+            .collect();
+        c.write(WriteRequest { mutations }).await.unwrap();
+        for i in 0..5 {
+            revs.push(c.save(save(&format!("single-{i}"), 1.0)).await.unwrap().into_inner().rev);
+        }
+        sidecar.signal("TERM");
+        assert_eq!(sidecar.wait().await.0.code(), Some(0));
+    }
+    // A clean stop folds the WAL into the database file.
+    let wal = dir.path().join("data.db-wal");
+    assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0);
+
+    let mut sidecar = Sidecar::spawn(&["--listen", "127.0.0.1:0", "--database-url", url], dir.path());
+    let mut c = client(&sidecar.listening()).await;
+    for (i, rev) in revs.iter().enumerate() {
+        let doc = c
+            .get(GetRequest {
+                collection: "notes".into(),
+                id: format!("single-{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&doc.rev, rev);
+    }
+    let doc = c
+        .get(GetRequest {
+            collection: "notes".into(),
+            id: "bulk-199".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(number_field(doc.data.as_ref().unwrap(), "n"), 199.0);
+    sidecar.signal("TERM");
+    let (status, logs) = sidecar.wait().await;
+    assert_eq!(status.code(), Some(0));
+    assert!(!logs.join("\n").contains("applied SQLite migration"), "the second start has nothing to migrate");
+}
+
+#[tokio::test]
+async fn serves_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docsidecar.sock");
+    let listen = format!("unix:{}", socket.display());
+    let mut sidecar = Sidecar::spawn(&["--listen", &listen, "--database-url", "memory://"], dir.path());
+    assert_eq!(sidecar.listening(), listen);
+
+    let path = socket.clone();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel: Channel = Endpoint::try_from("http://[::1]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut c = Client::new(channel);
+    let saved = c.save(save("via-socket", 1.0)).await.unwrap().into_inner();
+    assert!(saved.created);
+    sidecar.signal("TERM");
+    assert_eq!(sidecar.wait().await.0.code(), Some(0));
+    assert!(!socket.exists(), "the socket file is removed at exit");
+}
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn help_documents_every_setting_with_its_variable() {
+    let (code, help) = run(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    for var in [
+        "DOCSIDECAR_LISTEN",
+        "DATABASE_URL",
+        "DATABASE_URL_FILE",
+        "DB_TYPE",
+        "DB_HOST",
+        "DB_PORT",
+        "DB_NAME",
+        "DB_USER",
+        "DB_PASS",
+        "DB_PASS_FILE",
+        "DB_POOL_SIZE",
+        "DB_MAX_RETRIES",
+        "DB_RETRY_DELAY",
+        "DOCSIDECAR_SCHEMA",
+        "DOCSIDECAR_LOG_FORMAT",
+    ] {
+        assert!(help.contains(&format!("env: {var}")), "--help lacks {var}:\n{help}");
+    }
+    let (code, help) = run(&["migrate", "--help"], &[]);
+    assert_eq!(code, Some(0));
+    for var in ["MIGRATE_DATABASE_URL", "MIGRATE_DB_HOST", "MIGRATE_DB_PASS_FILE"] {
+        assert!(help.contains(&format!("env: {var}")), "migrate --help lacks {var}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_configuration_fails_clearly_without_leaking_secrets() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("DATABASE_URL", "mysql://root:hunter2@db/app")], "unsupported scheme `mysql`"),
+        (&[("DATABASE_URL", "postgres://app:hunter2@db:notaport/app")], "not a valid PostgreSQL URL"),
+        (&[("DATABASE_URL", "sqlite://")], "names no file"),
+        (&[("DATABASE_URL_FILE", "/nonexistent/secret")], "cannot read the database URL from /nonexistent/secret"),
+        (&[("DOCSIDECAR_LISTEN", "nowhere")], "is not HOST:PORT"),
+        (&[("DB_TYPE", "oracle")], "oracle"),
+        (&[("DB_HOST", "db"), ("DB_PASS", "hunter2")], "DB_TYPE"),
+    ];
+    for (envs, expected) in cases {
+        let (code, out) = run(&[], envs);
+        assert_ne!(code, Some(0), "{envs:?} should fail");
+        assert!(out.contains(expected), "{envs:?}: `{out}` lacks `{expected}`");
+        assert!(!out.contains("hunter2"), "a password leaked: {out}");
+    }
+}
+
+#[test]
+fn migrate_prepares_a_sqlite_file_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let url = format!("sqlite://{}", db.display());
+    let (code, out) = run(&["migrate"], &[("MIGRATE_DATABASE_URL", &url)]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("applied SQLite migration"), "{out}");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn
+        .query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0))
+        .unwrap();
+    assert!(version >= 1);
+}
