@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t docsidecar .
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Dependencies first, so code changes reuse the cached layer.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
+RUN mkdir -p src examples && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > examples/client.rs \
+    && cargo build --release --locked \
+    && rm -rf src examples
+COPY src src
+COPY examples examples
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/docsidecar /usr/local/bin/docsidecar
+# JSON logs for collectors; listen on all interfaces inside the pod network namespace.
+ENV DOCSIDECAR_LOG_FORMAT=json \
+    DOCSIDECAR_LISTEN=0.0.0.0:50051 \
+    DATABASE_URL=sqlite:///data/docsidecar.db
+WORKDIR /data
+USER 65532:65532
+EXPOSE 50051
+ENTRYPOINT ["/usr/local/bin/docsidecar"]
+CMD ["serve"]
