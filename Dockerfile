@@ -11,10 +11,12 @@ RUN mkdir -p src examples && echo 'fn main() {}' > src/main.rs && touch src/lib.
     && rm -rf src examples
 COPY src src
 COPY examples examples
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked && mkdir /empty-data
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/docsidecar /usr/local/bin/docsidecar
+# A writable data directory for the default SQLite file (mount a volume over it to keep data).
+COPY --from=build --chown=65532:65532 /empty-data /data
 # JSON logs for collectors; listen on all interfaces inside the pod network namespace.
 ENV DOCSIDECAR_LOG_FORMAT=json \
     DOCSIDECAR_LISTEN=0.0.0.0:50051 \
