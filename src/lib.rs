@@ -13,11 +13,14 @@
 //! - [`store`]: the [`store::DocumentStore`] trait and one module per backend
 //!   (memory, SQLite, PostgreSQL). No tonic.
 //! - [`telemetry`]: logging setup and the per-request log layer.
+//! - [`deadline`]: the layer that answers DEADLINE_EXCEEDED when a client's
+//!   deadline passes.
 //! - [`proto`]: the generated protobuf types, server and client.
 
 pub mod api;
 pub mod codec;
 pub mod config;
+pub mod deadline;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -4,6 +4,7 @@ use crate::api::{DocumentApi, Limits};
 use crate::config::{
     Cli, Command, ConfigError, Database, DbArgs, ListenAddr, MigrateArgs, ServeArgs,
 };
+use crate::deadline::DeadlineLayer;
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
 use crate::store::{DocumentStore, MemoryStore, SqliteStore, StoreError};
 use crate::telemetry::{self, RequestLogLayer};
@@ -19,6 +20,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::server::Router;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tower::layer::util::{Identity, Stack};
 use tracing::{error, info, warn};
 
 /// Why the sidecar could not start or run.
@@ -181,6 +183,7 @@ impl Server {
         };
         let router = tonic::transport::Server::builder()
             .layer(RequestLogLayer)
+            .layer(DeadlineLayer)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
@@ -234,7 +237,7 @@ impl Server {
 
 /// Serves until the signal, then waits at most `grace` for in-flight calls.
 async fn drain<I, IO, E>(
-    router: Router<tower::layer::util::Stack<RequestLogLayer, tower::layer::util::Identity>>,
+    router: Router<Stack<DeadlineLayer, Stack<RequestLogLayer, Identity>>>,
     incoming: I,
     signal: impl Future<Output = ()> + Send + 'static,
     draining: tokio::sync::oneshot::Receiver<()>,

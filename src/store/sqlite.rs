@@ -352,13 +352,25 @@ impl DocumentStore for SqliteStore {
         let collection = collection.to_string();
         let after = after.map(str::to_string);
         self.read(move |conn| {
-            // Keyset pagination: `id > after` on the primary key, never OFFSET.
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
-            ))?;
-            let mut documents = stmt
-                .query_map(params![collection, after, limit as i64 + 1], |r| row_to_doc(&collection, r))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            // Keyset pagination: a range scan of the primary key from `after`, never
+            // OFFSET. Two statements, because `?2 IS NULL OR id > ?2` would hide
+            // the range from the query planner.
+            let limit = limit as i64 + 1;
+            let mut documents = match &after {
+                Some(after) => conn
+                    .prepare_cached(&format!(
+                        "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                    ))?
+                    .query_map(params![collection, after, limit], |r| row_to_doc(&collection, r))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => conn
+                    .prepare_cached(&format!(
+                        "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 ORDER BY id LIMIT ?2"
+                    ))?
+                    .query_map(params![collection, limit], |r| row_to_doc(&collection, r))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            let limit = (limit - 1) as usize;
             let more = documents.len() > limit;
             documents.truncate(limit);
             Ok(Page { documents, more })
@@ -487,6 +499,24 @@ mod tests {
         migrate(&mut conn, &[MIGRATIONS[0].clone_ref(), V2]).unwrap();
         let err = migrate(&mut conn, MIGRATIONS).unwrap_err().to_string();
         assert!(err.contains("newer than this docsidecar supports"), "{err}");
+    }
+
+    #[test]
+    fn list_pages_are_range_scans_of_the_primary_key() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, MIGRATIONS).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+            ))
+            .unwrap()
+            .query_map(params!["c", "a", 10], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let plan = plan.join("; ");
+        assert!(plan.contains("(collection=? AND id>?)"), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "no sort step: {plan}");
     }
 
     impl Migration {

@@ -2,6 +2,8 @@
 //! database per test, and a gRPC client talking to it as users do.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use clap::Parser;
 use docsidecar::config::Cli;
 use docsidecar::proto::document_service_client::DocumentServiceClient;
@@ -28,6 +30,7 @@ pub struct TestServer {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
+    pg_url: Option<String>,
     pg_schema: Option<String>,
 }
 
@@ -63,6 +66,15 @@ impl TestServer {
     /// Starts a server on `backend` with extra command-line flags; `None` when
     /// the backend is unavailable (PostgreSQL outside CI).
     pub async fn start(backend: Backend, extra: &[&str]) -> Option<TestServer> {
+        let url = match backend {
+            Backend::Postgres => Some(postgres_url().await?),
+            _ => None,
+        };
+        Some(Self::start_at(backend, url.as_deref(), extra).await)
+    }
+
+    /// Starts a server on `backend`; PostgreSQL needs `pg_url` and gets a fresh schema.
+    pub async fn start_at(backend: Backend, pg_url: Option<&str>, extra: &[&str]) -> TestServer {
         init_logs();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut pg_schema = None;
@@ -70,9 +82,8 @@ impl TestServer {
             Backend::Memory => "memory://".to_string(),
             Backend::Sqlite => format!("sqlite://{}", dir.path().join("test.db").display()),
             Backend::Postgres => {
-                let url = postgres_url().await?;
                 pg_schema = Some(format!("t_{}", uuid::Uuid::now_v7().simple()));
-                url
+                pg_url.expect("a PostgreSQL URL").to_string()
             }
         };
         let mut args = vec![
@@ -105,15 +116,21 @@ impl TestServer {
             .connect()
             .await
             .expect("connects");
-        Some(TestServer {
+        TestServer {
             client: DocumentServiceClient::new(channel.clone()),
             channel,
             backend,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
+            pg_url: pg_url.map(String::from),
             pg_schema,
-        })
+        }
+    }
+
+    /// The PostgreSQL schema of this test's collections.
+    pub fn pg_schema(&self) -> &str {
+        self.pg_schema.as_deref().expect("a PostgreSQL test server")
     }
 
     /// Stops the server gracefully and waits for it.
@@ -155,6 +172,15 @@ impl Drop for TestServer {
             .join();
         }
     }
+}
+
+/// A plain PostgreSQL connection for a test's own checks.
+pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connects");
+    tokio::spawn(conn);
+    client
 }
 
 /// Runs one behaviour case against a fresh server on `backend`.
