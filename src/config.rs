@@ -44,6 +44,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
 
+    /// A client token file: one client with the service's whole scope (shorthand
+    /// for a [[clients]] entry). Without tokens, calls need no authentication.
+    #[arg(long, env = "DOCSIDECAR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
     /// Largest document accepted, in bytes of its JSON encoding.
     #[arg(long, env = "DOCSIDECAR_MAX_DOCUMENT_BYTES", default_value_t = 1024 * 1024)]
     pub max_document_bytes: usize,
@@ -77,6 +82,11 @@ pub struct CommonArgs {
     /// Log format: text for people, json for log collectors. Levels come from RUST_LOG.
     #[arg(long, env = "DOCSIDECAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Policy file (TOML): the service's collections and their access, and its
+    /// clients' tokens. Without one the sidecar runs open (development).
+    #[arg(long, env = "DOCSIDECAR_POLICY")]
+    pub policy: Option<PathBuf>,
 
     /// PostgreSQL schema that holds one table per collection.
     #[arg(long, env = "DOCSIDECAR_SCHEMA", default_value = "docsidecar")]

@@ -10,6 +10,8 @@
 //! - [`server`]: start-up, wiring of the gRPC services, graceful shutdown.
 //! - [`api`]: the gRPC layer: validates requests, converts protobuf to store
 //!   types and maps every error to a `tonic::Status` in one place. No SQL.
+//! - [`policy`] and [`auth`]: which collections the service and each client
+//!   may touch, and the layer that authenticates bearer tokens.
 //! - [`store`]: the [`store::DocumentStore`] trait and one module per backend
 //!   (memory, SQLite, PostgreSQL). No tonic.
 //! - [`telemetry`]: logging setup and the per-request log layer.
@@ -18,9 +20,11 @@
 //! - [`proto`]: the generated protobuf types, server and client.
 
 pub mod api;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod deadline;
+pub mod policy;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -1,10 +1,12 @@
 //! Start-up, wiring and shutdown: the one place that knows every part.
 
 use crate::api::{DocumentApi, Limits};
+use crate::auth::{AuthError, AuthLayer, Authenticator};
 use crate::config::{
     Cli, Command, ConfigError, Database, DbArgs, ListenAddr, MigrateArgs, ServeArgs,
 };
 use crate::deadline::DeadlineLayer;
+use crate::policy::{ClientSpec, Policy, PolicyError, Scope};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
 use crate::store::{DocumentStore, MemoryStore, SqliteStore, StoreError};
 use crate::telemetry::{self, RequestLogLayer};
@@ -39,6 +41,10 @@ pub enum StartError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// Runs the command line: serve (the default) or migrate.
@@ -65,7 +71,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartError> {
 async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
     let db: DbArgs = args.db.into();
-    let store = open_store(&db).await?;
+    let store = open_store(&db, &args.common.schema, true).await?;
     // Opening a store applies its pending migrations.
     store.close().await;
     info!("migrations applied");
@@ -94,7 +100,11 @@ fn default_pool_size() -> usize {
 }
 
 /// Opens the configured store, applying its schema migrations.
-pub async fn open_store(db: &DbArgs) -> Result<Arc<dyn DocumentStore>, StartError> {
+pub async fn open_store(
+    db: &DbArgs,
+    _schema: &str,
+    _auto_create: bool,
+) -> Result<Arc<dyn DocumentStore>, StartError> {
     let database = db.database()?;
     info!(database = ?database, "opening store");
     let pool_size = db.db_pool_size.unwrap_or_else(default_pool_size).max(1);
@@ -121,18 +131,58 @@ enum Listener {
 pub struct Server {
     listener: Listener,
     store: Arc<dyn DocumentStore>,
+    auth: Arc<Authenticator>,
+    scope: Scope,
     args: ServeArgs,
+}
+
+/// The policy (if any), and what follows from it.
+pub fn load_policy(path: Option<&std::path::Path>) -> Result<Option<Policy>, PolicyError> {
+    let Some(path) = path else {
+        warn!("no policy (DOCSIDECAR_POLICY): running open, every collection readable and writable; development only");
+        return Ok(None);
+    };
+    let policy = Policy::load(path)?;
+    info!(
+        service = %policy.service,
+        collections = policy.collections.len(),
+        clients = policy.clients.len(),
+        auto_create = policy.auto_create,
+        "policy loaded"
+    );
+    Ok(Some(policy))
 }
 
 impl Server {
     /// Binds the listener and opens the store. `--listen 127.0.0.1:0` picks a free port.
     pub async fn bind(args: ServeArgs) -> Result<Server, StartError> {
+        let policy = load_policy(args.common.policy.as_deref())?;
+        let scope = policy.as_ref().map_or_else(Scope::open, Policy::scope);
+        let mut clients = policy
+            .as_ref()
+            .map(|p| p.clients.clone())
+            .unwrap_or_default();
+        if let Some(token_file) = &args.token_file {
+            clients.push(ClientSpec {
+                token_file: token_file.clone(),
+                scope: scope.clone(),
+            });
+        }
+        let auth = Arc::new(Authenticator::new(clients, scope.clone())?);
+        if !auth.enabled() {
+            warn!("no client tokens configured: calls are not authenticated; listen on a Unix socket or loopback only");
+        }
         let listener = bind(&args.listen).await?;
         let db: DbArgs = args.db.clone().into();
-        let store = open_store(&db).await?;
+        // Without a policy (development) tables appear on first write; with one,
+        // only if the policy says so.
+        let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
+        let store = open_store(&db, &args.common.schema, auto_create).await?;
         Ok(Server {
             listener,
             store,
+            auth,
+            scope,
             args,
         })
     }
@@ -157,8 +207,11 @@ impl Server {
         let Server {
             listener,
             store,
+            auth,
+            scope,
             args,
         } = self;
+        let token_watcher = tokio::spawn(auth.clone().watch(crate::auth::RELOAD_EVERY));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&reporter, ServingStatus::Serving).await;
         let watcher = tokio::spawn(watch_health(
@@ -172,6 +225,7 @@ impl Server {
             Limits {
                 max_document_bytes: args.max_document_bytes,
             },
+            scope,
         );
         let documents = DocumentServiceServer::new(api)
             .max_decoding_message_size(args.max_message_bytes)
@@ -183,6 +237,7 @@ impl Server {
         };
         let router = tonic::transport::Server::builder()
             .layer(RequestLogLayer)
+            .layer(AuthLayer::new(auth))
             .layer(DeadlineLayer)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
@@ -229,6 +284,7 @@ impl Server {
             }
         };
         watcher.abort();
+        token_watcher.abort();
         store.close().await;
         info!("stopped");
         result
@@ -237,7 +293,7 @@ impl Server {
 
 /// Serves until the signal, then waits at most `grace` for in-flight calls.
 async fn drain<I, IO, E>(
-    router: Router<Stack<DeadlineLayer, Stack<RequestLogLayer, Identity>>>,
+    router: Router<Stack<DeadlineLayer, Stack<AuthLayer, Stack<RequestLogLayer, Identity>>>>,
     incoming: I,
     signal: impl Future<Output = ()> + Send + 'static,
     draining: tokio::sync::oneshot::Receiver<()>,

@@ -1,5 +1,6 @@
 //! The one place where errors become gRPC statuses.
 
+use crate::policy::Denied;
 use crate::store::StoreError;
 use tonic::{Code, Status};
 
@@ -8,6 +9,9 @@ use tonic::{Code, Status};
 pub enum ApiError {
     #[error("{0}")]
     InvalidArgument(String),
+    /// Outside the caller's scope; decided before the database is touched.
+    #[error(transparent)]
+    PermissionDenied(#[from] Denied),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -22,6 +26,9 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(m) => {
                 ApiError::InvalidArgument(format!("mutation {index}: {m}"))
+            }
+            ApiError::PermissionDenied(Denied(m)) => {
+                ApiError::PermissionDenied(Denied(format!("mutation {index}: {m}")))
             }
             ApiError::Store(e) => ApiError::Store(e.in_mutation(index)),
         }
@@ -45,6 +52,7 @@ impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         match e {
             ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+            ApiError::PermissionDenied(Denied(m)) => Status::permission_denied(m),
             ApiError::Store(e) => {
                 let code = store_code(&e);
                 if code == Code::Internal {

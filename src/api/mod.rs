@@ -7,6 +7,7 @@ pub mod validate;
 
 pub use error::ApiError;
 
+use crate::policy::{Need, Scope};
 use crate::proto::{self, document_service_server::DocumentService, mutation::Op};
 use crate::store::{self, DocumentStore, Micros, StoreError};
 use crate::telemetry::record_collection;
@@ -29,11 +30,26 @@ pub struct Limits {
 pub struct DocumentApi {
     store: Arc<dyn DocumentStore>,
     limits: Limits,
+    /// The service's scope, for calls that the auth layer did not narrow.
+    scope: Scope,
 }
 
 impl DocumentApi {
-    pub fn new(store: Arc<dyn DocumentStore>, limits: Limits) -> Self {
-        DocumentApi { store, limits }
+    pub fn new(store: Arc<dyn DocumentStore>, limits: Limits, scope: Scope) -> Self {
+        DocumentApi {
+            store,
+            limits,
+            scope,
+        }
+    }
+
+    /// The caller's scope, as the auth layer established it.
+    fn scope<T>(&self, request: &Request<T>) -> Scope {
+        request
+            .extensions()
+            .get::<Scope>()
+            .unwrap_or(&self.scope)
+            .clone()
     }
 
     /// Validates a save and turns it into a store operation (generating the id).
@@ -94,6 +110,14 @@ impl DocumentApi {
     }
 }
 
+/// The collection and id a mutation writes.
+fn target(op: &store::Mutation) -> (&str, &str) {
+    match op {
+        store::Mutation::Save(s) => (&s.collection, &s.id),
+        store::Mutation::Delete(d) => (&d.collection, &d.id),
+    }
+}
+
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
@@ -135,10 +159,14 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::Document>, Status> {
+        let scope = self.scope(&request);
         let proto::GetRequest { collection, id } = request.into_inner();
         record_collection(&collection);
         validate::collection(&collection)?;
         validate::id(&id, "id")?;
+        scope
+            .check(&collection, Need::Read)
+            .map_err(ApiError::from)?;
         let doc = self.store.get(&collection, &id).await?;
         Ok(Response::new(document(doc)?))
     }
@@ -147,9 +175,13 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::SaveRequest>,
     ) -> Result<Response<proto::SaveResponse>, Status> {
+        let scope = self.scope(&request);
         let req = request.into_inner();
         record_collection(&req.collection);
         let op = self.save_op(req)?;
+        scope
+            .check(&op.collection, Need::Write)
+            .map_err(ApiError::from)?;
         let id = op.id.clone();
         let saved = self.store.save(op).await?;
         Ok(Response::new(proto::SaveResponse {
@@ -164,9 +196,14 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
+        let scope = self.scope(&request);
         let req = request.into_inner();
         record_collection(&req.collection);
-        self.store.delete(Self::delete_op(req)?).await?;
+        let op = Self::delete_op(req)?;
+        scope
+            .check(&op.collection, Need::Write)
+            .map_err(ApiError::from)?;
+        self.store.delete(op).await?;
         Ok(Response::new(proto::DeleteResponse {}))
     }
 
@@ -174,6 +211,7 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
+        let scope = self.scope(&request);
         let proto::ListRequest {
             collection,
             page_size,
@@ -181,6 +219,9 @@ impl DocumentService for DocumentApi {
         } = request.into_inner();
         record_collection(&collection);
         validate::collection(&collection)?;
+        scope
+            .check(&collection, Need::Read)
+            .map_err(ApiError::from)?;
         let limit = validate::page_size(page_size)?;
         let after = match page_token.as_str() {
             "" => None,
@@ -216,9 +257,13 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::BatchGetRequest>,
     ) -> Result<Response<proto::BatchGetResponse>, Status> {
+        let scope = self.scope(&request);
         let proto::BatchGetRequest { collection, ids } = request.into_inner();
         record_collection(&collection);
         validate::collection(&collection)?;
+        scope
+            .check(&collection, Need::Read)
+            .map_err(ApiError::from)?;
         validate::count("ids", ids.len(), validate::MAX_BATCH_GET_IDS)?;
         for (i, id) in ids.iter().enumerate() {
             validate::id(id, &format!("ids[{i}]"))?;
@@ -249,6 +294,7 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::WriteRequest>,
     ) -> Result<Response<proto::WriteResponse>, Status> {
+        let scope = self.scope(&request);
         let proto::WriteRequest { mutations } = request.into_inner();
         validate::count("mutations", mutations.len(), validate::MAX_WRITE_MUTATIONS)?;
         let mut ops = Vec::with_capacity(mutations.len());
@@ -257,16 +303,14 @@ impl DocumentService for DocumentApi {
                 Some(Op::Save(save)) => self.save_op(save).map(store::Mutation::Save),
                 Some(Op::Delete(delete)) => Self::delete_op(delete).map(store::Mutation::Delete),
                 None => Err(ApiError::invalid("op is not set: give a save or a delete")),
-            };
+            }
+            .and_then(|op| {
+                scope.check(target(&op).0, Need::Write)?;
+                Ok(op)
+            });
             ops.push(op.map_err(|e| e.in_mutation(index))?);
         }
-        let ids: Vec<String> = ops
-            .iter()
-            .map(|op| match op {
-                store::Mutation::Save(s) => s.id.clone(),
-                store::Mutation::Delete(d) => d.id.clone(),
-            })
-            .collect();
+        let ids: Vec<String> = ops.iter().map(|op| target(op).1.to_string()).collect();
         let written = self.store.write(ops).await?;
         let results = ids
             .into_iter()
@@ -283,8 +327,13 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::ListCollectionsRequest>,
     ) -> Result<Response<proto::ListCollectionsResponse>, Status> {
+        let scope = self.scope(&request);
         let proto::ListCollectionsRequest {} = request.into_inner();
-        let collections = self.store.list_collections().await?;
+        // With a policy, the caller's declared collections; open, whatever exists.
+        let collections = match scope.collections() {
+            Some(collections) => collections,
+            None => self.store.list_collections().await?,
+        };
         Ok(Response::new(proto::ListCollectionsResponse {
             collections,
         }))

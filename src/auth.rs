@@ -1,0 +1,298 @@
+//! Client authentication: bearer tokens read from files (Kubernetes Secrets),
+//! re-read when they change, compared in constant time. A tower layer in front
+//! of the DocumentService turns the token into the caller's [`Scope`].
+//!
+//! Health and reflection stay unauthenticated: probes and grpcurl carry no token
+//! and reveal no data.
+
+use crate::policy::{ClientSpec, Scope};
+use crate::proto::document_service_server::SERVICE_NAME;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tonic::body::Body;
+use tonic::Status;
+use tower::{Layer, Service};
+use tracing::{info, warn};
+
+/// How often token files are checked for rotation.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read the client token file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the client token file {0} is empty")]
+    Empty(PathBuf),
+}
+
+struct Client {
+    spec: ClientSpec,
+    token: Vec<u8>,
+}
+
+/// The configured clients and their current tokens.
+pub struct Authenticator {
+    clients: RwLock<Vec<Client>>,
+    /// The scope of an unauthenticated deployment (no clients configured).
+    service_scope: Scope,
+}
+
+fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(AuthError::Empty(path.to_path_buf()));
+    }
+    Ok(token.as_bytes().to_vec())
+}
+
+impl Authenticator {
+    /// Reads every token file once: a missing or empty one stops start-up.
+    pub fn new(specs: Vec<ClientSpec>, service_scope: Scope) -> Result<Authenticator, AuthError> {
+        let clients = specs
+            .into_iter()
+            .map(|spec| {
+                Ok(Client {
+                    token: read_token(&spec.token_file)?,
+                    spec,
+                })
+            })
+            .collect::<Result<Vec<_>, AuthError>>()?;
+        Ok(Authenticator {
+            clients: RwLock::new(clients),
+            service_scope,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self
+            .clients
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Re-reads the token files; a file that cannot be read keeps its old token.
+    pub fn reload(&self) {
+        let mut clients = self.clients.write().unwrap_or_else(|e| e.into_inner());
+        for client in clients.iter_mut() {
+            match read_token(&client.spec.token_file) {
+                Ok(token) if token != client.token => {
+                    client.token = token;
+                    info!(file = %client.spec.token_file.display(), "client token rotated");
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "keeping the previous client token"),
+            }
+        }
+    }
+
+    /// Re-reads the token files every `every`, for the life of the process.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        let mut ticker = tokio::time::interval(every);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let this = self.clone();
+            // File reads block: keep them off the async workers.
+            let _ = tokio::task::spawn_blocking(move || this.reload()).await;
+        }
+    }
+
+    /// The caller's scope from its `authorization` metadata.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Scope, Status> {
+        let clients = self.clients.read().unwrap_or_else(|e| e.into_inner());
+        if clients.is_empty() {
+            return Ok(self.service_scope.clone());
+        }
+        let Some(header) = authorization else {
+            return Err(Status::unauthenticated(
+                "missing `authorization` metadata: send `authorization: Bearer <token>`",
+            ));
+        };
+        let Some(presented) = strip_bearer(header) else {
+            return Err(Status::unauthenticated(
+                "the `authorization` metadata must be `Bearer <token>`",
+            ));
+        };
+        // Compare with every token, without stopping early: no timing hint of
+        // which token, or how much of one, matched.
+        let mut found = None;
+        for client in clients.iter() {
+            if bool::from(client.token.as_slice().ct_eq(presented)) && found.is_none() {
+                found = Some(client.spec.scope.clone());
+            }
+        }
+        found.ok_or_else(|| {
+            Status::unauthenticated("the bearer token is not valid for this sidecar")
+        })
+    }
+}
+
+fn strip_bearer(header: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = header.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = token.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Tower layer that authenticates DocumentService calls; see [`Authenticator`].
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Authenticator>) -> Self {
+        AuthLayer { auth }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+}
+
+impl<S, B> Service<http::Request<B>> for Auth<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let guarded = request
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(SERVICE_NAME))
+            .is_some_and(|rest| rest.starts_with('/'));
+        if guarded {
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            match self.auth.authenticate(header) {
+                Ok(scope) => {
+                    request.extensions_mut().insert(scope);
+                }
+                Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+            }
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Access, Need};
+    use proptest::prelude::*;
+    use tonic::Code;
+
+    fn authenticator(dir: &Path, tokens: &[&str]) -> Authenticator {
+        let specs = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let path = dir.join(format!("token{i}"));
+                std::fs::write(&path, format!("{t}\n")).unwrap();
+                let scope = if i == 0 {
+                    Scope::of([("a".to_string(), Access::ReadWrite)].into())
+                } else {
+                    Scope::of([("a".to_string(), Access::ReadOnly)].into())
+                };
+                ClientSpec {
+                    token_file: path,
+                    scope,
+                }
+            })
+            .collect();
+        Authenticator::new(specs, Scope::open()).unwrap()
+    }
+
+    #[test]
+    fn tokens_select_their_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authenticator(dir.path(), &["writer-token", "reader-token"]);
+        let writer = auth.authenticate(Some(b"Bearer writer-token")).unwrap();
+        assert!(writer.check("a", Need::Write).is_ok());
+        let reader = auth.authenticate(Some(b"bearer reader-token")).unwrap();
+        assert!(reader.check("a", Need::Write).is_err());
+        for bad in [
+            None,
+            Some(&b"Bearer nope"[..]),
+            Some(b"writer-token"),
+            Some(b"Basic d3JpdGVy"),
+            Some(b"Bearer "),
+        ] {
+            assert_eq!(
+                auth.authenticate(bad).unwrap_err().code(),
+                Code::Unauthenticated
+            );
+        }
+    }
+
+    #[test]
+    fn rotation_replaces_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authenticator(dir.path(), &["old"]);
+        std::fs::write(dir.path().join("token0"), "new").unwrap();
+        auth.reload();
+        assert!(auth.authenticate(Some(b"Bearer old")).is_err());
+        assert!(auth.authenticate(Some(b"Bearer new")).is_ok());
+        // An unreadable file keeps the last good token.
+        std::fs::remove_file(dir.path().join("token0")).unwrap();
+        auth.reload();
+        assert!(auth.authenticate(Some(b"Bearer new")).is_ok());
+    }
+
+    #[test]
+    fn no_clients_means_the_service_scope() {
+        let auth = Authenticator::new(vec![], Scope::open()).unwrap();
+        assert!(!auth.enabled());
+        assert_eq!(auth.authenticate(None).unwrap(), Scope::open());
+    }
+
+    proptest! {
+        #[test]
+        fn only_the_exact_token_passes(presented in "\\PC{0,40}") {
+            let dir = tempfile::tempdir().unwrap();
+            let auth = authenticator(dir.path(), &["s3cret-token"]);
+            let header = format!("Bearer {presented}");
+            let ok = auth.authenticate(Some(header.as_bytes())).is_ok();
+            prop_assert_eq!(ok, presented.trim_ascii() == "s3cret-token");
+        }
+    }
+}
