@@ -291,9 +291,12 @@ impl Server {
     }
 }
 
+/// The request path, outermost first: log, authenticate, enforce the deadline.
+type Layers = Stack<DeadlineLayer, Stack<AuthLayer, Stack<RequestLogLayer, Identity>>>;
+
 /// Serves until the signal, then waits at most `grace` for in-flight calls.
 async fn drain<I, IO, E>(
-    router: Router<Stack<DeadlineLayer, Stack<AuthLayer, Stack<RequestLogLayer, Identity>>>>,
+    router: Router<Layers>,
     incoming: I,
     signal: impl Future<Output = ()> + Send + 'static,
     draining: tokio::sync::oneshot::Receiver<()>,

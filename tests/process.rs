@@ -88,12 +88,17 @@ impl Sidecar {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = self.child.kill();
-        panic!("the sidecar did not exit within 10 s; logs: {:#?}", self.logs);
+        panic!(
+            "the sidecar did not exit within 10 s; logs: {:#?}",
+            self.logs
+        );
     }
 }
 
 async fn client(addr: &str) -> Client {
-    Client::connect(format!("http://{addr}")).await.expect("connects")
+    Client::connect(format!("http://{addr}"))
+        .await
+        .expect("connects")
 }
 
 fn save(id: &str, n: f64) -> SaveRequest {
@@ -129,7 +134,10 @@ async fn sqlite_documents_survive_a_restart() {
     let url = "sqlite://data.db";
     let mut revs = Vec::new();
     {
-        let mut sidecar = Sidecar::spawn(&["--listen", "127.0.0.1:0", "--database-url", url], dir.path());
+        let mut sidecar = Sidecar::spawn(
+            &["--listen", "127.0.0.1:0", "--database-url", url],
+            dir.path(),
+        );
         let mut c = client(&sidecar.listening()).await;
         let mutations = (0..200)
             .map(|i| Mutation {
@@ -138,7 +146,13 @@ async fn sqlite_documents_survive_a_restart() {
             .collect();
         c.write(WriteRequest { mutations }).await.unwrap();
         for i in 0..5 {
-            revs.push(c.save(save(&format!("single-{i}"), 1.0)).await.unwrap().into_inner().rev);
+            revs.push(
+                c.save(save(&format!("single-{i}"), 1.0))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .rev,
+            );
         }
         sidecar.signal("TERM");
         assert_eq!(sidecar.wait().await.0.code(), Some(0));
@@ -147,7 +161,10 @@ async fn sqlite_documents_survive_a_restart() {
     let wal = dir.path().join("data.db-wal");
     assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0);
 
-    let mut sidecar = Sidecar::spawn(&["--listen", "127.0.0.1:0", "--database-url", url], dir.path());
+    let mut sidecar = Sidecar::spawn(
+        &["--listen", "127.0.0.1:0", "--database-url", url],
+        dir.path(),
+    );
     let mut c = client(&sidecar.listening()).await;
     for (i, rev) in revs.iter().enumerate() {
         let doc = c
@@ -172,7 +189,10 @@ async fn sqlite_documents_survive_a_restart() {
     sidecar.signal("TERM");
     let (status, logs) = sidecar.wait().await;
     assert_eq!(status.code(), Some(0));
-    assert!(!logs.join("\n").contains("applied SQLite migration"), "the second start has nothing to migrate");
+    assert!(
+        !logs.join("\n").contains("applied SQLite migration"),
+        "the second start has nothing to migrate"
+    );
 }
 
 #[tokio::test]
@@ -180,7 +200,10 @@ async fn serves_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("docsidecar.sock");
     let listen = format!("unix:{}", socket.display());
-    let mut sidecar = Sidecar::spawn(&["--listen", &listen, "--database-url", "memory://"], dir.path());
+    let mut sidecar = Sidecar::spawn(
+        &["--listen", &listen, "--database-url", "memory://"],
+        dir.path(),
+    );
     assert_eq!(sidecar.listening(), listen);
 
     let path = socket.clone();
@@ -190,7 +213,9 @@ async fn serves_on_a_unix_socket() {
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
             }
         }))
         .await
@@ -239,22 +264,41 @@ fn help_documents_every_setting_with_its_variable() {
         "DOCSIDECAR_SCHEMA",
         "DOCSIDECAR_LOG_FORMAT",
     ] {
-        assert!(help.contains(&format!("env: {var}")), "--help lacks {var}:\n{help}");
+        assert!(
+            help.contains(&format!("env: {var}")),
+            "--help lacks {var}:\n{help}"
+        );
     }
     let (code, help) = run(&["migrate", "--help"], &[]);
     assert_eq!(code, Some(0));
-    for var in ["MIGRATE_DATABASE_URL", "MIGRATE_DB_HOST", "MIGRATE_DB_PASS_FILE"] {
-        assert!(help.contains(&format!("env: {var}")), "migrate --help lacks {var}:\n{help}");
+    for var in [
+        "MIGRATE_DATABASE_URL",
+        "MIGRATE_DB_HOST",
+        "MIGRATE_DB_PASS_FILE",
+    ] {
+        assert!(
+            help.contains(&format!("env: {var}")),
+            "migrate --help lacks {var}:\n{help}"
+        );
     }
 }
 
 #[test]
 fn bad_configuration_fails_clearly_without_leaking_secrets() {
     let cases: &[(&[(&str, &str)], &str)] = &[
-        (&[("DATABASE_URL", "mysql://root:hunter2@db/app")], "unsupported scheme `mysql`"),
-        (&[("DATABASE_URL", "postgres://app:hunter2@db:notaport/app")], "not a valid PostgreSQL URL"),
+        (
+            &[("DATABASE_URL", "mysql://root:hunter2@db/app")],
+            "unsupported scheme `mysql`",
+        ),
+        (
+            &[("DATABASE_URL", "postgres://app:hunter2@db:notaport/app")],
+            "not a valid PostgreSQL URL",
+        ),
         (&[("DATABASE_URL", "sqlite://")], "names no file"),
-        (&[("DATABASE_URL_FILE", "/nonexistent/secret")], "cannot read the database URL from /nonexistent/secret"),
+        (
+            &[("DATABASE_URL_FILE", "/nonexistent/secret")],
+            "cannot read the database URL from /nonexistent/secret",
+        ),
         (&[("DOCSIDECAR_LISTEN", "nowhere")], "is not HOST:PORT"),
         (&[("DB_TYPE", "oracle")], "oracle"),
         (&[("DB_HOST", "db"), ("DB_PASS", "hunter2")], "DB_TYPE"),
@@ -262,7 +306,10 @@ fn bad_configuration_fails_clearly_without_leaking_secrets() {
     for (envs, expected) in cases {
         let (code, out) = run(&[], envs);
         assert_ne!(code, Some(0), "{envs:?} should fail");
-        assert!(out.contains(expected), "{envs:?}: `{out}` lacks `{expected}`");
+        assert!(
+            out.contains(expected),
+            "{envs:?}: `{out}` lacks `{expected}`"
+        );
         assert!(!out.contains("hunter2"), "a password leaked: {out}");
     }
 }
@@ -277,7 +324,9 @@ fn migrate_prepares_a_sqlite_file_and_exits() {
     assert!(out.contains("applied SQLite migration"), "{out}");
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i64 = conn
-        .query_row("SELECT max(version) FROM schema_migrations", [], |r| r.get(0))
+        .query_row("SELECT max(version) FROM schema_migrations", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert!(version >= 1);
 }
