@@ -330,3 +330,88 @@ fn migrate_prepares_a_sqlite_file_and_exits() {
         .unwrap();
     assert!(version >= 1);
 }
+
+#[test]
+fn a_malformed_policy_stops_start_up_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "service = \"api\"\n\n[collections.agents]\naccess = \"read-write-ish\"\n",
+    )
+    .unwrap();
+    let (code, out) = run(
+        &["--policy", policy.to_str().unwrap()],
+        &[("DATABASE_URL", "memory://")],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        out.contains("policy.toml") && out.contains("line 4"),
+        "{out}"
+    );
+    assert!(out.contains("read-write-ish"), "{out}");
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_logs_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "tok-s3cret-1\n").unwrap();
+    std::fs::write(dir.path().join("pass"), "db-s3cret-2\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "token",
+            "--database-url",
+            "memory://",
+        ])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("DOCSIDECAR_LOG_FORMAT", "json")
+        .env("RUST_LOG", "trace")
+        .env("DB_PASS_FILE", "pass")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut logs = Vec::new();
+    let addr = loop {
+        let line = lines.next().expect("serving line").unwrap();
+        logs.push(line.clone());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "serving docsidecar.v1.DocumentService" {
+            break v["listen"].as_str().unwrap().to_string();
+        }
+    };
+    let mut c = client(&addr).await;
+    for token in ["tok-s3cret-1", "wrong-s3cret-3"] {
+        let mut request = tonic::Request::new(save("x", 1.0));
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let _ = c.save(request).await;
+    }
+    drop(c);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest = tokio::task::spawn_blocking(move || lines.map_while(Result::ok).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    logs.extend(rest);
+    assert!(child.wait().unwrap().success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let all = format!("{}\n{stderr}", logs.join("\n"));
+    assert!(
+        all.contains("UNAUTHENTICATED"),
+        "the refused call is logged"
+    );
+    for secret in ["tok-s3cret-1", "wrong-s3cret-3", "db-s3cret-2"] {
+        assert!(!all.contains(secret), "{secret} leaked into the logs");
+    }
+}
