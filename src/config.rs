@@ -72,6 +72,11 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub db: MigrateDbArgs,
 
+    /// PostgreSQL role that serves at run time: it gets SELECT, INSERT, UPDATE and
+    /// DELETE on the policy's read-write collections and SELECT on its read-only ones.
+    #[arg(long, env = "DOCSIDECAR_GRANT_TO")]
+    pub grant_to: Option<String>,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -71,12 +71,15 @@ where
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
+        // The deadline is fixed now, before tonic's timer for the same header
+        // (created once this call returns), so ours always expires first.
+        let deadline = timeout.map(|t| (t, tokio::time::Instant::now() + t.saturating_sub(MARGIN)));
         let future = self.inner.call(request);
         Box::pin(async move {
-            let Some(timeout) = timeout else {
+            let Some((timeout, deadline)) = deadline else {
                 return future.await;
             };
-            match tokio::time::timeout(timeout.saturating_sub(MARGIN), future).await {
+            match tokio::time::timeout_at(deadline, future).await {
                 Ok(result) => result,
                 Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
                     "the call's deadline of {timeout:?} passed before it completed; its work was abandoned"

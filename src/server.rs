@@ -3,12 +3,14 @@
 use crate::api::{DocumentApi, Limits};
 use crate::auth::{AuthError, AuthLayer, Authenticator};
 use crate::config::{
-    Cli, Command, ConfigError, Database, DbArgs, ListenAddr, MigrateArgs, ServeArgs,
+    describe_postgres, Cli, Command, ConfigError, Database, DbArgs, ListenAddr, MigrateArgs,
+    ServeArgs,
 };
 use crate::deadline::DeadlineLayer;
 use crate::policy::{ClientSpec, Policy, PolicyError, Scope};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
-use crate::store::{DocumentStore, MemoryStore, SqliteStore, StoreError};
+use crate::store::postgres_migrate::{self, MigratePlan};
+use crate::store::{DocumentStore, MemoryStore, PgOptions, PostgresStore, SqliteStore, StoreError};
 use crate::telemetry::{self, RequestLogLayer};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -71,10 +73,29 @@ async fn serve(args: ServeArgs) -> Result<(), StartError> {
 async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
     let db: DbArgs = args.db.into();
-    let store = open_store(&db, &args.common.schema, true).await?;
-    // Opening a store applies its pending migrations.
-    store.close().await;
-    info!("migrations applied");
+    let policy = load_policy(args.common.policy.as_deref())?;
+    match db.database()? {
+        Database::Postgres(cfg) => {
+            let plan = MigratePlan {
+                schema: args.common.schema.clone(),
+                collections: policy.map(|p| p.collections).unwrap_or_default(),
+                grant_to: args.grant_to,
+            };
+            info!(database = %describe_postgres(&cfg), schema = %plan.schema, "migrating");
+            postgres_migrate::migrate(&cfg, &plan, db.db_max_retries, db.db_retry_delay).await?;
+        }
+        _ => {
+            if args.grant_to.is_some() {
+                warn!("--grant-to applies to PostgreSQL only; ignored");
+            }
+            // Opening an embedded store applies its pending migrations.
+            open_store(&db, &args.common.schema, true)
+                .await?
+                .close()
+                .await;
+            info!("migrations applied");
+        }
+    }
     Ok(())
 }
 
@@ -102,8 +123,8 @@ fn default_pool_size() -> usize {
 /// Opens the configured store, applying its schema migrations.
 pub async fn open_store(
     db: &DbArgs,
-    _schema: &str,
-    _auto_create: bool,
+    schema: &str,
+    auto_create: bool,
 ) -> Result<Arc<dyn DocumentStore>, StartError> {
     let database = db.database()?;
     info!(database = ?database, "opening store");
@@ -113,11 +134,16 @@ pub async fn open_store(
         Database::Sqlite(target) => {
             Arc::new(SqliteStore::open(&target, pool_size, db.db_acquire_timeout).await?)
         }
-        Database::Postgres(_) => {
-            return Err(ConfigError::Invalid(
-                "PostgreSQL is not supported by this build yet".into(),
-            )
-            .into());
+        Database::Postgres(cfg) => {
+            let options = PgOptions {
+                schema: schema.to_string(),
+                pool_size,
+                acquire_timeout: db.db_acquire_timeout,
+                max_retries: db.db_max_retries,
+                retry_delay: db.db_retry_delay,
+                auto_create,
+            };
+            Arc::new(PostgresStore::connect(*cfg, options).await?)
         }
     })
 }

@@ -102,7 +102,7 @@ pub async fn round_trips_every_json_type(mut t: TestServer) {
         ("text", string("plain")),
         (
             "unicode",
-            string("héllo wörld ✓ 漢字 🎉 \u{0} \"quoted\" \\ \n\t"),
+            string("héllo wörld ✓ 漢字 🎉 \u{1} \u{7f} \"quoted\" \\ \n\t"),
         ),
         ("empty_string", string("")),
         ("empty_object", nested(object(vec![]))),
@@ -815,6 +815,16 @@ pub async fn invalid_requests_name_the_rule(mut t: TestServer) {
             t.client.save(save("c", "a", data)).await,
             Code::InvalidArgument,
             "data.bad[0]",
+        );
+    }
+    for data in [
+        object(vec![("s", string("a\u{0}b"))]),
+        object(vec![("k\u{0}", num(1.0))]),
+    ] {
+        assert_status(
+            t.client.save(save("c", "a", data)).await,
+            Code::InvalidArgument,
+            "U+0000",
         );
     }
     assert_status(t.client.get(get("c", "a")).await, Code::NotFound, "a");

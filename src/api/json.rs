@@ -41,9 +41,19 @@ pub fn validate(data: &Struct) -> Result<(), String> {
 
 fn check_struct(s: &Struct, path: &Path<'_>, depth: usize) -> Result<(), String> {
     for (key, value) in &s.fields {
-        check_value(value, &Path::Key(path, key), depth)?;
+        let path = Path::Key(path, key);
+        if key.contains('\0') {
+            return Err(nul(&path, "key"));
+        }
+        check_value(value, &path, depth)?;
     }
     Ok(())
+}
+
+/// U+0000 is valid JSON, but PostgreSQL's jsonb cannot hold it; refusing it on
+/// every store keeps documents portable between them.
+fn nul(path: &Path<'_>, what: &str) -> String {
+    format!("{path}: the {what} contains U+0000, which documents cannot hold (PostgreSQL's jsonb refuses it)")
 }
 
 fn check_value(value: &Value, path: &Path<'_>, depth: usize) -> Result<(), String> {
@@ -54,6 +64,7 @@ fn check_value(value: &Value, path: &Path<'_>, depth: usize) -> Result<(), Strin
         Some(Kind::NumberValue(n)) if !n.is_finite() => Err(format!(
             "{path} is {n}: JSON numbers must be finite (no NaN or infinity)"
         )),
+        Some(Kind::StringValue(v)) if v.contains('\0') => Err(nul(path, "string")),
         Some(Kind::StructValue(s)) => {
             nested(path, depth)?;
             check_struct(s, path, depth + 1)

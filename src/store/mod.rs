@@ -7,11 +7,12 @@ use async_trait::async_trait;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod memory;
-// pub mod postgres; (helper in progress)
+pub mod postgres;
+pub mod postgres_migrate;
 pub mod sqlite;
 
 pub use memory::MemoryStore;
-// pub use postgres::PostgresStore;
+pub use postgres::{PgOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Microseconds since the Unix epoch.

@@ -94,7 +94,10 @@ impl TestServer {
             url.as_str(),
         ];
         let schema_flag;
-        if let Some(schema) = &pg_schema {
+        if extra.contains(&"--schema") {
+            // The test manages its schema itself.
+            pg_schema = None;
+        } else if let Some(schema) = &pg_schema {
             schema_flag = schema.clone();
             args.extend(["--schema", schema_flag.as_str()]);
         }

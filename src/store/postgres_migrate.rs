@@ -1,0 +1,217 @@
+//! `docsidecar migrate` on PostgreSQL, run with the admin account (an init
+//! container or a Job): the schema, its migration history, the declared
+//! collections' tables, and the runtime role's grants — exactly DML on the
+//! read-write tables and SELECT on the read-only ones, nothing else. The serving
+//! sidecar then needs no DDL rights at all.
+
+use super::postgres::table_ddl;
+use super::{StoreError, StoreResult};
+use crate::config::describe_postgres;
+use crate::policy::Access;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_postgres::NoTls;
+use tracing::{info, warn};
+
+/// What to migrate.
+#[derive(Debug, Clone)]
+pub struct MigratePlan {
+    pub schema: String,
+    /// The declared collections (from the policy); their tables are created.
+    pub collections: BTreeMap<String, Access>,
+    /// The runtime role that receives the grants.
+    pub grant_to: Option<String>,
+}
+
+/// Versioned changes of the schema itself, recorded in `_migrations` (collection
+/// names cannot start with `_`, so it never collides with a collection).
+const MIGRATIONS: &[(i32, &str)] = &[(1, "schema and migration history")];
+
+/// Role names are identifiers we quote ourselves: keep them to a plain alphabet.
+fn is_valid_role(role: &str) -> bool {
+    let bytes = role.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_alphabetic() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+}
+
+fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
+    let detail = e
+        .as_db_error()
+        .map_or_else(|| e.to_string(), |db| db.message().to_string());
+    match e.code() {
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            StoreError::PermissionDenied(format!(
+                "{context}: {detail} (migrate needs the admin account)"
+            ))
+        }
+        _ if e.as_db_error().is_none() => StoreError::Unavailable(format!("{context}: {detail}")),
+        _ => StoreError::Internal(format!("{context}: {detail}")),
+    }
+}
+
+async fn connect(
+    cfg: &tokio_postgres::Config,
+    retries: u32,
+    delay: Duration,
+) -> StoreResult<tokio_postgres::Client> {
+    let target = describe_postgres(cfg);
+    let mut delay = delay.max(Duration::from_millis(10));
+    let mut attempt = 1;
+    loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        warn!(error = %e, "migrate connection ended");
+                    }
+                });
+                return Ok(client);
+            }
+            Err(e) if retries == 0 || attempt < retries => {
+                warn!(%target, attempt, error = %e, "PostgreSQL not reachable for migrate; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot connect to PostgreSQL at {target} after {attempt} attempts: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// Applies `plan` in one transaction, serialized across concurrent runs (several
+/// replicas' init containers) by an advisory lock. Idempotent.
+pub async fn migrate(
+    cfg: &tokio_postgres::Config,
+    plan: &MigratePlan,
+    retries: u32,
+    retry_delay: Duration,
+) -> StoreResult<()> {
+    if let Some(role) = &plan.grant_to {
+        if !is_valid_role(role) {
+            return Err(StoreError::Internal(format!(
+                "--grant-to `{role}` is not a plain role name (letters, digits, `_` and `-`, at most 63)"
+            )));
+        }
+    }
+    // table_ddl validates and quotes the schema and collection names.
+    let ddl = plan
+        .collections
+        .keys()
+        .map(|c| Ok((c.as_str(), table_ddl(&plan.schema, c)?)))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let schema = format!("\"{}\"", plan.schema);
+
+    let mut client = connect(cfg, retries, retry_delay).await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| pg_error("BEGIN", e))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('docsidecar migrate ' || $1::text))",
+        &[&plan.schema],
+    )
+    .await
+    .map_err(|e| pg_error("taking the migration lock", e))?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         CREATE TABLE IF NOT EXISTS {schema}._migrations (
+             version     integer PRIMARY KEY,
+             description text NOT NULL,
+             applied_at  timestamptz NOT NULL DEFAULT now()
+         );"
+    ))
+    .await
+    .map_err(|e| pg_error("creating the schema", e))?;
+    let current: i32 = tx
+        .query_one(
+            &format!("SELECT coalesce(max(version), 0) FROM {schema}._migrations"),
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error("reading the migration history", e))?
+        .get(0);
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > latest {
+        return Err(StoreError::Internal(format!(
+            "schema {schema} is at version {current}, newer than this docsidecar supports ({latest}): run a newer docsidecar"
+        )));
+    }
+    for (version, description) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.execute(
+            &format!("INSERT INTO {schema}._migrations (version, description) VALUES ($1, $2)"),
+            &[version, description],
+        )
+        .await
+        .map_err(|e| pg_error("recording a migration", e))?;
+        info!(version, description, "applied PostgreSQL migration");
+    }
+    for (collection, sql) in &ddl {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| pg_error(&format!("creating the table of `{collection}`"), e))?;
+    }
+
+    if let Some(role) = &plan.grant_to {
+        let exists = tx
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[role])
+            .await
+            .map_err(|e| pg_error("looking up the runtime role", e))?
+            .is_some();
+        if !exists {
+            return Err(StoreError::Internal(format!(
+                "role `{role}` does not exist: create it first (CREATE ROLE \"{role}\" LOGIN PASSWORD '…')"
+            )));
+        }
+        let role_q = format!("\"{role}\"");
+        let mut sql = format!(
+            "GRANT USAGE ON SCHEMA {schema} TO {role_q};
+             REVOKE CREATE ON SCHEMA {schema} FROM {role_q};
+             REVOKE ALL ON {schema}._migrations FROM {role_q};"
+        );
+        for (collection, access) in &plan.collections {
+            let table = format!("{schema}.\"{collection}\"");
+            let privileges = match access {
+                Access::ReadWrite => "SELECT, INSERT, UPDATE, DELETE",
+                Access::ReadOnly => "SELECT",
+            };
+            // Revoke first: a collection turned read-only loses its write grants.
+            sql.push_str(&format!(
+                "REVOKE ALL ON {table} FROM {role_q}; GRANT {privileges} ON {table} TO {role_q};"
+            ));
+        }
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| pg_error("granting the runtime role", e))?;
+        info!(
+            role,
+            collections = plan.collections.len(),
+            "granted the runtime role"
+        );
+    }
+    tx.commit().await.map_err(|e| pg_error("COMMIT", e))?;
+    info!(schema = %plan.schema, collections = plan.collections.len(), "PostgreSQL schema migrated");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_names_are_plain() {
+        for ok in ["app", "orders_rw", "svc-a", "_x", "A1"] {
+            assert!(is_valid_role(ok), "{ok}");
+        }
+        for bad in ["", "a\"; DROP ROLE x; --", "1a", "a b", &"r".repeat(64)] {
+            assert!(!is_valid_role(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! PostgreSQL beyond the shared semantics: outages, pool exhaustion, deadlines.
+
+mod common;
+
+use common::cluster::Cluster;
+use common::*;
+use docsidecar::proto::{BatchGetRequest, GetRequest, SaveRequest};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::Code;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+fn save(collection: &str, id: &str) -> SaveRequest {
+    SaveRequest {
+        collection: collection.into(),
+        id: id.into(),
+        data: Some(object(vec![("at", string(id))])),
+        ..Default::default()
+    }
+}
+
+fn get(collection: &str, id: &str) -> GetRequest {
+    GetRequest {
+        collection: collection.into(),
+        id: id.into(),
+    }
+}
+
+async fn health(t: &TestServer) -> ServingStatus {
+    HealthClient::new(t.channel.clone())
+        .check(HealthCheckRequest {
+            service: "docsidecar.v1.DocumentService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within {within:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_is_survived_without_restart_or_lost_writes() {
+    let Some(cluster) = Cluster::start("trust") else {
+        return;
+    };
+    let url = cluster.url("postgres");
+    let t = TestServer::start_at(
+        Backend::Postgres,
+        Some(&url),
+        &[
+            "--health-interval",
+            "0.2",
+            "--db-acquire-timeout",
+            "1",
+            "--db-pool-size",
+            "4",
+        ],
+    )
+    .await;
+    assert_eq!(health(&t).await, ServingStatus::Serving);
+
+    // Writers under load; every acknowledged id is recorded.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let codes = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (mut client, acked, codes, stop) =
+            (t.client.clone(), acked.clone(), codes.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("w{w}-{n:06}");
+                n += 1;
+                match client.save(save("load", &id)).await {
+                    Ok(_) => acked.lock().unwrap().push(id),
+                    Err(s) => {
+                        codes.lock().unwrap().insert(format!("{:?}", s.code()));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_outage = acked.lock().unwrap().len();
+    assert!(before_outage > 0, "writes succeed before the outage");
+
+    tokio::task::block_in_place(|| cluster.pg_ctl_stop());
+    eventually(
+        "NOT_SERVING during the outage",
+        Duration::from_secs(5),
+        || async { health(&t).await == ServingStatus::NotServing },
+    )
+    .await;
+    // Calls fail fast with UNAVAILABLE while the database is down.
+    let started = Instant::now();
+    let status = t
+        .client
+        .clone()
+        .get(get("load", "w0-000000"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !status.message().contains("postgres://"),
+        "{}",
+        status.message()
+    );
+
+    tokio::task::block_in_place(|| cluster.pg_ctl_start());
+    eventually(
+        "SERVING after the database returns",
+        Duration::from_secs(10),
+        || async { health(&t).await == ServingStatus::Serving },
+    )
+    .await;
+    let resumed = acked.lock().unwrap().len();
+    eventually(
+        "writes resume without a restart",
+        Duration::from_secs(10),
+        || async { acked.lock().unwrap().len() > resumed + 20 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    let codes = codes.lock().unwrap().clone();
+    assert!(
+        codes.iter().all(|c| c == "Unavailable"),
+        "only UNAVAILABLE during the outage, got {codes:?}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    for chunk in acked.chunks(1000) {
+        let resp = t
+            .client
+            .clone()
+            .batch_get(BatchGetRequest {
+                collection: "load".into(),
+                ids: chunk.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            resp.missing_ids.is_empty(),
+            "acknowledged writes lost: {:?}",
+            resp.missing_ids
+        );
+    }
+    eprintln!(
+        "outage: {} writes acknowledged ({before_outage} before the outage), error codes {codes:?}",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exhausted_pool_answers_unavailable_and_deadlines_cancel_queries() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let t = TestServer::start_at(
+        Backend::Postgres,
+        Some(&url),
+        &["--db-pool-size", "2", "--db-acquire-timeout", "0.5"],
+    )
+    .await;
+    t.client.clone().save(save("locked", "a")).await.unwrap();
+
+    // Another session locks the table: the sidecar's reads of it block.
+    let mut admin = pg_connect(&url).await;
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{}\".locked IN ACCESS EXCLUSIVE MODE",
+        t.pg_schema()
+    ))
+    .await
+    .unwrap();
+
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let mut client = t.client.clone();
+        calls.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let result = client.get(get("locked", "a")).await;
+            (result.map(|_| ()).map_err(|s| s.code()), started.elapsed())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A call with a deadline while the pool is still taken.
+    let mut request = tonic::Request::new(get("locked", "a"));
+    request.set_timeout(Duration::from_millis(300));
+    let status = t.client.clone().get(request).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "{}",
+        status.message()
+    );
+
+    tx.rollback().await.unwrap();
+    let mut unavailable = 0;
+    let mut ok = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            (Err(Code::Unavailable), took) => {
+                assert!(
+                    took < Duration::from_secs(2),
+                    "UNAVAILABLE after the acquire timeout, not a hang ({took:?})"
+                );
+                unavailable += 1;
+            }
+            (Ok(()), _) => ok += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        (ok, unavailable),
+        (2, 4),
+        "two calls held the two connections, four timed out"
+    );
+
+    // A deadline cancels the query on the server: nothing of it lingers.
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{}\".locked IN ACCESS EXCLUSIVE MODE",
+        t.pg_schema()
+    ))
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(get("locked", "a"));
+    request.set_timeout(Duration::from_millis(300));
+    assert_eq!(
+        t.client.clone().get(request).await.unwrap_err().code(),
+        Code::DeadlineExceeded
+    );
+    let probe = pg_connect(&url).await;
+    let schema = t.pg_schema().to_string();
+    eventually(
+        "the abandoned query is cancelled",
+        Duration::from_secs(3),
+        || {
+            let (probe, schema) = (&probe, schema.clone());
+            async move {
+                let waiting: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'docsidecar' \
+                     AND state = 'active' AND query LIKE '%' || $1 || '%'",
+                    &[&schema],
+                )
+                .await
+                .unwrap()
+                .get(0);
+                waiting == 0
+            }
+        },
+    )
+    .await;
+    tx.rollback().await.unwrap();
+    // And the pool is healthy afterwards.
+    t.client.clone().get(get("locked", "a")).await.unwrap();
+}

@@ -1,0 +1,298 @@
+//! Least privilege on real PostgreSQL roles: `docsidecar migrate` with the admin
+//! account creates tables and grants; each service's sidecar runs with a role
+//! that the database itself confines to that service's tables.
+
+mod common;
+
+use common::*;
+use docsidecar::proto::{GetRequest, ListCollectionsRequest, ListRequest, SaveRequest};
+use prost_types::Struct;
+use std::process::Command;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_docsidecar");
+
+fn save(collection: &str, id: &str, data: Struct) -> SaveRequest {
+    SaveRequest {
+        collection: collection.into(),
+        id: id.into(),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// A URL for `user` (password `password`) on the test server's host and database.
+fn url_as(admin_url: &str, user: &str, password: &str) -> String {
+    let cfg: tokio_postgres::Config = admin_url.parse().unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{user}:{password}@{host}:{port}/{}",
+        cfg.get_dbname().unwrap_or("postgres")
+    )
+}
+
+fn migrate(
+    admin_url: &str,
+    schema: &str,
+    policy: &std::path::Path,
+    role: &str,
+) -> std::process::Output {
+    Command::new(BIN)
+        .args(["migrate", "--grant-to", role])
+        .env_clear()
+        .env("MIGRATE_DATABASE_URL", admin_url)
+        .env("DOCSIDECAR_SCHEMA", schema)
+        .env("DOCSIDECAR_POLICY", policy)
+        .output()
+        .unwrap()
+}
+
+struct Fixture {
+    admin: tokio_postgres::Client,
+    schema: String,
+    roles: Vec<String>,
+}
+
+impl Fixture {
+    async fn cleanup(&self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema
+            ))
+            .await;
+        for role in &self.roles {
+            let _ = self
+                .admin
+                .batch_execute(&format!(
+                    "DROP OWNED BY \"{role}\"; DROP ROLE IF EXISTS \"{role}\""
+                ))
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_role_is_confined_to_its_tables_by_the_database() {
+    let Some(admin_url) = postgres_url().await else {
+        return;
+    };
+    let u = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
+    let (role_a, role_b, schema) = (
+        format!("svc_a_{u}"),
+        format!("svc_b_{u}"),
+        format!("shared_{u}"),
+    );
+    let fx = Fixture {
+        admin: pg_connect(&admin_url).await,
+        schema: schema.clone(),
+        roles: vec![role_a.clone(), role_b.clone()],
+    };
+    for role in &fx.roles {
+        fx.admin
+            .batch_execute(&format!(
+                "CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw-{role}'"
+            ))
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy_a = dir.path().join("a.toml");
+    std::fs::write(
+        &policy_a,
+        "service = \"service-a\"\n[collections.orders]\naccess = \"read-write\"\n[collections.catalog]\naccess = \"read-only\"\n[collections.events]\naccess = \"read-write\"\n",
+    )
+    .unwrap();
+    let policy_b = dir.path().join("b.toml");
+    std::fs::write(
+        &policy_b,
+        "service = \"service-b\"\n[collections.payments]\naccess = \"read-write\"\n[collections.events]\naccess = \"read-write\"\n",
+    )
+    .unwrap();
+
+    // Several replicas' init containers may migrate at once: all succeed.
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, schema, policy, role) = (
+                admin_url.clone(),
+                schema.clone(),
+                policy_a.clone(),
+                role_a.clone(),
+            );
+            std::thread::spawn(move || migrate(&url, &schema, &policy, &role))
+        })
+        .collect();
+    for run in runs {
+        let out = run.join().unwrap();
+        assert!(
+            out.status.success(),
+            "migrate A: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let out = migrate(&admin_url, &schema, &policy_b, &role_b);
+    assert!(
+        out.status.success(),
+        "migrate B: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The shared table: row-level security keeps each service to its own rows.
+    fx.admin
+        .batch_execute(&format!(
+            "ALTER TABLE \"{schema}\".events ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own_rows ON \"{schema}\".events
+                 USING (data->>'owner' = current_user)
+                 WITH CHECK (data->>'owner' = current_user);"
+        ))
+        .await
+        .unwrap();
+
+    // A's sidecar, production mode: its policy, its role, no DDL rights.
+    let url_a = url_as(&admin_url, &role_a, &format!("pw-{role_a}"));
+    let policy_arg = policy_a.to_str().unwrap().to_string();
+    let t = TestServer::start_at(
+        Backend::Postgres,
+        Some(&url_a),
+        &["--schema", &schema, "--policy", &policy_arg],
+    )
+    .await;
+    let mut c = t.client.clone();
+    c.save(save("orders", "o1", object(vec![("total", num(3.5))])))
+        .await
+        .unwrap();
+    c.get(GetRequest {
+        collection: "orders".into(),
+        id: "o1".into(),
+    })
+    .await
+    .unwrap();
+    let status = c
+        .save(save("catalog", "c1", object(vec![])))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "{}",
+        status.message()
+    );
+    let status = c
+        .save(save("payments", "p1", object(vec![])))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "{}",
+        status.message()
+    );
+    let listed = c
+        .list_collections(ListCollectionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.collections, ["catalog", "events", "orders"]);
+
+    // Row-level security through the sidecar: own rows in, others' rows refused.
+    c.save(save(
+        "events",
+        "e-a",
+        object(vec![("owner", string(&role_a))]),
+    ))
+    .await
+    .unwrap();
+    let status = c
+        .save(save(
+            "events",
+            "e-forged",
+            object(vec![("owner", string(&role_b))]),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::PermissionDenied,
+        "{}",
+        status.message()
+    );
+    fx.admin
+        .execute(
+            &format!("INSERT INTO \"{schema}\".events VALUES ('e-b', 'r', $1::text::jsonb, 0, 0)"),
+            &[&format!("{{\"owner\":\"{role_b}\"}}")],
+        )
+        .await
+        .unwrap();
+    let page = c
+        .list(ListRequest {
+            collection: "events".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = page.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["e-a"], "A sees only its own rows of the shared table");
+
+    // The database enforces the same, whatever connects with A's role.
+    let direct = pg_connect(&url_a).await;
+    let refused = |sql: String| {
+        let direct = &direct;
+        async move {
+            let err = direct.batch_execute(&sql).await.expect_err(&sql);
+            assert_eq!(
+                err.code(),
+                Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+                "{sql}: {err}"
+            );
+        }
+    };
+    refused(format!("SELECT * FROM \"{schema}\".payments")).await;
+    refused(format!(
+        "INSERT INTO \"{schema}\".catalog VALUES ('x', 'r', '{{}}', 0, 0)"
+    ))
+    .await;
+    refused(format!("CREATE TABLE \"{schema}\".evil (x int)")).await;
+    refused(format!("DROP TABLE \"{schema}\".orders")).await;
+    refused(format!("SELECT * FROM \"{schema}\"._migrations")).await;
+    direct
+        .batch_execute(&format!("SELECT count(*) FROM \"{schema}\".catalog"))
+        .await
+        .expect("read-only means SELECT");
+    // Exactly the declared privileges, nothing else.
+    let grants: Vec<(String, String)> = fx
+        .admin
+        .query(
+            "SELECT table_name::text, privilege_type::text FROM information_schema.role_table_grants
+             WHERE grantee = $1 AND table_schema = $2 ORDER BY 1, 2",
+            &[&role_a, &schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("catalog", "SELECT"),
+        ("events", "DELETE"),
+        ("events", "INSERT"),
+        ("events", "SELECT"),
+        ("events", "UPDATE"),
+        ("orders", "DELETE"),
+        ("orders", "INSERT"),
+        ("orders", "SELECT"),
+        ("orders", "UPDATE"),
+    ]
+    .iter()
+    .map(|(t, p)| (t.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(grants, expected);
+
+    t.stop().await;
+    fx.cleanup().await;
+}
