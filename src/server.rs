@@ -142,6 +142,12 @@ pub async fn open_store(
                 max_retries: db.db_max_retries,
                 retry_delay: db.db_retry_delay,
                 auto_create,
+                // A URL's own password is fixed; a mounted password file may rotate.
+                password_file: db
+                    .db_pass
+                    .is_none()
+                    .then(|| db.db_pass_file.clone())
+                    .flatten(),
             };
             Arc::new(PostgresStore::connect(*cfg, options).await?)
         }

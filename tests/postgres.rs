@@ -285,3 +285,90 @@ async fn exhausted_pool_answers_unavailable_and_deadlines_cancel_queries() {
     // And the pool is healthy afterwards.
     t.client.clone().get(get("locked", "a")).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_password_is_picked_up_without_a_failed_call() {
+    let Some(cluster) = Cluster::start("scram-sha-256") else {
+        return;
+    };
+    let admin = pg_connect(&cluster.url("postgres")).await;
+    admin
+        .batch_execute("CREATE ROLE app LOGIN PASSWORD 'first-s3cret'; GRANT CREATE ON DATABASE postgres TO app;")
+        .await
+        .unwrap();
+    let pass_file = cluster.dir().join("app-password");
+    std::fs::write(&pass_file, "first-s3cret\n").unwrap();
+    let port = cluster.port.to_string();
+    let t = TestServer::start_at(
+        Backend::Postgres,
+        Some(&format!("postgres://app@127.0.0.1:{port}/postgres")),
+        &[
+            "--db-pass-file",
+            pass_file.to_str().unwrap(),
+            "--db-pool-size",
+            "3",
+        ],
+    )
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for w in 0..3 {
+        let (mut client, stop, failures) = (t.client.clone(), stop.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(s) = client.save(save("rotation", &format!("w{w}-{n}"))).await {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{:?}: {}", s.code(), s.message()));
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The DBA changes the password, then the Secret (the file) follows.
+    admin
+        .batch_execute("ALTER ROLE app PASSWORD 'second-s3cret'")
+        .await
+        .unwrap();
+    let rotated_at: std::time::SystemTime =
+        admin.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    std::fs::write(cluster.dir().join("app-password.new"), "second-s3cret\n").unwrap();
+    std::fs::rename(cluster.dir().join("app-password.new"), &pass_file).unwrap();
+
+    // Eventually every connection of the sidecar was opened after the rotation,
+    // that is, with the new password; the old ones retired.
+    eventually("old connections retire", Duration::from_secs(10), || {
+        let admin = &admin;
+        async move {
+            let row = admin
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE backend_start < $1), count(*) FILTER (WHERE backend_start >= $1)
+                     FROM pg_stat_activity WHERE usename = 'app'",
+                    &[&rotated_at],
+                )
+                .await
+                .unwrap();
+            let (old, new): (i64, i64) = (row.get(0), row.get(1));
+            old == 0 && new > 0
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut calls = 0;
+    for l in load {
+        calls += l.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "calls failed during the rotation: {failures:?}"
+    );
+    eprintln!("password rotation: {calls} calls, none failed");
+}

@@ -45,11 +45,101 @@ pub struct PgOptions {
     /// Create the schema and the collections' tables on demand. Off in production,
     /// where `docsidecar migrate` creates them and the runtime role has no DDL rights.
     pub auto_create: bool,
+    /// The mounted password file (`DB_PASS_FILE`), watched for rotation.
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// How often the password file is checked for a rotated password.
+const PASSWORD_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The current pool. A rotated password gets a new pool; the old one is only
+/// dropped, never closed, so calls holding or awaiting its connections finish on
+/// them, and those connections close as they come back.
+struct PoolSlot {
+    pool: RwLock<Pool>,
+    cfg: tokio_postgres::Config,
+    pool_size: usize,
+    acquire_timeout: Duration,
+}
+
+impl PoolSlot {
+    fn build(
+        cfg: tokio_postgres::Config,
+        pool_size: usize,
+        acquire_timeout: Duration,
+    ) -> StoreResult<Pool> {
+        let manager = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                // Fast: `is_closed` catches dead connections without a round trip.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(acquire_timeout))
+            .create_timeout(Some(acquire_timeout))
+            .recycle_timeout(Some(acquire_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Internal(format!("cannot build the PostgreSQL pool: {e}")))
+    }
+
+    fn current(&self) -> Pool {
+        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Switches to `password` once a connection with it succeeds; until then the
+    /// old pool keeps serving.
+    async fn rotate(&self, password: &str, target: &str) -> bool {
+        let mut cfg = self.cfg.clone();
+        cfg.password(password);
+        let Ok(pool) = Self::build(cfg, self.pool_size, self.acquire_timeout) else {
+            return false;
+        };
+        match pool.get().await {
+            Ok(conn) => drop(conn),
+            Err(e) => {
+                tracing::warn!(
+                    target_db = %target,
+                    error = %e,
+                    "the rotated database password does not work yet; the previous connections keep serving"
+                );
+                return false;
+            }
+        }
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = pool;
+        tracing::info!(
+            target_db = %target,
+            "database password rotated: new connections use it, the old ones retire as their calls finish"
+        );
+        true
+    }
+}
+
+/// Re-reads the password file; stops when the store is gone.
+async fn watch_password(slot: std::sync::Weak<PoolSlot>, file: std::path::PathBuf, target: String) {
+    let mut current = crate::config::read_secret(&file, "the database password").ok();
+    let mut ticker = tokio::time::interval(PASSWORD_CHECK_EVERY);
+    loop {
+        ticker.tick().await;
+        let Some(slot) = slot.upgrade() else { return };
+        let path = file.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            crate::config::read_secret(&path, "the database password")
+        })
+        .await;
+        let Ok(Ok(password)) = read else { continue };
+        if current.as_deref() != Some(password.as_str()) && slot.rotate(&password, &target).await {
+            current = Some(password);
+        }
+    }
 }
 
 /// Documents in PostgreSQL: one table per collection in one schema.
 pub struct PostgresStore {
-    pool: Pool,
+    pool: std::sync::Arc<PoolSlot>,
     /// Validated against the collection rule, so it is safe inside double quotes.
     schema: String,
     auto_create: bool,
@@ -308,24 +398,25 @@ impl PostgresStore {
         }
         let target = describe_postgres(&cfg);
         let pool_size = opts.pool_size.max(1);
-        let manager = Manager::from_config(
+        let slot = std::sync::Arc::new(PoolSlot {
+            pool: RwLock::new(PoolSlot::build(
+                cfg.clone(),
+                pool_size,
+                opts.acquire_timeout,
+            )?),
             cfg,
-            NoTls,
-            ManagerConfig {
-                // Fast: `is_closed` catches dead connections without a round trip.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool_size)
-            .wait_timeout(Some(opts.acquire_timeout))
-            .create_timeout(Some(opts.acquire_timeout))
-            .recycle_timeout(Some(opts.acquire_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Internal(format!("cannot build the PostgreSQL pool: {e}")))?;
+            pool_size,
+            acquire_timeout: opts.acquire_timeout,
+        });
+        if let Some(file) = opts.password_file {
+            tokio::spawn(watch_password(
+                std::sync::Arc::downgrade(&slot),
+                file,
+                target.clone(),
+            ));
+        }
         let store = PostgresStore {
-            pool,
+            pool: slot,
             schema: opts.schema,
             auto_create: opts.auto_create,
             acquire_timeout: opts.acquire_timeout,
@@ -385,7 +476,8 @@ impl PostgresStore {
     /// A pooled connection within the acquire timeout, or UNAVAILABLE.
     async fn conn(&self) -> StoreResult<Conn> {
         // The pool's own timeouts name the stage that was slow; this one bounds the total.
-        match tokio::time::timeout(self.acquire_timeout, self.pool.get()).await {
+        let pool = self.pool.current();
+        match tokio::time::timeout(self.acquire_timeout, pool.get()).await {
             Ok(Ok(object)) => Ok(Conn {
                 object: Some(object),
             }),
@@ -995,7 +1087,7 @@ impl DocumentStore for PostgresStore {
     }
 
     async fn close(&self) {
-        self.pool.close();
+        self.pool.current().close();
         tracing::info!(target_db = %self.target, "PostgreSQL store closed");
     }
 }
@@ -1094,6 +1186,7 @@ mod tests {
             max_retries: 1,
             retry_delay: Duration::from_millis(10),
             auto_create: true,
+            password_file: None,
         };
         adjust(&mut opts);
         let store = PostgresStore::connect(cfg, opts).await.expect("connect");
@@ -1672,6 +1765,7 @@ mod tests {
             max_retries: 3,
             retry_delay: Duration::from_millis(20),
             auto_create: true,
+            password_file: None,
         };
         let err = PostgresStore::connect(cfg, opts).await.unwrap_err();
         let message = err.to_string();
@@ -1696,6 +1790,7 @@ mod tests {
             max_retries: 1,
             retry_delay: Duration::from_millis(10),
             auto_create: true,
+            password_file: None,
         };
         let err = PostgresStore::connect(tokio_postgres::Config::new(), opts)
             .await
