@@ -49,6 +49,18 @@ pub struct ServeArgs {
     #[arg(long, env = "DOCSIDECAR_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
+    /// PEM certificate chain: serve gRPC over TLS (re-read when the file changes).
+    #[arg(long, env = "DOCSIDECAR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the TLS certificate.
+    #[arg(long, env = "DOCSIDECAR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "DOCSIDECAR_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Largest document accepted, in bytes of its JSON encoding.
     #[arg(long, env = "DOCSIDECAR_MAX_DOCUMENT_BYTES", default_value_t = 1024 * 1024)]
     pub max_document_bytes: usize,

@@ -93,6 +93,39 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn an_expired_deadline_answers_deadline_exceeded_and_drops_the_work() {
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        struct SetOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let flag = dropped.clone();
+        let never = tower::service_fn(move |_req: http::Request<()>| {
+            let guard = SetOnDrop(flag.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<Result<http::Response<Body>, std::convert::Infallible>>()
+                    .await
+            }
+        });
+        let request = http::Request::builder()
+            .header("grpc-timeout", "50m")
+            .body(())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let response = DeadlineLayer.layer(never).oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+        assert!(started.elapsed() >= Duration::from_millis(45));
+        assert!(
+            dropped.load(std::sync::atomic::Ordering::SeqCst),
+            "the handler's work is dropped"
+        );
+    }
 
     #[test]
     fn parses_timeouts() {

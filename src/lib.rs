@@ -14,6 +14,7 @@
 //!   may touch, and the layer that authenticates bearer tokens.
 //! - [`store`]: the [`store::DocumentStore`] trait and one module per backend
 //!   (memory, SQLite, PostgreSQL). No tonic.
+//! - [`tls`]: optional TLS and mutual TLS, certificates reloaded on change.
 //! - [`telemetry`]: logging setup and the per-request log layer.
 //! - [`deadline`]: the layer that answers DEADLINE_EXCEEDED when a client's
 //!   deadline passes.
@@ -28,6 +29,7 @@ pub mod policy;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// Generated protobuf types, the `DocumentService` server and its client.
 pub mod proto {

@@ -12,6 +12,7 @@ use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME}
 use crate::store::postgres_migrate::{self, MigratePlan};
 use crate::store::{DocumentStore, MemoryStore, PgOptions, PostgresStore, SqliteStore, StoreError};
 use crate::telemetry::{self, RequestLogLayer};
+use crate::tls::{TlsError, TlsFiles, TlsReloader};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Runs the command line: serve (the default) or migrate.
@@ -156,6 +159,7 @@ pub async fn open_store(
 
 enum Listener {
     Tcp(TcpListener),
+    Tls(TcpListener, Arc<TlsReloader>),
     Unix(UnixListener, PathBuf),
 }
 
@@ -204,7 +208,23 @@ impl Server {
         if !auth.enabled() {
             warn!("no client tokens configured: calls are not authenticated; listen on a Unix socket or loopback only");
         }
-        let listener = bind(&args.listen).await?;
+        let mut listener = bind(&args.listen).await?;
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            let Listener::Tcp(tcp) = listener else {
+                return Err(ConfigError::Invalid(
+                    "TLS applies to TCP listeners; a Unix socket is already private to the pod"
+                        .into(),
+                )
+                .into());
+            };
+            let tls = TlsReloader::new(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            })?;
+            info!(mutual = tls.mutual(), "TLS enabled on the gRPC port");
+            listener = Listener::Tls(tcp, Arc::new(tls));
+        }
         let db: DbArgs = args.db.clone().into();
         // Without a policy (development) tables appear on first write; with one,
         // only if the policy says so.
@@ -222,7 +242,7 @@ impl Server {
     /// Where the server listens (the real port when 0 was asked for).
     pub fn local_addr(&self) -> ListenAddr {
         match &self.listener {
-            Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().map_or_else(
+            Listener::Tcp(l) | Listener::Tls(l, _) => ListenAddr::Tcp(l.local_addr().map_or_else(
                 |_| self.args.listen.to_string(),
                 |a: SocketAddr| a.to_string(),
             )),
@@ -288,7 +308,9 @@ impl Server {
         };
 
         let local = match &listener {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Tcp(l) | Listener::Tls(l, _) => {
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            }
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
         };
         info!(listen = %local, "serving docsidecar.v1.DocumentService");
@@ -301,6 +323,16 @@ impl Server {
                     })
                 });
                 drain(router, incoming, signal, draining_rx, args.shutdown_grace).await
+            }
+            Listener::Tls(l, tls) => {
+                drain(
+                    router,
+                    tls.incoming(l),
+                    signal,
+                    draining_rx,
+                    args.shutdown_grace,
+                )
+                .await
             }
             Listener::Unix(l, path) => {
                 let result = drain(

@@ -41,6 +41,20 @@ async fn health(t: &TestServer) -> ServingStatus {
         .status()
 }
 
+/// The server answers DEADLINE_EXCEEDED (see `deadline.rs`); a tonic client
+/// also runs its own timer for the same deadline and, when that fires first,
+/// reports it as CANCELLED "Timeout expired". Either way the call ends on time.
+#[track_caller]
+fn assert_deadline(status: &tonic::Status) {
+    let own_timer = status.code() == Code::Cancelled && status.message() == "Timeout expired";
+    assert!(
+        status.code() == Code::DeadlineExceeded || own_timer,
+        "{:?}: {}",
+        status.code(),
+        status.message()
+    );
+}
+
 async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -215,12 +229,13 @@ async fn exhausted_pool_answers_unavailable_and_deadlines_cancel_queries() {
     // A call with a deadline while the pool is still taken.
     let mut request = tonic::Request::new(get("locked", "a"));
     request.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
     let status = t.client.clone().get(request).await.unwrap_err();
-    assert_eq!(
-        status.code(),
-        Code::DeadlineExceeded,
-        "{}",
-        status.message()
+    assert_deadline(&status);
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
     );
 
     tx.rollback().await.unwrap();
@@ -255,10 +270,7 @@ async fn exhausted_pool_answers_unavailable_and_deadlines_cancel_queries() {
     .unwrap();
     let mut request = tonic::Request::new(get("locked", "a"));
     request.set_timeout(Duration::from_millis(300));
-    assert_eq!(
-        t.client.clone().get(request).await.unwrap_err().code(),
-        Code::DeadlineExceeded
-    );
+    assert_deadline(&t.client.clone().get(request).await.unwrap_err());
     let probe = pg_connect(&url).await;
     let schema = t.pg_schema().to_string();
     eventually(

@@ -25,6 +25,8 @@ pub enum Backend {
 /// A running server and a client for it.
 pub struct TestServer {
     pub client: Client,
+    /// `http://host:port` of the server.
+    pub local_addr: String,
     pub channel: Channel,
     pub backend: Backend,
     stop: Option<oneshot::Sender<()>>,
@@ -114,12 +116,11 @@ impl TestServer {
                 .await
                 .expect("server runs");
         });
-        let channel = Channel::from_shared(addr)
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects");
+        // Lazy: a TLS server refuses a plain handshake; TLS tests dial their own.
+        let addr_for_tests = addr.clone();
+        let channel = Channel::from_shared(addr).unwrap().connect_lazy();
         TestServer {
+            local_addr: addr_for_tests,
             client: DocumentServiceClient::new(channel.clone()),
             channel,
             backend,
