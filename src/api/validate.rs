@@ -5,7 +5,6 @@ use super::ApiError;
 use std::fmt::Write as _;
 
 pub const MAX_ID_BYTES: usize = 512;
-pub const MAX_COLLECTION_CHARS: usize = 63;
 pub const MAX_BATCH_GET_IDS: usize = 1000;
 pub const MAX_WRITE_MUTATIONS: usize = 500;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -35,15 +34,7 @@ pub fn shown(value: &str) -> String {
     out
 }
 
-pub fn is_valid_collection(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= MAX_COLLECTION_CHARS
-        && bytes[0].is_ascii_lowercase()
-        && bytes[1..]
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
-}
+pub use crate::store::is_valid_name as is_valid_collection;
 
 pub fn collection(name: &str) -> Result<(), ApiError> {
     if name.is_empty() {

@@ -15,6 +15,22 @@ pub use memory::MemoryStore;
 pub use postgres::{PgOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 
+/// The rule for collection (and PostgreSQL schema) names, `^[a-z][a-z0-9_]{0,62}$`:
+/// the only names that ever reach SQL as identifiers.
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    match bytes.split_first() {
+        Some((first, rest)) => {
+            bytes.len() <= 63
+                && first.is_ascii_lowercase()
+                && rest
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+        }
+        None => false,
+    }
+}
+
 /// Microseconds since the Unix epoch.
 pub type Micros = i64;
 

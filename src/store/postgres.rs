@@ -162,21 +162,6 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
-/// True for names matching `^[a-z][a-z0-9_]{0,62}$`, the collection (and schema) rule.
-fn is_valid_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    match bytes.split_first() {
-        Some((first, rest)) => {
-            bytes.len() <= 63
-                && first.is_ascii_lowercase()
-                && rest
-                    .iter()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
-        }
-        None => false,
-    }
-}
-
 /// The quoted, schema-qualified table of a collection. Both names are checked
 /// against the collection rule first: they are the only text spliced into SQL.
 fn qualified_table(schema: &str, collection: &str) -> StoreResult<String> {
