@@ -45,15 +45,7 @@ fn apply_save(
     undo: &mut Vec<Undo>,
 ) -> StoreResult<Saved> {
     let existing = all.get(&op.collection).and_then(|docs| docs.get(&op.id));
-    if op.create_only && existing.is_some() {
-        return Err(StoreError::already_exists(&op.collection, &op.id));
-    }
-    StoreError::check_rev(
-        &op.collection,
-        &op.id,
-        op.expected_rev.as_deref(),
-        existing.map(|d| d.rev.as_str()),
-    )?;
+    op.check(existing.map(|d| d.rev.as_str()))?;
     let created = existing.is_none();
     let create_time = existing.map_or(now, |d| d.create_time);
     let rev = new_rev();

@@ -211,6 +211,22 @@ pub trait DocumentStore: Send + Sync + 'static {
     async fn close(&self);
 }
 
+impl SaveOp {
+    /// Decides the conditions of this save against the stored rev (`None`: absent),
+    /// for stores that read it inside the writing transaction.
+    pub fn check(&self, stored_rev: Option<&str>) -> StoreResult<()> {
+        if self.create_only && stored_rev.is_some() {
+            return Err(StoreError::already_exists(&self.collection, &self.id));
+        }
+        StoreError::check_rev(
+            &self.collection,
+            &self.id,
+            self.expected_rev.as_deref(),
+            stored_rev,
+        )
+    }
+}
+
 /// A new revision: unique, and different on every write of a document.
 pub fn new_rev() -> String {
     uuid::Uuid::now_v7().simple().to_string()

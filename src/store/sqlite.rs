@@ -266,15 +266,7 @@ fn current(
 
 fn save_in(tx: &Transaction<'_>, op: &SaveOp, now: Micros) -> StoreResult<Saved> {
     let existing = current(tx, &op.collection, &op.id)?;
-    if op.create_only && existing.is_some() {
-        return Err(StoreError::already_exists(&op.collection, &op.id));
-    }
-    StoreError::check_rev(
-        &op.collection,
-        &op.id,
-        op.expected_rev.as_deref(),
-        existing.as_ref().map(|(rev, _)| rev.as_str()),
-    )?;
+    op.check(existing.as_ref().map(|(rev, _)| rev.as_str()))?;
     let rev = new_rev();
     if existing.is_some() {
         tx.prepare_cached("UPDATE documents SET rev = ?3, data = ?4, update_time = ?5 WHERE collection = ?1 AND id = ?2")?
