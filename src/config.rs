@@ -29,6 +29,35 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply the database schema with the admin credentials, then exit.
     Migrate(MigrateArgs),
+    /// Wait until a sidecar is SERVING (for start-up ordering), then exit 0.
+    Wait(WaitArgs),
+    /// Ask a sidecar on this host to shut down (for Jobs whose work is done).
+    Shutdown(ShutdownArgs),
+    /// Check the configuration and the database connection, then exit.
+    Check(ServeArgs),
+}
+
+/// Settings of `docsidecar wait`.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// The sidecar's gRPC address: HOST:PORT or unix:/path/to.sock.
+    #[arg(long, env = "DOCSIDECAR_LISTEN", default_value = "127.0.0.1:50051")]
+    pub address: ListenAddr,
+    /// Give up after this many seconds (exit 1).
+    #[arg(long, default_value = "60", value_parser = parse_seconds)]
+    pub timeout: Duration,
+}
+
+/// Settings of `docsidecar shutdown`.
+#[derive(Debug, Clone, Args)]
+pub struct ShutdownArgs {
+    /// The sidecar's admin address (HOST:PORT); shutdown is accepted from loopback only.
+    #[arg(
+        long,
+        env = "DOCSIDECAR_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin: String,
 }
 
 /// Settings of `docsidecar serve`.
@@ -65,6 +94,16 @@ pub struct ServeArgs {
     #[arg(long, env = "DOCSIDECAR_MAX_DOCUMENT_BYTES", default_value_t = 1024 * 1024)]
     pub max_document_bytes: usize,
 
+    /// Address of the HTTP admin listener (/livez, /readyz, /startupz, /metrics);
+    /// off when unset. Kubernetes manifests bind it on the pod IP, e.g. 0.0.0.0:9090.
+    #[arg(long, env = "DOCSIDECAR_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+
+    /// Seconds new calls are still served after SIGTERM, while the endpoints
+    /// controller stops routing to the pod (readiness is false from the signal on).
+    #[arg(long, env = "DOCSIDECAR_SHUTDOWN_DELAY", default_value = "5", value_parser = parse_seconds)]
+    pub shutdown_delay: Duration,
+
     /// Largest gRPC request accepted, in bytes (a Write carries many documents).
     #[arg(long, env = "DOCSIDECAR_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -73,7 +112,8 @@ pub struct ServeArgs {
     #[arg(long, env = "DOCSIDECAR_HEALTH_INTERVAL", default_value = "2", value_parser = parse_seconds)]
     pub health_interval: Duration,
 
-    /// Seconds that in-flight calls get to finish after SIGTERM or SIGINT.
+    /// Seconds that in-flight calls get to finish once the server stops accepting
+    /// (after the shutdown delay).
     #[arg(long, env = "DOCSIDECAR_SHUTDOWN_GRACE", default_value = "25", value_parser = parse_seconds)]
     pub shutdown_grace: Duration,
 }

@@ -7,7 +7,9 @@
 //! # Layout
 //!
 //! - [`config`]: the command line and environment, one typed struct (clap).
+//! - [`commands`]: the command line's verbs (serve, migrate, wait, shutdown, check).
 //! - [`server`]: start-up, wiring of the gRPC services, graceful shutdown.
+//! - [`admin`]: the HTTP admin listener: probes, metrics, shutdown requests.
 //! - [`api`]: the gRPC layer: validates requests, converts protobuf to store
 //!   types and maps every error to a `tonic::Status` in one place. No SQL.
 //! - [`policy`] and [`auth`]: which collections the service and each client
@@ -20,9 +22,11 @@
 //!   deadline passes.
 //! - [`proto`]: the generated protobuf types, server and client.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod codec;
+pub mod commands;
 pub mod config;
 pub mod deadline;
 pub mod policy;

@@ -4,5 +4,5 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    docsidecar::server::main(Cli::parse()).await
+    docsidecar::commands::run(Cli::parse()).await
 }

@@ -1,22 +1,18 @@
 //! Start-up, wiring and shutdown: the one place that knows every part.
 
+use crate::admin::{self, Lifecycle};
 use crate::api::{DocumentApi, Limits};
 use crate::auth::{AuthError, AuthLayer, Authenticator};
-use crate::config::{
-    describe_postgres, Cli, Command, ConfigError, Database, DbArgs, ListenAddr, MigrateArgs,
-    ServeArgs,
-};
+use crate::config::{ConfigError, Database, DbArgs, ListenAddr, ServeArgs};
 use crate::deadline::DeadlineLayer;
 use crate::policy::{ClientSpec, Policy, PolicyError, Scope};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
-use crate::store::postgres_migrate::{self, MigratePlan};
 use crate::store::{DocumentStore, MemoryStore, PgOptions, PostgresStore, SqliteStore, StoreError};
-use crate::telemetry::{self, RequestLogLayer};
+use crate::telemetry::RequestLogLayer;
 use crate::tls::{TlsError, TlsFiles, TlsReloader};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
@@ -26,7 +22,7 @@ use tonic::transport::server::Router;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tower::layer::util::{Identity, Stack};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// Why the sidecar could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -50,72 +46,45 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot reach the sidecar: {0}")]
+    Client(String),
 }
 
-/// Runs the command line: serve (the default) or migrate.
-pub async fn main(cli: Cli) -> ExitCode {
-    let result = match cli.command {
-        None => serve(cli.serve).await,
-        Some(Command::Serve(args)) => serve(args).await,
-        Some(Command::Migrate(args)) => migrate(args).await,
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+/// How a stop was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM from Kubernetes: not ready at once, new calls still served for the
+    /// shutdown delay (endpoints take a moment to forget the pod), then drain.
+    Graceful,
+    /// SIGINT (a person at a terminal) or an admin request: drain at once.
+    Immediate,
 }
 
-async fn serve(args: ServeArgs) -> Result<(), StartError> {
-    telemetry::init(args.common.log_format);
+/// Serves until SIGTERM or SIGINT.
+pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     Server::bind(args).await?.run_until(shutdown_signal()).await
 }
 
-async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
-    telemetry::init(args.common.log_format);
-    let db: DbArgs = args.db.into();
-    let policy = load_policy(args.common.policy.as_deref())?;
-    match db.database()? {
-        Database::Postgres(cfg) => {
-            let plan = MigratePlan {
-                schema: args.common.schema.clone(),
-                collections: policy.map(|p| p.collections).unwrap_or_default(),
-                grant_to: args.grant_to,
-            };
-            info!(database = %describe_postgres(&cfg), schema = %plan.schema, "migrating");
-            postgres_migrate::migrate(&cfg, &plan, db.db_max_retries, db.db_retry_delay).await?;
-        }
-        _ => {
-            if args.grant_to.is_some() {
-                warn!("--grant-to applies to PostgreSQL only; ignored");
-            }
-            // Opening an embedded store applies its pending migrations.
-            open_store(&db, &args.common.schema, true)
-                .await?
-                .close()
-                .await;
-            info!("migrations applied");
-        }
-    }
-    Ok(())
-}
-
 /// Resolves when SIGTERM (Kubernetes' graceful stop) or SIGINT (Ctrl-C) arrives.
-pub async fn shutdown_signal() {
+pub async fn shutdown_signal() -> Stop {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
             let _ = tokio::signal::ctrl_c().await;
-            return;
+            return Stop::Immediate;
         }
     };
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => {
+            info!("SIGTERM received");
+            Stop::Graceful
+        }
+        _ = tokio::signal::ctrl_c() => {
+            info!("SIGINT received");
+            Stop::Immediate
+        }
     }
 }
 
@@ -169,6 +138,12 @@ pub struct Server {
     store: Arc<dyn DocumentStore>,
     auth: Arc<Authenticator>,
     scope: Scope,
+    lifecycle: Arc<Lifecycle>,
+    /// The admin listener's task and the sender that stops it.
+    admin: Option<(
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Sender<()>,
+    )>,
     args: ServeArgs,
 }
 
@@ -225,18 +200,50 @@ impl Server {
             info!(mutual = tls.mutual(), "TLS enabled on the gRPC port");
             listener = Listener::Tls(tcp, Arc::new(tls));
         }
+        // The admin listener comes up before the store, so that the startup
+        // probe has an answer while the database is awaited.
+        let lifecycle = Lifecycle::new();
+        let admin = match &args.admin_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr.as_str()).await.map_err(|source| {
+                    StartError::Listen {
+                        addr: addr.clone(),
+                        source,
+                    }
+                })?;
+                info!(admin = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener up");
+                // Metrics are recorded only when something can scrape them.
+                admin::prometheus();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(admin::serve(l, lifecycle.clone(), async {
+                    let _ = stopped.await;
+                }));
+                Some((task, stop))
+            }
+            None => None,
+        };
         let db: DbArgs = args.db.clone().into();
         // Without a policy (development) tables appear on first write; with one,
         // only if the policy says so.
         let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
         let store = open_store(&db, &args.common.schema, auto_create).await?;
+        lifecycle.set_store(store.clone());
         Ok(Server {
             listener,
             store,
             auth,
             scope,
+            lifecycle,
+            admin,
             args,
         })
+    }
+
+    /// Pings the database and closes the store, for `docsidecar check`.
+    pub async fn check(self) -> Result<(), StartError> {
+        let result = self.store.ping().await;
+        self.store.close().await;
+        Ok(result?)
     }
 
     /// Where the server listens (the real port when 0 was asked for).
@@ -250,17 +257,20 @@ impl Server {
         }
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight calls for at most
-    /// the grace period and closes the store.
+    /// Serves until `shutdown` resolves (or the admin endpoint asks), then stops
+    /// as [`Stop`] says: drains in-flight calls for at most the grace period and
+    /// closes the store.
     pub async fn run_until(
         self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
+        shutdown: impl Future<Output = Stop> + Send + 'static,
     ) -> Result<(), StartError> {
         let Server {
             listener,
             store,
             auth,
             scope,
+            lifecycle,
+            admin,
             args,
         } = self;
         let token_watcher = tokio::spawn(auth.clone().watch(crate::auth::RELOAD_EVERY));
@@ -269,6 +279,7 @@ impl Server {
         let watcher = tokio::spawn(watch_health(
             store.clone(),
             reporter.clone(),
+            lifecycle.clone(),
             args.health_interval,
         ));
 
@@ -299,11 +310,25 @@ impl Server {
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
         let drain_reporter = reporter.clone();
         let stop_watcher = watcher.abort_handle();
+        let drain_lifecycle = lifecycle.clone();
+        let delay = args.shutdown_delay;
         let signal = async move {
-            shutdown.await;
-            info!("shutting down: no new connections, draining in-flight calls");
+            let stop = tokio::select! {
+                stop = shutdown => stop,
+                _ = drain_lifecycle.stop_requested() => Stop::Immediate,
+            };
+            // Not ready from now on, whatever the database says.
             stop_watcher.abort();
+            drain_lifecycle.set_draining();
             set_health(&drain_reporter, ServingStatus::NotServing).await;
+            if stop == Stop::Graceful && !delay.is_zero() {
+                info!(
+                    delay_secs = delay.as_secs_f64(),
+                    "shutting down: not ready; still serving new calls while endpoints update"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            info!("shutting down: no new connections, draining in-flight calls");
             let _ = draining_tx.send(());
         };
 
@@ -313,6 +338,8 @@ impl Server {
             }
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
         };
+        metrics::gauge!("docsidecar_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        lifecycle.set_started();
         info!(listen = %local, "serving docsidecar.v1.DocumentService");
         let result = match listener {
             Listener::Tcp(l) => {
@@ -350,6 +377,10 @@ impl Server {
         watcher.abort();
         token_watcher.abort();
         store.close().await;
+        if let Some((task, stop)) = admin {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         info!("stopped");
         result
     }
@@ -424,7 +455,12 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 
 /// Keeps the health service in step with the store: NOT_SERVING while the
 /// database does not answer.
-async fn watch_health(store: Arc<dyn DocumentStore>, reporter: HealthReporter, every: Duration) {
+async fn watch_health(
+    store: Arc<dyn DocumentStore>,
+    reporter: HealthReporter,
+    lifecycle: Arc<Lifecycle>,
+    every: Duration,
+) {
     let mut serving = true;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -450,6 +486,7 @@ async fn watch_health(store: Arc<dyn DocumentStore>, reporter: HealthReporter, e
                 info!("database reachable again: health is SERVING");
             }
             serving = ok;
+            lifecycle.set_database_ok(ok);
             let status = if ok {
                 ServingStatus::Serving
             } else {

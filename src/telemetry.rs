@@ -115,7 +115,44 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Tower layer that logs every request; see [`RequestLog`].
+/// A bounded set of method labels for metrics, whatever paths clients send.
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "Get",
+        "Save",
+        "Delete",
+        "List",
+        "BatchGet",
+        "Write",
+        "ListCollections",
+        "Check",
+        "Watch",
+        "ServerReflectionInfo",
+    ];
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Counts a call in flight for as long as it lives, even if it is dropped.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> InFlight {
+        metrics::gauge!("docsidecar_requests_in_flight").increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("docsidecar_requests_in_flight").decrement(1.0);
+    }
+}
+
+/// Tower layer that logs and measures every request; see [`RequestLog`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestLogLayer;
 
@@ -158,19 +195,27 @@ where
         if let Some(service) = path.trim_start_matches('/').split('/').next() {
             span.record("service", service);
         }
+        let label = method_label(method);
         let start = Instant::now();
+        let in_flight = InFlight::start();
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
         };
         Box::pin(async move {
             let result = future.instrument(span.clone()).await;
-            let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+            drop(in_flight);
+            let elapsed = start.elapsed().as_secs_f64();
+            let latency_ms = elapsed * 1000.0;
+            metrics::histogram!("docsidecar_request_duration_seconds", "method" => label)
+                .record(elapsed);
             let _entered = span.enter();
             match &result {
                 Ok(response) => {
                     let (code, detail) = response_code(response);
                     let code_name = code_name(code);
+                    metrics::counter!("docsidecar_requests_total", "method" => label, "code" => code_name)
+                        .increment(1);
                     macro_rules! log {
                         ($level:expr) => {
                             if code == Code::Ok {

@@ -3,97 +3,12 @@
 
 mod common;
 
+use common::sidecar::{Sidecar, BIN};
 use common::*;
 use docsidecar::proto::{mutation::Op, GetRequest, Mutation, SaveRequest, WriteRequest};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Stdio};
 use tonic::transport::{Channel, Endpoint};
-
-const BIN: &str = env!("CARGO_BIN_EXE_docsidecar");
-
-/// A docsidecar process with JSON logs collected from its stdout.
-struct Sidecar {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    logs: Vec<String>,
-}
-
-impl Sidecar {
-    fn spawn(args: &[&str], dir: &Path) -> Sidecar {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(dir)
-            .env_clear()
-            .env("DOCSIDECAR_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("binary starts");
-        let (tx, lines) = mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        Sidecar {
-            child,
-            lines,
-            logs: Vec::new(),
-        }
-    }
-
-    /// Waits for the "serving" log line and returns its listen address.
-    fn listening(&mut self) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no serving line; logs so far: {:#?}", self.logs));
-            self.logs.push(line.clone());
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == "serving docsidecar.v1.DocumentService" {
-                    return v["listen"].as_str().unwrap().to_string();
-                }
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for exit and returns the status and every log line. Async, so the
-    /// test's clients keep answering the server's GOAWAY meanwhile.
-    async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                self.logs.extend(self.lines.try_iter());
-                return (status, self.logs);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = self.child.kill();
-        panic!(
-            "the sidecar did not exit within 10 s; logs: {:#?}",
-            self.logs
-        );
-    }
-}
 
 async fn client(addr: &str) -> Client {
     Client::connect(format!("http://{addr}"))
@@ -370,6 +285,7 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
         .env_clear()
         .env("DOCSIDECAR_LOG_FORMAT", "json")
         .env("RUST_LOG", "trace")
+        .env("DOCSIDECAR_SHUTDOWN_DELAY", "0")
         .env("DB_PASS_FILE", "pass")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -58,6 +58,17 @@ impl From<ApiError> for Status {
                 if code == Code::Internal {
                     tracing::error!(error = %e, "store fault");
                 }
+                // The database's own troubles, by kind; conflicts and misses are answers.
+                let kind = match code {
+                    Code::Unavailable => Some("unavailable"),
+                    Code::PermissionDenied => Some("permission_denied"),
+                    Code::Internal => Some("internal"),
+                    _ => None,
+                };
+                if let Some(kind) = kind {
+                    metrics::counter!("docsidecar_database_errors_total", "kind" => kind)
+                        .increment(1);
+                }
                 Status::new(code, e.to_string())
             }
         }

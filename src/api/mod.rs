@@ -110,6 +110,16 @@ impl DocumentApi {
     }
 }
 
+/// Counts documents written and deleted, for metrics.
+fn written(saved: u64, deleted: u64) {
+    if saved > 0 {
+        metrics::counter!("docsidecar_documents_written_total").increment(saved);
+    }
+    if deleted > 0 {
+        metrics::counter!("docsidecar_documents_deleted_total").increment(deleted);
+    }
+}
+
 /// The collection and id a mutation writes.
 fn target(op: &store::Mutation) -> (&str, &str) {
     match op {
@@ -184,6 +194,7 @@ impl DocumentService for DocumentApi {
             .map_err(ApiError::from)?;
         let id = op.id.clone();
         let saved = self.store.save(op).await?;
+        written(1, 0);
         Ok(Response::new(proto::SaveResponse {
             id,
             rev: saved.rev,
@@ -204,6 +215,7 @@ impl DocumentService for DocumentApi {
             .check(&op.collection, Need::Write)
             .map_err(ApiError::from)?;
         self.store.delete(op).await?;
+        written(0, 1);
         Ok(Response::new(proto::DeleteResponse {}))
     }
 
@@ -311,10 +323,12 @@ impl DocumentService for DocumentApi {
             ops.push(op.map_err(|e| e.in_mutation(index))?);
         }
         let ids: Vec<String> = ops.iter().map(|op| target(op).1.to_string()).collect();
-        let written = self.store.write(ops).await?;
+        let outcomes = self.store.write(ops).await?;
+        let saves = outcomes.iter().filter(|w| w.is_some()).count();
+        written(saves as u64, (outcomes.len() - saves) as u64);
         let results = ids
             .into_iter()
-            .zip(written)
+            .zip(outcomes)
             .map(|(id, w)| proto::MutationResult {
                 id,
                 rev: w.map(|saved| saved.rev).unwrap_or_default(),

@@ -209,6 +209,29 @@ pub trait DocumentStore: Send + Sync + 'static {
 
     /// Flushes and releases resources at shutdown.
     async fn close(&self);
+
+    /// Connection pool figures, for metrics.
+    fn pool_stats(&self) -> PoolStats {
+        PoolStats::default()
+    }
+}
+
+/// Connection pool figures at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections the pool may hold.
+    pub max: usize,
+    /// Connections open now.
+    pub open: usize,
+    /// Open connections not in use.
+    pub idle: usize,
+    /// Calls waiting for a connection.
+    pub waiting: usize,
+}
+
+/// Records how long a call waited for a connection.
+pub fn record_acquire(started: std::time::Instant) {
+    metrics::histogram!("docsidecar_pool_acquire_seconds").record(started.elapsed().as_secs_f64());
 }
 
 impl SaveOp {

@@ -462,7 +462,10 @@ impl PostgresStore {
     async fn conn(&self) -> StoreResult<Conn> {
         // The pool's own timeouts name the stage that was slow; this one bounds the total.
         let pool = self.pool.current();
-        match tokio::time::timeout(self.acquire_timeout, pool.get()).await {
+        let started = std::time::Instant::now();
+        let acquired = tokio::time::timeout(self.acquire_timeout, pool.get()).await;
+        record_acquire(started);
+        match acquired {
             Ok(Ok(object)) => Ok(Conn {
                 object: Some(object),
             }),
@@ -1069,6 +1072,16 @@ impl DocumentStore for PostgresStore {
         };
         conn.release();
         result
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        let status = self.pool.current().status();
+        PoolStats {
+            max: status.max_size,
+            open: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        }
     }
 
     async fn close(&self) {

@@ -54,6 +54,7 @@ pub struct SqliteStore {
 
 struct ReaderPool {
     path: std::path::PathBuf,
+    size: usize,
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
 }
@@ -161,6 +162,7 @@ impl SqliteStore {
         let readers = path.map(|path| {
             Arc::new(ReaderPool {
                 path,
+                size: readers.max(1),
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(readers.max(1))),
             })
@@ -181,11 +183,13 @@ impl SqliteStore {
         let Some(pool) = &self.readers else {
             return self.write(move |conn| f(conn)).await;
         };
+        let started = std::time::Instant::now();
         let permit =
             tokio::time::timeout(self.acquire_timeout, pool.permits.clone().acquire_owned())
                 .await
                 .map_err(|_| self.busy())?
                 .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        record_acquire(started);
         let pool = pool.clone();
         // The connection goes back to the pool from the blocking task itself, so
         // a caller that gives up (deadline) does not leak it.
@@ -205,9 +209,11 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
+        let started = std::time::Instant::now();
         let mut conn = tokio::time::timeout(self.acquire_timeout, self.writer.clone().lock_owned())
             .await
             .map_err(|_| self.busy())?;
+        record_acquire(started);
         tokio::task::spawn_blocking(move || f(&mut conn))
             .await
             .map_err(join_error)?
@@ -420,6 +426,29 @@ impl DocumentStore for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
             .await
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        // The writer, plus the readers that exist.
+        let writer_idle = usize::from(self.writer.try_lock().is_ok());
+        match &self.readers {
+            Some(pool) => {
+                let idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).len();
+                let busy = pool.size - pool.permits.available_permits();
+                PoolStats {
+                    max: pool.size + 1,
+                    open: idle + busy + 1,
+                    idle: idle + writer_idle,
+                    waiting: 0,
+                }
+            }
+            None => PoolStats {
+                max: 1,
+                open: 1,
+                idle: writer_idle,
+                waiting: 0,
+            },
+        }
     }
 
     async fn close(&self) {

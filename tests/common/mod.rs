@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod sidecar;
 
 use clap::Parser;
 use docsidecar::config::Cli;
@@ -112,6 +113,7 @@ impl TestServer {
             server
                 .run_until(async {
                     let _ = stopped.await;
+                    docsidecar::server::Stop::Immediate
                 })
                 .await
                 .expect("server runs");

@@ -166,5 +166,5 @@ for name, fn in [("round trip", round_trip), ("generated id", generated_id), ("s
 proc.terminate()
 code = proc.wait(timeout=30)
 check("SIGTERM exits 0", lambda: (_ for _ in ()).throw(AssertionError(code)) if code != 0 else None)
-print(f"python client: {passed} passed, {failed} failed")
+print(f"interop: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
