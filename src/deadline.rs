@@ -1,14 +1,17 @@
-//! Honours the client's deadline (`grpc-timeout`) with DEADLINE_EXCEEDED.
+//! Ends calls that must not go on: past the client's deadline (`grpc-timeout`)
+//! with DEADLINE_EXCEEDED, and past the shutdown grace period with UNAVAILABLE
+//! (safe to retry elsewhere) rather than a dropped connection.
 //!
 //! tonic's server enforces the header too, but answers CANCELLED; this layer sits
 //! inside it with a deadline a hair earlier, so callers get the status the gRPC
-//! spec names. Expiry drops the handler's future: the store's work is abandoned
-//! (a PostgreSQL query is cancelled on the server).
+//! spec names. Ending a call drops the handler's future: the store's work is
+//! abandoned (a PostgreSQL query is cancelled on the server).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::watch;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
@@ -36,20 +39,33 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DeadlineLayer;
+#[derive(Debug, Clone)]
+pub struct DeadlineLayer {
+    /// Turns true when the grace period is over: calls still running are ended.
+    abandon: watch::Receiver<bool>,
+}
+
+impl DeadlineLayer {
+    pub fn new(abandon: watch::Receiver<bool>) -> Self {
+        DeadlineLayer { abandon }
+    }
+}
 
 impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Deadline<S> {
-        Deadline { inner }
+        Deadline {
+            inner,
+            abandon: self.abandon.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,
+    abandon: watch::Receiver<bool>,
 }
 
 impl<S, B> Service<http::Request<B>> for Deadline<S>
@@ -75,15 +91,27 @@ where
         // (created once this call returns), so ours always expires first.
         let deadline = timeout.map(|t| (t, tokio::time::Instant::now() + t.saturating_sub(MARGIN)));
         let future = self.inner.call(request);
+        let mut abandon = self.abandon.clone();
         Box::pin(async move {
-            let Some((timeout, deadline)) = deadline else {
-                return future.await;
+            let expired = async {
+                match deadline {
+                    Some((timeout, at)) => {
+                        tokio::time::sleep_until(at).await;
+                        timeout
+                    }
+                    None => std::future::pending().await,
+                }
             };
-            match tokio::time::timeout_at(deadline, future).await {
-                Ok(result) => result,
-                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+            tokio::select! {
+                biased;
+                result = future => result,
+                timeout = expired => Ok(tonic::Status::deadline_exceeded(format!(
                     "the call's deadline of {timeout:?} passed before it completed; its work was abandoned"
                 ))
+                .into_http()),
+                _ = abandon.wait_for(|over| *over) => Ok(tonic::Status::unavailable(
+                    "the sidecar shut down before this call completed; it was abandoned, retry",
+                )
                 .into_http()),
             }
         })

@@ -132,6 +132,13 @@ enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
+/// The admin listener's address, its task, and the sender that stops it.
+type AdminListener = (
+    SocketAddr,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
 /// A sidecar with its store open and its socket bound, ready to serve.
 pub struct Server {
     listener: Listener,
@@ -139,11 +146,7 @@ pub struct Server {
     auth: Arc<Authenticator>,
     scope: Scope,
     lifecycle: Arc<Lifecycle>,
-    /// The admin listener's task and the sender that stops it.
-    admin: Option<(
-        tokio::task::JoinHandle<()>,
-        tokio::sync::oneshot::Sender<()>,
-    )>,
+    admin: Option<AdminListener>,
     args: ServeArgs,
 }
 
@@ -211,14 +214,18 @@ impl Server {
                         source,
                     }
                 })?;
-                info!(admin = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener up");
+                let local = l.local_addr().map_err(|source| StartError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+                info!(admin = %local, "admin listener up");
                 // Metrics are recorded only when something can scrape them.
                 admin::prometheus();
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                 let task = tokio::spawn(admin::serve(l, lifecycle.clone(), async {
                     let _ = stopped.await;
                 }));
-                Some((task, stop))
+                Some((local, task, stop))
             }
             None => None,
         };
@@ -244,6 +251,11 @@ impl Server {
         let result = self.store.ping().await;
         self.store.close().await;
         Ok(result?)
+    }
+
+    /// Where the admin listener listens, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _, _)| *addr)
     }
 
     /// Where the server listens (the real port when 0 was asked for).
@@ -298,10 +310,12 @@ impl Server {
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
+        // Turns true when the grace period is over; see `deadline.rs`.
+        let (abandon_tx, abandon_rx) = tokio::sync::watch::channel(false);
         let router = tonic::transport::Server::builder()
             .layer(RequestLogLayer)
             .layer(AuthLayer::new(auth))
-            .layer(DeadlineLayer)
+            .layer(DeadlineLayer::new(abandon_rx))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
@@ -349,7 +363,15 @@ impl Server {
                         let _ = s.set_nodelay(true);
                     })
                 });
-                drain(router, incoming, signal, draining_rx, args.shutdown_grace).await
+                drain(
+                    router,
+                    incoming,
+                    signal,
+                    draining_rx,
+                    args.shutdown_grace,
+                    abandon_tx,
+                )
+                .await
             }
             Listener::Tls(l, tls) => {
                 drain(
@@ -358,6 +380,7 @@ impl Server {
                     signal,
                     draining_rx,
                     args.shutdown_grace,
+                    abandon_tx,
                 )
                 .await
             }
@@ -368,6 +391,7 @@ impl Server {
                     signal,
                     draining_rx,
                     args.shutdown_grace,
+                    abandon_tx,
                 )
                 .await;
                 let _ = std::fs::remove_file(&path);
@@ -377,7 +401,7 @@ impl Server {
         watcher.abort();
         token_watcher.abort();
         store.close().await;
-        if let Some((task, stop)) = admin {
+        if let Some((_, task, stop)) = admin {
             let _ = stop.send(());
             let _ = task.await;
         }
@@ -396,6 +420,7 @@ async fn drain<I, IO, E>(
     signal: impl Future<Output = ()> + Send + 'static,
     draining: tokio::sync::oneshot::Receiver<()>,
     grace: Duration,
+    abandon: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), StartError>
 where
     I: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
@@ -416,7 +441,10 @@ where
         _ = draining => match tokio::time::timeout(grace, &mut serve).await {
             Ok(result) => Ok(result?),
             Err(_) => {
-                warn!(grace_secs = grace.as_secs_f64(), "grace period over: abandoning calls still in flight");
+                warn!(grace_secs = grace.as_secs_f64(), "grace period over: abandoning calls still in flight (UNAVAILABLE)");
+                let _ = abandon.send(true);
+                // A moment for those answers to reach their callers.
+                let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve).await;
                 Ok(())
             }
         },

@@ -86,6 +86,8 @@ async fn an_outage_is_survived_without_restart_or_lost_writes() {
             "1",
             "--db-pool-size",
             "4",
+            "--admin-listen",
+            "127.0.0.1:0",
         ],
     )
     .await;
@@ -125,6 +127,14 @@ async fn an_outage_is_survived_without_restart_or_lost_writes() {
         || async { health(&t).await == ServingStatus::NotServing },
     )
     .await;
+    let admin = t.admin.clone().unwrap();
+    let (status, body) = common::sidecar::http(&admin, "GET", "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "database unreachable"));
+    assert_eq!(
+        common::sidecar::http(&admin, "GET", "/livez").await.0,
+        200,
+        "liveness stays true"
+    );
     // Calls fail fast with UNAVAILABLE while the database is down.
     let started = Instant::now();
     let status = t
@@ -152,6 +162,7 @@ async fn an_outage_is_survived_without_restart_or_lost_writes() {
         || async { health(&t).await == ServingStatus::Serving },
     )
     .await;
+    assert_eq!(common::sidecar::http(&admin, "GET", "/readyz").await.0, 200);
     let resumed = acked.lock().unwrap().len();
     eventually(
         "writes resume without a restart",
@@ -383,4 +394,98 @@ async fn a_rotated_password_is_picked_up_without_a_failed_call() {
         "calls failed during the rotation: {failures:?}"
     );
     eprintln!("password rotation: {calls} calls, none failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_lets_in_flight_calls_finish_within_the_grace_period() {
+    use common::sidecar::Sidecar;
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let mut admin = pg_connect(&url).await;
+    let start = |dir: &std::path::Path| {
+        Sidecar::spawn_with(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &url,
+                "--schema",
+                &schema,
+            ],
+            dir,
+            &[("DOCSIDECAR_SHUTDOWN_GRACE", "2")],
+        )
+    };
+
+    // 1. A call blocked in the database when SIGTERM arrives completes, then exit 0.
+    let mut sidecar = start(dir.path());
+    let addr = sidecar.listening();
+    let mut c = Client::connect(format!("http://{addr}")).await.unwrap();
+    c.save(save("locked", "a")).await.unwrap();
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{schema}\".locked IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+    let in_flight = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.get(get("locked", "a")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sidecar.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    tx.rollback().await.unwrap();
+    let doc = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call completes during the drain");
+    assert_eq!(doc.into_inner().id, "a");
+    let (status, logs) = sidecar.wait().await;
+    assert_eq!(status.code(), Some(0), "{logs:#?}");
+
+    // 2. A call still blocked when the grace period ends fails cleanly; exit 0 on time.
+    let mut sidecar = start(dir.path());
+    let addr = sidecar.listening();
+    let c = Client::connect(format!("http://{addr}")).await.unwrap();
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{schema}\".locked IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+    let stuck = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.get(get("locked", "a")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    sidecar.signal("TERM");
+    let (status, logs) = sidecar.wait().await;
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{logs:#?}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "exit after the grace period: {took:?}"
+    );
+    assert!(logs.join("\n").contains("grace period over"), "{logs:#?}");
+    let result = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .expect("no hang")
+        .unwrap();
+    let status = result.expect_err("the abandoned call fails");
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "retryable: {}",
+        status.message()
+    );
+    tx.rollback().await.unwrap();
+    admin
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
 }

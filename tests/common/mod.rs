@@ -28,6 +28,8 @@ pub struct TestServer {
     pub client: Client,
     /// `http://host:port` of the server.
     pub local_addr: String,
+    /// `host:port` of the admin listener, when `--admin-listen` was given.
+    pub admin: Option<String>,
     pub channel: Channel,
     pub backend: Backend,
     stop: Option<oneshot::Sender<()>>,
@@ -108,6 +110,7 @@ impl TestServer {
         let cli = Cli::try_parse_from(args).expect("test flags parse");
         let server = Server::bind(cli.serve).await.expect("server starts");
         let addr = format!("http://{}", server.local_addr());
+        let admin = server.admin_addr().map(|a| a.to_string());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -123,6 +126,7 @@ impl TestServer {
         let channel = Channel::from_shared(addr).unwrap().connect_lazy();
         TestServer {
             local_addr: addr_for_tests,
+            admin,
             client: DocumentServiceClient::new(channel.clone()),
             channel,
             backend,
