@@ -18,11 +18,12 @@ COPY --from=build /src/target/release/docsidecar /usr/local/bin/docsidecar
 # A writable data directory for the default SQLite file (mount a volume over it to keep data).
 COPY --from=build --chown=65532:65532 /empty-data /data
 # JSON logs for collectors; listen on all interfaces inside the pod network namespace.
+# No DATABASE_URL here: it would override the discrete DB_* settings. The default
+# SQLite file lands in the working directory, /data.
 ENV DOCSIDECAR_LOG_FORMAT=json \
-    DOCSIDECAR_LISTEN=0.0.0.0:50051 \
-    DATABASE_URL=sqlite:///data/docsidecar.db
+    DOCSIDECAR_LISTEN=0.0.0.0:50051
 WORKDIR /data
 USER 65532:65532
-EXPOSE 50051
+EXPOSE 50051 9090
 ENTRYPOINT ["/usr/local/bin/docsidecar"]
 CMD ["serve"]

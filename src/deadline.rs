@@ -146,7 +146,12 @@ mod tests {
             .body(())
             .unwrap();
         let started = std::time::Instant::now();
-        let response = DeadlineLayer.layer(never).oneshot(request).await.unwrap();
+        let (_abandon, abandoned) = watch::channel(false);
+        let response = DeadlineLayer::new(abandoned)
+            .layer(never)
+            .oneshot(request)
+            .await
+            .unwrap();
         assert_eq!(response.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
         assert!(started.elapsed() >= Duration::from_millis(45));
         assert!(
