@@ -40,7 +40,7 @@ fn the_image_runs_as_a_non_root_user_and_exposes_its_ports() {
     let user = dockerfile
         .lines()
         .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .next_back()
         .expect("a USER line");
     let uid: u32 = user
         .split(':')
