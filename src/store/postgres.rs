@@ -229,10 +229,13 @@ fn is_missing_table(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Lost a race against another session creating the same table or schema: the
-/// object exists now, which is all the loser wanted.
+/// object exists now, which is all the loser wanted. Depending on where the two
+/// `CREATE ... IF NOT EXISTS` collide in the catalog, PostgreSQL reports a
+/// unique violation, a duplicate table or a duplicate object (the row type).
 fn is_create_race(e: &tokio_postgres::Error) -> bool {
     matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION
         || *c == SqlState::DUPLICATE_TABLE
+        || *c == SqlState::DUPLICATE_OBJECT
         || *c == SqlState::DUPLICATE_SCHEMA)
 }
 

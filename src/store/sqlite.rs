@@ -68,6 +68,11 @@ impl ReaderPool {
         }
     }
 
+    /// An open connection, if one is idle (no I/O).
+    fn take_idle(&self) -> Option<Connection> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
     fn give_back(&self, conn: Connection, _permit: OwnedSemaphorePermit) {
         self.idle
             .lock()
@@ -174,6 +179,48 @@ impl SqliteStore {
         })
     }
 
+    /// A permit for one reader connection, waited for at most `acquire_timeout`.
+    async fn reader_permit(&self, pool: &Arc<ReaderPool>) -> StoreResult<OwnedSemaphorePermit> {
+        let started = std::time::Instant::now();
+        let permit =
+            tokio::time::timeout(self.acquire_timeout, pool.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| self.busy())?
+                .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        record_acquire(started);
+        Ok(permit)
+    }
+
+    /// Runs a point read (one primary-key lookup) on the calling worker thread.
+    /// Such a read takes a few microseconds, less than the two thread hand-offs
+    /// of `spawn_blocking`, which made up most of a Get's cost (BENCHMARKS.md).
+    /// It never waits there: with no idle connection to reuse, or a database
+    /// locked by another process, the read goes to [`Self::read`] instead.
+    async fn read_point<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let Some(pool) = &self.readers else {
+            return self.write(move |conn| Ok(f(conn)?)).await;
+        };
+        let permit = self.reader_permit(pool).await?;
+        let Some(conn) = pool.take_idle() else {
+            drop(permit);
+            return self.read(move |conn| Ok(f(conn)?)).await;
+        };
+        // No lock waits on a worker thread: a busy database fails at once here.
+        let result = conn.busy_timeout(Duration::ZERO).and_then(|()| f(&conn));
+        let restored = conn.busy_timeout(BUSY_TIMEOUT);
+        if restored.is_ok() {
+            pool.give_back(conn, permit);
+        }
+        match result {
+            Err(e) if is_busy(&e) => self.read(move |conn| Ok(f(conn)?)).await,
+            result => Ok(result?),
+        }
+    }
+
     /// Runs `f` on a read connection, off the async workers.
     async fn read<T, F>(&self, f: F) -> StoreResult<T>
     where
@@ -183,13 +230,7 @@ impl SqliteStore {
         let Some(pool) = &self.readers else {
             return self.write(move |conn| f(conn)).await;
         };
-        let started = std::time::Instant::now();
-        let permit =
-            tokio::time::timeout(self.acquire_timeout, pool.permits.clone().acquire_owned())
-                .await
-                .map_err(|_| self.busy())?
-                .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        record_acquire(started);
+        let permit = self.reader_permit(pool).await?;
         let pool = pool.clone();
         // The connection goes back to the pool from the blocking task itself, so
         // a caller that gives up (deadline) does not leak it.
@@ -227,6 +268,13 @@ impl SqliteStore {
     }
 }
 
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn join_error(e: tokio::task::JoinError) -> StoreError {
     StoreError::Internal(format!("a SQLite task failed: {e}"))
 }
@@ -247,6 +295,7 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 const DOC_COLUMNS: &str = "id, rev, data, create_time, update_time";
+const GET_SQL: &str = "SELECT id, rev, data, create_time, update_time FROM documents WHERE collection = ?1 AND id = ?2";
 
 fn row_to_doc(collection: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
     Ok(Document {
@@ -315,15 +364,16 @@ fn immediate(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
 impl DocumentStore for SqliteStore {
     async fn get(&self, collection: &str, id: &str) -> StoreResult<Document> {
         let (collection, id) = (collection.to_string(), id.to_string());
-        self.read(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
-            ))?
-            .query_row(params![collection, id], |r| row_to_doc(&collection, r))
-            .optional()?
-            .ok_or_else(|| StoreError::not_found(&collection, &id))
-        })
-        .await
+        let found = {
+            let (collection, id) = (collection.clone(), id.clone());
+            self.read_point(move |conn| {
+                conn.prepare_cached(GET_SQL)?
+                    .query_row(params![collection, id], |r| row_to_doc(&collection, r))
+                    .optional()
+            })
+            .await?
+        };
+        found.ok_or_else(|| StoreError::not_found(&collection, &id))
     }
 
     async fn save(&self, op: SaveOp) -> StoreResult<Saved> {
@@ -512,6 +562,43 @@ mod tests {
             .query_row("SELECT rev FROM documents WHERE id = 'a'", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rev, "r1");
+    }
+
+    /// A point read that finds the database locked by another process does not
+    /// fail on the worker thread: it is retried off the workers, where it may wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_point_read_is_retried_off_the_workers() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let target = SqliteTarget::File(dir.path().join("busy.db"));
+        let store = SqliteStore::open(&target, 2, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // Warm the reader pool, so that the next read takes the inline path.
+        store.read_point(|_| Ok(())).await.unwrap();
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let worker = std::thread::current().id();
+        let thread = store
+            .read_point(move |_| {
+                if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let busy = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY);
+                    return Err(rusqlite::Error::SqliteFailure(busy, None));
+                }
+                Ok(std::thread::current().id())
+            })
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_ne!(thread, worker, "the retry runs on a blocking thread");
+
+        // Anything else is an answer, not a retry.
+        let err = store
+            .read_point(|_| -> rusqlite::Result<()> { Err(rusqlite::Error::QueryReturnedNoRows) })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
     }
 
     #[test]

@@ -1,0 +1,511 @@
+//! The clients of every target: gRPC (the sidecar, the transport floor) and the raw
+//! drivers (tokio-postgres behind deadpool, rusqlite on the blocking pool), which
+//! issue the same SQL as `src/store/postgres.rs` and `src/store/sqlite.rs`.
+
+use crate::workload::{doc_id, Op, Payload, COLLECTION, PAGE_SIZE};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use docsidecar::proto::{self, mutation};
+use docsidecar::DocumentServiceClient;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::hint::black_box;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+/// One List page as each kind of target addresses it.
+#[derive(Debug, Clone)]
+pub struct PageRef {
+    /// The sidecar's opaque token ("" for the first page).
+    pub token: String,
+    /// The raw driver's keyset: the last id of the previous page.
+    pub after: Option<String>,
+}
+
+/// What every request needs besides its [`Op`].
+pub struct Shared {
+    pub payload: Payload,
+    pub pages: Vec<PageRef>,
+}
+
+/// A connection (gRPC) or a handle on a pool (raw driver); cheap to clone.
+#[derive(Clone)]
+pub enum Client {
+    Grpc(DocumentServiceClient<Channel>),
+    Pg(Arc<RawPg>),
+    Sqlite(Arc<RawSqlite>),
+}
+
+pub type OpResult = Result<(), String>;
+
+impl Client {
+    pub async fn run(&mut self, op: &Op, shared: &Shared) -> OpResult {
+        match self {
+            Client::Grpc(c) => grpc(c, op, shared).await,
+            Client::Pg(p) => p.run(op, shared).await,
+            Client::Sqlite(s) => s.run(op, shared).await,
+        }
+    }
+}
+
+/// A gRPC channel: one HTTP/2 connection over TCP (`host:port`) or a Unix socket
+/// (`unix:/path`).
+pub async fn connect(address: &str) -> Result<Channel, String> {
+    let result = match address.strip_prefix("unix:") {
+        Some(path) => {
+            let path = path.to_string();
+            // The URI is required but unused: the connector dials the socket.
+            Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+        }
+        None => {
+            Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| e.to_string())?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+        }
+    };
+    result.map_err(|e| format!("cannot connect to {address}: {e}"))
+}
+
+/// `connections` independent connections to one address.
+pub async fn grpc_clients(address: &str, connections: usize) -> Result<Vec<Client>, String> {
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections.max(1) {
+        let client = DocumentServiceClient::new(connect(address).await?)
+            .max_decoding_message_size(64 * 1024 * 1024);
+        clients.push(Client::Grpc(client));
+    }
+    Ok(clients)
+}
+
+fn status(e: tonic::Status) -> String {
+    format!("{:?}: {}", e.code(), e.message())
+}
+
+fn save_request(i: u64, shared: &Shared) -> proto::SaveRequest {
+    proto::SaveRequest {
+        collection: COLLECTION.into(),
+        id: doc_id(i),
+        data: Some(shared.payload.data.clone()),
+        expected_rev: String::new(),
+        create_only: false,
+    }
+}
+
+/// A Write of one upsert per id, as the preload and the Write workload send it.
+pub fn write_request(ids: &[u64], shared: &Shared) -> proto::WriteRequest {
+    proto::WriteRequest {
+        mutations: ids
+            .iter()
+            .map(|&i| proto::Mutation {
+                op: Some(mutation::Op::Save(save_request(i, shared))),
+            })
+            .collect(),
+    }
+}
+
+async fn grpc(c: &mut DocumentServiceClient<Channel>, op: &Op, shared: &Shared) -> OpResult {
+    match op {
+        Op::Get(i) => {
+            let doc = c
+                .get(proto::GetRequest {
+                    collection: COLLECTION.into(),
+                    id: doc_id(*i),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if doc.data.is_none() {
+                return Err("a document without data".into());
+            }
+            black_box(doc);
+        }
+        Op::Save(i) => {
+            black_box(c.save(save_request(*i, shared)).await.map_err(status)?);
+        }
+        Op::List(page) => {
+            let list = c
+                .list(proto::ListRequest {
+                    collection: COLLECTION.into(),
+                    page_size: PAGE_SIZE as i32,
+                    page_token: shared.pages[*page].token.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if list.documents.len() != PAGE_SIZE {
+                return Err(format!("a page of {} documents", list.documents.len()));
+            }
+            black_box(list);
+        }
+        Op::Write(ids) => {
+            let written = c
+                .write(write_request(ids, shared))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if written.results.len() != ids.len() {
+                return Err(format!("{} results", written.results.len()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn new_rev() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// What the stores build from a row.
+#[allow(dead_code)] // read through black_box only
+struct RawDoc {
+    id: String,
+    rev: String,
+    data: String,
+    create_time: i64,
+    update_time: i64,
+}
+
+/// tokio-postgres behind a deadpool pool, with the sidecar's statements.
+pub struct RawPg {
+    pool: Pool,
+    get: String,
+    upsert: String,
+    first_page: String,
+    next_page: String,
+}
+
+impl RawPg {
+    pub fn new(url: &str, schema: &str, pool_size: usize) -> Result<RawPg, String> {
+        let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+        cfg.application_name("docsidecar-bench-raw");
+        let manager = Manager::from_config(
+            cfg,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let table = format!("\"{schema}\".\"{COLLECTION}\"");
+        let columns = "id, rev, data::text, create_time, update_time";
+        Ok(RawPg {
+            pool,
+            get: format!("SELECT {columns} FROM {table} WHERE id = $1"),
+            upsert: format!(
+                "INSERT INTO {table} AS d (id, rev, data, create_time, update_time)
+                 VALUES ($1, $2, $3::text::jsonb, $4, $4)
+                 ON CONFLICT (id) DO UPDATE
+                 SET rev = EXCLUDED.rev, data = EXCLUDED.data, update_time = EXCLUDED.update_time
+                 RETURNING (d.xmax = 0) AS created"
+            ),
+            first_page: format!("SELECT {columns} FROM {table} ORDER BY id LIMIT $1"),
+            next_page: format!("SELECT {columns} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2"),
+        })
+    }
+
+    fn doc(row: &tokio_postgres::Row) -> Result<RawDoc, tokio_postgres::Error> {
+        Ok(RawDoc {
+            id: row.try_get(0)?,
+            rev: row.try_get(1)?,
+            data: row.try_get(2)?,
+            create_time: row.try_get(3)?,
+            update_time: row.try_get(4)?,
+        })
+    }
+
+    async fn upsert(
+        &self,
+        c: &impl deadpool_postgres::GenericClient,
+        i: u64,
+        json: &str,
+        now: i64,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let stmt = c.prepare_cached(&self.upsert).await?;
+        let row = c
+            .query_one(&stmt, &[&doc_id(i), &new_rev(), &json, &now])
+            .await?;
+        row.try_get(0)
+    }
+
+    async fn run(&self, op: &Op, shared: &Shared) -> OpResult {
+        let pg = |e: tokio_postgres::Error| e.to_string();
+        let mut c = self.pool.get().await.map_err(|e| e.to_string())?;
+        match op {
+            Op::Get(i) => {
+                let stmt = c.prepare_cached(&self.get).await.map_err(pg)?;
+                let row = c
+                    .query_opt(&stmt, &[&doc_id(*i)])
+                    .await
+                    .map_err(pg)?
+                    .ok_or("not found")?;
+                black_box(Self::doc(&row).map_err(pg)?);
+            }
+            Op::Save(i) => {
+                black_box(
+                    self.upsert(&c, *i, &shared.payload.json, now_micros())
+                        .await
+                        .map_err(pg)?,
+                );
+            }
+            Op::List(page) => {
+                let fetch = PAGE_SIZE as i64 + 1;
+                let rows = match &shared.pages[*page].after {
+                    Some(after) => {
+                        let stmt = c.prepare_cached(&self.next_page).await.map_err(pg)?;
+                        c.query(&stmt, &[after, &fetch]).await.map_err(pg)?
+                    }
+                    None => {
+                        let stmt = c.prepare_cached(&self.first_page).await.map_err(pg)?;
+                        c.query(&stmt, &[&fetch]).await.map_err(pg)?
+                    }
+                };
+                let mut docs = rows.iter().map(Self::doc).collect::<Result<Vec<_>, _>>();
+                if let Ok(docs) = &mut docs {
+                    docs.truncate(PAGE_SIZE);
+                }
+                black_box(docs.map_err(pg)?);
+            }
+            Op::Write(ids) => {
+                let tx = c
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                    .start()
+                    .await
+                    .map_err(pg)?;
+                let now = now_micros();
+                for &i in ids {
+                    black_box(
+                        self.upsert(&tx, i, &shared.payload.json, now)
+                            .await
+                            .map_err(pg)?,
+                    );
+                }
+                tx.commit().await.map_err(pg)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// rusqlite: one writer connection and a pool of read-only connections, every
+/// call on tokio's blocking pool, with the sidecar's statements and pragmas.
+pub struct RawSqlite {
+    writer: Arc<tokio::sync::Mutex<Connection>>,
+    readers: Arc<Readers>,
+}
+
+struct Readers {
+    path: std::path::PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+const SQLITE_COLUMNS: &str = "id, rev, data, create_time, update_time";
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(())
+}
+
+fn sqlite_doc(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawDoc> {
+    Ok(RawDoc {
+        id: row.get(0)?,
+        rev: row.get(1)?,
+        data: row.get(2)?,
+        create_time: row.get(3)?,
+        update_time: row.get(4)?,
+    })
+}
+
+/// The sidecar's save: read the current rev, then update or insert, in the
+/// caller's `BEGIN IMMEDIATE` transaction.
+fn sqlite_save(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    json: &str,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let existing: Option<(String, i64)> = tx
+        .prepare_cached("SELECT rev, create_time FROM documents WHERE collection = ?1 AND id = ?2")?
+        .query_row(params![COLLECTION, id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let rev = new_rev();
+    if existing.is_some() {
+        tx.prepare_cached(
+            "UPDATE documents SET rev = ?3, data = ?4, update_time = ?5 WHERE collection = ?1 AND id = ?2",
+        )?
+        .execute(params![COLLECTION, id, rev, json, now])?;
+    } else {
+        tx.prepare_cached("INSERT OR IGNORE INTO collections (name, create_time) VALUES (?1, ?2)")?
+            .execute(params![COLLECTION, now])?;
+        tx.prepare_cached(
+            "INSERT INTO documents (collection, id, rev, data, create_time, update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        )?
+        .execute(params![COLLECTION, id, rev, json, now])?;
+    }
+    Ok(existing.is_none())
+}
+
+impl RawSqlite {
+    pub fn open(path: &std::path::Path, readers: usize) -> Result<RawSqlite, String> {
+        let writer = Connection::open(path).map_err(|e| e.to_string())?;
+        configure(&writer).map_err(|e| e.to_string())?;
+        Ok(RawSqlite {
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            readers: Arc::new(Readers {
+                path: path.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(readers.max(1))),
+            }),
+        })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, String> {
+        let permit = self
+            .readers
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => {
+                    let conn = Connection::open_with_flags(
+                        &readers.path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY
+                            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                            | OpenFlags::SQLITE_OPEN_URI,
+                    )?;
+                    configure(&conn)?;
+                    conn
+                }
+            };
+            let result = f(&conn);
+            readers
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, String> {
+        let mut conn = self.writer.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&mut conn))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn run(&self, op: &Op, shared: &Shared) -> OpResult {
+        match op {
+            Op::Get(i) => {
+                let id = doc_id(*i);
+                let doc = self
+                    .read(move |conn| {
+                        conn.prepare_cached(&format!(
+                            "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
+                        ))?
+                        .query_row(params![COLLECTION, id], sqlite_doc)
+                        .optional()
+                    })
+                    .await?;
+                black_box(doc.ok_or("not found")?);
+            }
+            Op::Save(i) => {
+                let (id, json) = (doc_id(*i), shared.payload.json.clone());
+                let created = self
+                    .write(move |conn| {
+                        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                        let created = sqlite_save(&tx, &id, &json, now_micros())?;
+                        tx.commit()?;
+                        Ok(created)
+                    })
+                    .await?;
+                black_box(created);
+            }
+            Op::List(page) => {
+                let after = shared.pages[*page].after.clone();
+                let docs = self
+                    .read(move |conn| {
+                        let limit = PAGE_SIZE as i64 + 1;
+                        let mut docs = match &after {
+                            Some(after) => conn
+                                .prepare_cached(&format!(
+                                    "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                                ))?
+                                .query_map(params![COLLECTION, after, limit], sqlite_doc)?
+                                .collect::<rusqlite::Result<Vec<_>>>()?,
+                            None => conn
+                                .prepare_cached(&format!(
+                                    "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 ORDER BY id LIMIT ?2"
+                                ))?
+                                .query_map(params![COLLECTION, limit], sqlite_doc)?
+                                .collect::<rusqlite::Result<Vec<_>>>()?,
+                        };
+                        docs.truncate(PAGE_SIZE);
+                        Ok(docs)
+                    })
+                    .await?;
+                black_box(docs);
+            }
+            Op::Write(ids) => {
+                let ids: Vec<String> = ids.iter().map(|&i| doc_id(i)).collect();
+                let json = shared.payload.json.clone();
+                let created = self
+                    .write(move |conn| {
+                        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                        let now = now_micros();
+                        let mut created = 0;
+                        for id in &ids {
+                            created += usize::from(sqlite_save(&tx, id, &json, now)?);
+                        }
+                        tx.commit()?;
+                        Ok(created)
+                    })
+                    .await?;
+                black_box(created);
+            }
+        }
+        Ok(())
+    }
+}
