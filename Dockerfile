@@ -3,15 +3,18 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, so code changes reuse the cached layer.
+# The workspace's other member (the benchmark harness) is not built, but cargo
+# reads its manifest, so it comes with a stub.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY bench/Cargo.toml bench/Cargo.toml
 COPY proto proto
-RUN mkdir -p src examples && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > examples/client.rs \
-    && cargo build --release --locked \
+RUN mkdir -p src examples bench/src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > examples/client.rs && echo 'fn main() {}' > bench/src/main.rs \
+    && cargo build --release --locked -p docsidecar \
     && rm -rf src examples
 COPY src src
 COPY examples examples
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked && mkdir /empty-data
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p docsidecar && mkdir /empty-data
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/docsidecar /usr/local/bin/docsidecar

@@ -27,11 +27,36 @@ fn the_dockerfile_builds_what_ci_builds() {
     assert!(!image_builds.is_empty(), "the Dockerfile builds with cargo");
     for build in &image_builds {
         assert_eq!(
-            build, "cargo build --release --locked",
-            "the image builds release, from Cargo.lock"
+            build, "cargo build --release --locked -p docsidecar",
+            "the image builds the sidecar in release, from Cargo.lock"
         );
         assert!(cargo_builds(&ci).contains(build), "CI runs `{build}` too");
     }
+}
+
+#[test]
+fn the_dockerfile_brings_every_workspace_manifest() {
+    // Cargo reads every member's manifest, even with `-p docsidecar`.
+    let dockerfile = read("Dockerfile");
+    let cargo = read("Cargo.toml");
+    let members = cargo
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members = "))
+        .expect("a [workspace] members line");
+    for member in members
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| !m.is_empty() && *m != ".")
+    {
+        let copy = format!("COPY {member}/Cargo.toml {member}/Cargo.toml");
+        assert!(dockerfile.contains(&copy), "the Dockerfile lacks `{copy}`");
+    }
+    let ignored = read(".dockerignore");
+    assert!(
+        ignored.lines().any(|l| l.trim() == "target"),
+        "the build context must not carry target/"
+    );
 }
 
 #[test]
