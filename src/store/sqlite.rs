@@ -211,9 +211,10 @@ impl SqliteStore {
         };
         // No lock waits on a worker thread: a busy database fails at once here.
         let result = conn.busy_timeout(Duration::ZERO).and_then(|()| f(&conn));
-        let restored = conn.busy_timeout(BUSY_TIMEOUT);
-        if restored.is_ok() {
-            pool.give_back(conn, permit);
+        match conn.busy_timeout(BUSY_TIMEOUT) {
+            Ok(()) => pool.give_back(conn, permit),
+            // A connection in an unknown state is closed, not reused.
+            Err(_) => drop((conn, permit)),
         }
         match result {
             Err(e) if is_busy(&e) => self.read(move |conn| Ok(f(conn)?)).await,
