@@ -68,7 +68,8 @@ struct RunArgs {
     /// With `--target`: its process id, for CPU and RSS.
     #[arg(long, value_name = "PID", requires = "target")]
     target_pid: Option<u32>,
-    /// PostgreSQL schema for the run; dropped at the end [default: bench_<pid>].
+    /// PostgreSQL schema for the run [default: bench_<pid>]; dropped before and after
+    /// the run, except with `--target`, whose sidecar owns it.
     #[arg(long)]
     schema: Option<String>,
     /// Preloaded documents [default: 10000].
