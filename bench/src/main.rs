@@ -707,7 +707,10 @@ async fn measure(
             open_get_secs: r.open_get.as_secs_f64(),
             open_other_secs: r.open_other.as_secs_f64(),
             quick: args.quick,
-            command: std::env::args().collect::<Vec<_>>().join(" "),
+            command: std::env::args()
+                .map(|a| redact_password(&a))
+                .collect::<Vec<_>>()
+                .join(" "),
         },
         sidecar: SidecarInfo {
             binary: binary.map(|b| b.display().to_string()),
@@ -728,3 +731,42 @@ async fn measure(
 }
 
 use drivers::{RawPg, RawSqlite};
+
+/// `scheme://user:password@host/…` with the password replaced, for the report:
+/// a database URL given on the command line must not end up in a JSON file.
+fn redact_password(arg: &str) -> String {
+    let Some((scheme, rest)) = arg.split_once("://") else {
+        return arg.to_string();
+    };
+    // The last `@`: a password may hold one (over-redacting beats leaking).
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return arg.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => arg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_password;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact_password("--database-url=postgres://app:s3cr3t@db:5432/x"),
+            "--database-url=postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            redact_password("postgres://app@db/x"),
+            "postgres://app@db/x"
+        );
+        assert_eq!(
+            redact_password("postgres://app:p@ss@db/x"),
+            "postgres://app:***@db/x"
+        );
+        assert_eq!(redact_password("sqlite"), "sqlite");
+        assert_eq!(redact_password("--quick"), "--quick");
+    }
+}
