@@ -308,8 +308,9 @@ impl RawPg {
     }
 }
 
-/// rusqlite: one writer connection and a pool of read-only connections, every
-/// call on tokio's blocking pool, with the sidecar's statements and pragmas.
+/// rusqlite: one writer connection and a pool of read-only connections, with the
+/// sidecar's statements and pragmas; Gets on the calling task, everything else
+/// on tokio's blocking pool, as the sidecar does.
 pub struct RawSqlite {
     writer: Arc<tokio::sync::Mutex<Connection>>,
     readers: Arc<Readers>,
@@ -425,6 +426,39 @@ impl RawSqlite {
         .map_err(|e| e.to_string())
     }
 
+    /// A point read on the calling task, as the sidecar's Get does it (see
+    /// `SqliteStore::read_point`); the first reads open the connections.
+    async fn read_point<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, String> {
+        let permit = self
+            .readers
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let idle = self
+            .readers
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let Some(conn) = idle else {
+            drop(permit);
+            return self.read(f).await;
+        };
+        let result = f(&conn);
+        self.readers
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        drop(permit);
+        result.map_err(|e| e.to_string())
+    }
+
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -441,7 +475,7 @@ impl RawSqlite {
             Op::Get(i) => {
                 let id = doc_id(*i);
                 let doc = self
-                    .read(move |conn| {
+                    .read_point(move |conn| {
                         conn.prepare_cached(&format!(
                             "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
                         ))?
