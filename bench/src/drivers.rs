@@ -5,11 +5,12 @@
 use crate::workload::{doc_id, Op, Payload, COLLECTION, PAGE_SIZE};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use docsidecar::proto::{self, mutation};
+use docsidecar::store::{new_rev, now_micros};
 use docsidecar::DocumentServiceClient;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
@@ -160,16 +161,6 @@ async fn grpc(c: &mut DocumentServiceClient<Channel>, op: &Op, shared: &Shared) 
         }
     }
     Ok(())
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-fn new_rev() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
 }
 
 /// What the stores build from a row.

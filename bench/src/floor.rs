@@ -146,7 +146,7 @@ pub async fn serve(args: FloorArgs) -> Result<(), String> {
         seconds: now.as_secs() as i64,
         nanos: now.subsec_nanos() as i32,
     };
-    let rev = uuid::Uuid::now_v7().simple().to_string();
+    let rev = docsidecar::store::new_rev();
     let floor = Floor {
         doc: proto::Document {
             collection: COLLECTION.into(),
