@@ -313,6 +313,19 @@ struct Readers {
     permits: Arc<Semaphore>,
 }
 
+impl Readers {
+    fn take_idle(&self) -> Option<Connection> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn give_back(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+}
+
 const SQLITE_COLUMNS: &str = "id, rev, data, create_time, update_time";
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -376,21 +389,19 @@ impl RawSqlite {
         })
     }
 
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+        let permits = self.readers.permits.clone();
+        permits.acquire_owned().await.map_err(|e| e.to_string())
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, String> {
-        let permit = self
-            .readers
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| e.to_string())?;
+        let permit = self.permit().await?;
         let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
-            let idle = readers.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let conn = match idle {
+            let conn = match readers.take_idle() {
                 Some(conn) => conn,
                 None => {
                     let conn = Connection::open_with_flags(
@@ -404,11 +415,7 @@ impl RawSqlite {
                 }
             };
             let result = f(&conn);
-            readers
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(conn);
+            readers.give_back(conn);
             drop(permit);
             result
         })
@@ -423,29 +430,13 @@ impl RawSqlite {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, String> {
-        let permit = self
-            .readers
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| e.to_string())?;
-        let idle = self
-            .readers
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
-        let Some(conn) = idle else {
+        let permit = self.permit().await?;
+        let Some(conn) = self.readers.take_idle() else {
             drop(permit);
             return self.read(f).await;
         };
         let result = f(&conn);
-        self.readers
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+        self.readers.give_back(conn);
         drop(permit);
         result.map_err(|e| e.to_string())
     }
