@@ -2,7 +2,7 @@
 //! `/startupz`, `/metrics`, and `POST /shutdown` (from loopback only) for Jobs
 //! whose main container has finished.
 
-use crate::store::DocumentStore;
+use crate::store::PoolStats;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -15,11 +15,15 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+/// Reads the connection pool's figures at scrape time.
+pub type PoolStatsFn = Box<dyn Fn() -> PoolStats + Send + Sync>;
+
 /// Where the sidecar is in its life; read by the probes, written by the server.
 #[derive(Default)]
 pub struct Lifecycle {
-    /// Set once open; the admin listener starts before, to answer the startup probe.
-    store: OnceLock<Arc<dyn DocumentStore>>,
+    /// The store's pool figures, once it is open (the admin listener starts
+    /// before, to answer the startup probe).
+    pool_stats: OnceLock<PoolStatsFn>,
     started: AtomicBool,
     database_ok: AtomicBool,
     draining: AtomicBool,
@@ -31,8 +35,8 @@ impl Lifecycle {
         Arc::new(Lifecycle::default())
     }
 
-    pub fn set_store(&self, store: Arc<dyn DocumentStore>) {
-        let _ = self.store.set(store);
+    pub fn set_pool_stats(&self, stats: PoolStatsFn) {
+        let _ = self.pool_stats.set(stats);
     }
 
     /// The store is open and gRPC is being served.
@@ -50,6 +54,10 @@ impl Lifecycle {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     pub fn started(&self) -> bool {
         self.started.load(Ordering::SeqCst)
     }
@@ -58,7 +66,7 @@ impl Lifecycle {
     pub fn not_ready(&self) -> Option<&'static str> {
         if !self.started() {
             Some("starting")
-        } else if self.draining.load(Ordering::SeqCst) {
+        } else if self.draining() {
             Some("shutting down")
         } else if !self.database_ok.load(Ordering::SeqCst) {
             Some("database unreachable")
@@ -136,12 +144,8 @@ async fn startupz(State(state): State<AdminState>) -> (StatusCode, &'static str)
 async fn metrics(
     State(state): State<AdminState>,
 ) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    if let Some(store) = state.lifecycle.store.get() {
-        let pool = store.pool_stats();
-        metrics::gauge!("docsidecar_pool_connections_max").set(pool.max as f64);
-        metrics::gauge!("docsidecar_pool_connections_open").set(pool.open as f64);
-        metrics::gauge!("docsidecar_pool_connections_idle").set(pool.idle as f64);
-        metrics::gauge!("docsidecar_pool_waiting").set(pool.waiting as f64);
+    if let Some(stats) = state.lifecycle.pool_stats.get() {
+        crate::metrics::pool(stats());
     }
     (
         [(

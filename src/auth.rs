@@ -5,33 +5,25 @@
 //! Health and reflection stay unauthenticated: probes and grpcurl carry no token
 //! and reveal no data.
 
+use crate::background::FileWatcher;
 use crate::policy::{ClientSpec, Scope};
 use crate::proto::document_service_server::SERVICE_NAME;
+use crate::secret::{self, SecretError};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tonic::body::Body;
 use tonic::Status;
 use tower::{Layer, Service};
 use tracing::{info, warn};
 
-/// How often token files are checked for rotation.
-pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
-
+/// A client token file that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    #[error("cannot read the client token file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the client token file {0} is empty")]
-    Empty(PathBuf),
-}
+#[error(transparent)]
+pub struct AuthError(#[from] SecretError);
 
 struct Client {
     spec: ClientSpec,
@@ -46,15 +38,7 @@ pub struct Authenticator {
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(AuthError::Empty(path.to_path_buf()));
-    }
-    Ok(token.as_bytes().to_vec())
+    Ok(secret::read_text(path, "the client token")?.into_bytes())
 }
 
 impl Authenticator {
@@ -83,31 +67,35 @@ impl Authenticator {
             .is_empty()
     }
 
-    /// Re-reads the token files; a file that cannot be read keeps its old token.
-    pub fn reload(&self) {
+    /// Installs rotated tokens: `contents` holds every token file, in the order
+    /// of the clients. An empty file keeps its client's previous token.
+    fn apply(&self, contents: &[Vec<u8>]) -> bool {
         let mut clients = self.clients.write().unwrap_or_else(|e| e.into_inner());
-        for client in clients.iter_mut() {
-            match read_token(&client.spec.token_file) {
-                Ok(token) if token != client.token => {
-                    client.token = token;
-                    info!(file = %client.spec.token_file.display(), "client token rotated");
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "keeping the previous client token"),
+        for (client, bytes) in clients.iter_mut().zip(contents) {
+            let token = bytes.trim_ascii();
+            if token.is_empty() {
+                warn!(file = %client.spec.token_file.display(), "the client token file is empty; keeping the previous token");
+            } else if token != client.token.as_slice() {
+                client.token = token.to_vec();
+                info!(file = %client.spec.token_file.display(), "client token rotated");
             }
         }
+        true
     }
 
-    /// Re-reads the token files every `every`, for the life of the process.
-    pub async fn watch(self: Arc<Self>, every: Duration) {
-        let mut ticker = tokio::time::interval(every);
-        ticker.tick().await;
-        loop {
-            ticker.tick().await;
+    /// Re-reads the token files whenever they change; run it in the server's tasks.
+    pub fn watch(self: Arc<Self>) -> impl Future<Output = ()> + Send {
+        let files = self
+            .clients
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| c.spec.token_file.clone())
+            .collect();
+        FileWatcher::new(files).run(move |contents| {
             let this = self.clone();
-            // File reads block: keep them off the async workers.
-            let _ = tokio::task::spawn_blocking(move || this.reload()).await;
-        }
+            async move { this.apply(&contents) }
+        })
     }
 
     /// The caller's scope from its `authorization` metadata.
@@ -261,6 +249,20 @@ mod tests {
                 auth.authenticate(bad).unwrap_err().code(),
                 Code::Unauthenticated
             );
+        }
+    }
+
+    impl Authenticator {
+        /// Re-reads every token file now, as the watcher does on a change.
+        fn reload(&self) {
+            let files: Vec<_> = self
+                .clients
+                .read()
+                .unwrap()
+                .iter()
+                .map(|c| std::fs::read(&c.spec.token_file).unwrap_or_default())
+                .collect();
+            self.apply(&files);
         }
     }
 

@@ -1,11 +1,13 @@
 //! The command line's verbs: serve (the default), migrate, wait, shutdown, check.
 
+use crate::background::Tasks;
 use crate::config::{
-    describe_postgres, Cli, Command, Database, DbArgs, ListenAddr, LogFormat, MigrateArgs,
-    ServeArgs, ShutdownArgs, WaitArgs,
+    Cli, Command, DbArgs, ListenAddr, LogFormat, MigrateArgs, ServeArgs, ShutdownArgs, WaitArgs,
 };
-use crate::server::{self, load_policy, open_store, StartError};
-use crate::store::postgres_migrate::{self, MigratePlan};
+use crate::policy::{self, Access};
+use crate::server::{self, StartError};
+use crate::store::postgres::migrate::{self, Grant, MigratePlan};
+use crate::store::{self, Target};
 use crate::telemetry;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -37,32 +39,40 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn serve(args: ServeArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
-    server::serve(args).await
+    server::serve(args.resolve()?).await
 }
 
 async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
     let db: DbArgs = args.db.into();
-    let policy = load_policy(args.common.policy.as_deref())?;
-    match db.database()? {
-        Database::Postgres(cfg) => {
+    let policy = policy::load(args.common.policy.as_deref())?;
+    match db.target(&args.common.schema, true)? {
+        Target::Postgres(target) => {
+            let collections = policy.map(|p| p.collections).unwrap_or_default();
             let plan = MigratePlan {
-                schema: args.common.schema.clone(),
-                collections: policy.map(|p| p.collections).unwrap_or_default(),
+                collections: collections
+                    .into_iter()
+                    .map(|(name, access)| {
+                        let grant = match access {
+                            Access::ReadWrite => Grant::ReadWrite,
+                            Access::ReadOnly => Grant::ReadOnly,
+                        };
+                        (name, grant)
+                    })
+                    .collect(),
                 grant_to: args.grant_to,
             };
-            info!(database = %describe_postgres(&cfg), schema = %plan.schema, "migrating");
-            postgres_migrate::migrate(&cfg, &plan, db.db_max_retries, db.db_retry_delay).await?;
+            info!(database = %target, schema = %target.schema, "migrating");
+            migrate::migrate(&target, &plan).await?;
         }
-        _ => {
+        target => {
             if args.grant_to.is_some() {
                 warn!("--grant-to applies to PostgreSQL only; ignored");
             }
             // Opening an embedded store applies its pending migrations.
-            open_store(&db, &args.common.schema, true)
-                .await?
-                .close()
-                .await;
+            let tasks = Tasks::new();
+            store::open(&target, &tasks).await?.close().await;
+            tasks.stop().await;
             info!("migrations applied");
         }
     }
@@ -160,7 +170,7 @@ async fn check(mut args: ServeArgs) -> Result<(), StartError> {
     args.db.db_max_retries = 1;
     args.admin_listen = None;
     args.listen = ListenAddr::Tcp("127.0.0.1:0".into());
-    let server = server::Server::bind(args).await?;
+    let server = server::Server::bind(args.resolve()?).await?;
     server.check().await?;
     info!("configuration and database OK");
     Ok(())

@@ -1,9 +1,14 @@
 //! Command line and environment: every setting is a flag with an environment
 //! variable (see `docsidecar --help`), resolved once into typed values.
 
+use crate::policy::{self, Policy, PolicyError};
+use crate::secret::{self, SecretError};
+use crate::store::sqlite::SqlitePath;
+use crate::store::{PgTarget, SqliteTarget, Target};
+use crate::tls::TlsFiles;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -118,6 +123,65 @@ pub struct ServeArgs {
     pub shutdown_grace: Duration,
 }
 
+/// Serving settings, resolved: the store to open, the policy, TLS files; what
+/// [`crate::server::Server::bind`] needs and nothing it must interpret again.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: ListenAddr,
+    pub target: Target,
+    pub policy: Option<Policy>,
+    pub token_file: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+    pub max_document_bytes: usize,
+    pub admin_listen: Option<String>,
+    pub shutdown_delay: Duration,
+    pub max_message_bytes: usize,
+    pub health_interval: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// A setting that cannot be used, or a policy file that cannot.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+impl ServeArgs {
+    /// Reads the policy and resolves the database settings.
+    pub fn resolve(self) -> Result<ServeConfig, ResolveError> {
+        let policy = policy::load(self.common.policy.as_deref())?;
+        // Without a policy (development) tables appear on first write; with one,
+        // only if the policy says so.
+        let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
+        let db: DbArgs = self.db.into();
+        let target = db.target(&self.common.schema, auto_create)?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            _ => None,
+        };
+        Ok(ServeConfig {
+            listen: self.listen,
+            target,
+            policy,
+            token_file: self.token_file,
+            tls,
+            max_document_bytes: self.max_document_bytes,
+            admin_listen: self.admin_listen,
+            shutdown_delay: self.shutdown_delay,
+            max_message_bytes: self.max_message_bytes,
+            health_interval: self.health_interval,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
 /// Settings of `docsidecar migrate`.
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
@@ -150,11 +214,7 @@ pub struct CommonArgs {
     pub schema: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::telemetry::LogFormat;
 
 /// Where to listen: a TCP socket address or a Unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,90 +378,61 @@ pub struct DbArgs {
 pub enum ConfigError {
     #[error("{0}")]
     Invalid(String),
-    #[error("cannot read {what} from {path}: {source}")]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// Which store to open, resolved from [`DbArgs`].
-#[derive(Clone)]
-pub enum Database {
-    Memory,
-    Sqlite(SqliteTarget),
-    Postgres(Box<tokio_postgres::Config>),
-}
-
-impl fmt::Debug for Database {
-    // The PostgreSQL config holds the password: show only where it points.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Database::Memory => f.write_str("memory"),
-            Database::Sqlite(target) => write!(f, "sqlite ({target})"),
-            Database::Postgres(cfg) => write!(f, "postgresql ({})", describe_postgres(cfg)),
-        }
-    }
-}
-
-/// Host, port, database and user of a PostgreSQL config, without the password.
-pub fn describe_postgres(cfg: &tokio_postgres::Config) -> String {
-    let host = cfg
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(h) => h.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{}@{host}:{port}/{}",
-        cfg.get_user().unwrap_or("?"),
-        cfg.get_dbname().unwrap_or("?")
-    )
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SqliteTarget {
-    File(PathBuf),
-    Memory,
-}
-
-impl fmt::Display for SqliteTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SqliteTarget::File(p) => write!(f, "{}", p.display()),
-            SqliteTarget::Memory => f.write_str(":memory:"),
-        }
-    }
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// The SQLite file used when no database is configured.
 pub const DEFAULT_SQLITE_FILE: &str = "docsidecar.db";
 
+/// Connections per pool when DB_POOL_SIZE is not set: enough to keep every
+/// core busy while some calls wait on the database.
+fn default_pool_size() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get()) + 1
+}
+
 impl DbArgs {
-    /// Resolves the URL or the discrete settings into one [`Database`].
-    pub fn database(&self) -> Result<Database, ConfigError> {
+    /// Resolves the URL or the discrete settings into the store to open.
+    /// `schema` and `auto_create` come from the common settings and the policy.
+    pub fn target(&self, schema: &str, auto_create: bool) -> Result<Target, ConfigError> {
+        let pool_size = self.db_pool_size.unwrap_or_else(default_pool_size).max(1);
+        let sqlite = |path| {
+            Target::Sqlite(SqliteTarget {
+                path,
+                readers: pool_size,
+                acquire_timeout: self.db_acquire_timeout,
+            })
+        };
         let p = self.var_prefix;
+        let postgres = |config| {
+            self.postgres(config).map(|mut t| {
+                t.schema = schema.to_string();
+                t.auto_create = auto_create;
+                t.pool_size = pool_size;
+                Target::Postgres(Box::new(t))
+            })
+        };
         if let Some(url) = self.url()? {
-            return self.parse_url(&url);
+            return match self.parse_url(&url)? {
+                Url::Memory => Ok(Target::Memory),
+                Url::Sqlite(path) => Ok(sqlite(path)),
+                Url::Postgres(config) => postgres(*config),
+            };
         }
         match self.db_type {
             None if self.db_host.is_some() => Err(ConfigError::Invalid(format!(
                 "{p}DB_HOST is set but {p}DB_TYPE is not: set {p}DB_TYPE=postgresql"
             ))),
-            None => Ok(Database::Sqlite(SqliteTarget::File(
+            None => Ok(sqlite(SqlitePath::File(
                 self.db_name
                     .as_deref()
                     .unwrap_or(DEFAULT_SQLITE_FILE)
                     .into(),
             ))),
-            Some(DbType::Memory) => Ok(Database::Memory),
-            Some(DbType::Sqlite) => Ok(Database::Sqlite(match self.db_name.as_deref() {
-                Some(":memory:") => SqliteTarget::Memory,
-                name => SqliteTarget::File(name.unwrap_or(DEFAULT_SQLITE_FILE).into()),
+            Some(DbType::Memory) => Ok(Target::Memory),
+            Some(DbType::Sqlite) => Ok(sqlite(match self.db_name.as_deref() {
+                Some(":memory:") => SqlitePath::Memory,
+                name => SqlitePath::File(name.unwrap_or(DEFAULT_SQLITE_FILE).into()),
             })),
             Some(DbType::Postgresql) => {
                 let mut cfg = tokio_postgres::Config::new();
@@ -409,7 +440,7 @@ impl DbArgs {
                     .port(self.db_port.unwrap_or(5432))
                     .user(self.db_user.as_deref().unwrap_or("postgres"))
                     .dbname(self.db_name.as_deref().unwrap_or("postgres"));
-                self.finish_postgres(cfg)
+                postgres(cfg)
             }
         }
     }
@@ -419,18 +450,18 @@ impl DbArgs {
             return Ok(Some(url.trim().to_string()));
         }
         match &self.database_url_file {
-            Some(path) => Ok(Some(read_secret(path, "the database URL")?)),
+            Some(path) => Ok(Some(secret::read_text(path, "the database URL")?)),
             None => Ok(None),
         }
     }
 
-    fn parse_url(&self, url: &str) -> Result<Database, ConfigError> {
+    fn parse_url(&self, url: &str) -> Result<Url, ConfigError> {
         let var = format!("{}DATABASE_URL", self.var_prefix);
         if url == "memory://" || url == "memory:" {
-            return Ok(Database::Memory);
+            return Ok(Url::Memory);
         }
         if url == "sqlite::memory:" || url == "sqlite://:memory:" {
-            return Ok(Database::Sqlite(SqliteTarget::Memory));
+            return Ok(Url::Sqlite(SqlitePath::Memory));
         }
         if let Some(rest) = url.strip_prefix("sqlite:") {
             let path = rest.strip_prefix("//").unwrap_or(rest);
@@ -440,13 +471,13 @@ impl DbArgs {
                     "{var} `sqlite://` names no file: use sqlite://relative/path.db, sqlite:///absolute/path.db or sqlite::memory:"
                 )));
             }
-            return Ok(Database::Sqlite(SqliteTarget::File(PathBuf::from(path))));
+            return Ok(Url::Sqlite(SqlitePath::File(PathBuf::from(path))));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
                 ConfigError::Invalid(format!("{var} is not a valid PostgreSQL URL: {e}"))
             })?;
-            return self.finish_postgres(cfg);
+            return Ok(Url::Postgres(Box::new(cfg)));
         }
         // Only the scheme is quoted: the rest may hold a password.
         let scheme = url.split_once(':').map_or("", |(s, _)| s);
@@ -455,12 +486,16 @@ impl DbArgs {
         )))
     }
 
-    /// Applies the password settings and the application name.
-    fn finish_postgres(&self, mut cfg: tokio_postgres::Config) -> Result<Database, ConfigError> {
+    /// The PostgreSQL target: the password settings, the application name and
+    /// the start-up settings applied to `cfg`.
+    fn postgres(&self, mut cfg: tokio_postgres::Config) -> Result<PgTarget, ConfigError> {
+        let mut password_file = None;
         if let Some(pass) = &self.db_pass {
             cfg.password(pass.as_str());
         } else if let Some(path) = &self.db_pass_file {
-            cfg.password(read_secret(path, "the database password")?);
+            cfg.password(secret::read_text(path, "the database password")?);
+            // A URL's own password is fixed; a mounted password file may rotate.
+            password_file = Some(path.clone());
         }
         if cfg.get_application_name().is_none() {
             cfg.application_name("docsidecar");
@@ -468,19 +503,21 @@ impl DbArgs {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(Duration::from_secs(5));
         }
-        Ok(Database::Postgres(Box::new(cfg)))
+        Ok(PgTarget {
+            password_file,
+            acquire_timeout: self.db_acquire_timeout,
+            max_retries: self.db_max_retries,
+            retry_delay: self.db_retry_delay,
+            ..PgTarget::new(cfg)
+        })
     }
 }
 
-/// Reads a mounted secret, without its trailing newline.
-pub fn read_secret(path: &Path, what: &'static str) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-        .map_err(|source| ConfigError::File {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
+/// What a database URL names, before the settings around it are applied.
+enum Url {
+    Memory,
+    Sqlite(SqlitePath),
+    Postgres(Box<tokio_postgres::Config>),
 }
 
 #[cfg(test)]
@@ -494,26 +531,37 @@ mod tests {
         db
     }
 
+    impl DbArgs {
+        fn database(&self) -> Result<Target, ConfigError> {
+            self.target("docsidecar", true)
+        }
+    }
+
+    fn sqlite_path(target: Target) -> SqlitePath {
+        match target {
+            Target::Sqlite(t) => t.path,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn parses_database_urls() {
         let db = |u: &str| args(Some(u)).database();
-        assert!(matches!(db("memory://"), Ok(Database::Memory)));
-        assert!(matches!(
-            db("sqlite::memory:"),
-            Ok(Database::Sqlite(SqliteTarget::Memory))
-        ));
-        match db("sqlite://data/x.db").unwrap() {
-            Database::Sqlite(SqliteTarget::File(p)) => assert_eq!(p, PathBuf::from("data/x.db")),
-            other => panic!("{other:?}"),
-        }
-        match db("sqlite:///var/lib/x.db").unwrap() {
-            Database::Sqlite(SqliteTarget::File(p)) => {
-                assert_eq!(p, PathBuf::from("/var/lib/x.db"))
-            }
-            other => panic!("{other:?}"),
-        }
+        assert!(matches!(db("memory://"), Ok(Target::Memory)));
+        assert_eq!(
+            sqlite_path(db("sqlite::memory:").unwrap()),
+            SqlitePath::Memory
+        );
+        assert_eq!(
+            sqlite_path(db("sqlite://data/x.db").unwrap()),
+            SqlitePath::File(PathBuf::from("data/x.db"))
+        );
+        assert_eq!(
+            sqlite_path(db("sqlite:///var/lib/x.db").unwrap()),
+            SqlitePath::File(PathBuf::from("/var/lib/x.db"))
+        );
         match db("postgresql://app@db:6432/orders").unwrap() {
-            Database::Postgres(cfg) => assert_eq!(describe_postgres(&cfg), "app@db:6432/orders"),
+            Target::Postgres(t) => assert_eq!(t.to_string(), "app@db:6432/orders"),
             other => panic!("{other:?}"),
         }
         assert!(db("sqlite://")
@@ -538,12 +586,10 @@ mod tests {
 
     #[test]
     fn default_is_a_sqlite_file() {
-        match args(None).database().unwrap() {
-            Database::Sqlite(SqliteTarget::File(p)) => {
-                assert_eq!(p, PathBuf::from(DEFAULT_SQLITE_FILE))
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            sqlite_path(args(None).database().unwrap()),
+            SqlitePath::File(PathBuf::from(DEFAULT_SQLITE_FILE))
+        );
     }
 
     #[test]

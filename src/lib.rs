@@ -6,10 +6,13 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the command line and environment, one typed struct (clap).
+//! - [`config`]: the command line and environment, one typed struct (clap),
+//!   resolved once into what the lower layers take ([`store::Target`]).
 //! - [`commands`]: the command line's verbs (serve, migrate, wait, shutdown, check).
 //! - [`server`]: start-up, wiring of the gRPC services, graceful shutdown.
 //! - [`admin`]: the HTTP admin listener: probes, metrics, shutdown requests.
+//! - [`background`]: the server's background tasks (one owner, one way to
+//!   stop), the file watcher for rotated secrets, start-up retries.
 //! - [`api`]: the gRPC layer: validates requests, converts protobuf to store
 //!   types and maps every error to a `tonic::Status` in one place. No SQL.
 //! - [`policy`] and [`auth`]: which collections the service and each client
@@ -17,7 +20,9 @@
 //! - [`store`]: the [`store::DocumentStore`] trait and one module per backend
 //!   (memory, SQLite, PostgreSQL). No tonic.
 //! - [`tls`]: optional TLS and mutual TLS, certificates reloaded on change.
-//! - [`telemetry`]: logging setup and the per-request log layer.
+//! - [`telemetry`]: logging setup and the per-request log layer; [`metrics`]:
+//!   every metric's name, declared once.
+//! - [`secret`]: secrets mounted as files; [`quote`]: untrusted input in messages.
 //! - [`deadline`]: the layer that answers DEADLINE_EXCEEDED when a client's
 //!   deadline passes.
 //! - [`proto`]: the generated protobuf types, server and client.
@@ -25,11 +30,15 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod background;
 pub mod codec;
 pub mod commands;
 pub mod config;
 pub mod deadline;
+pub mod metrics;
 pub mod policy;
+pub mod quote;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -5,7 +5,7 @@
 //! and write. With one, only the declared collections exist for callers; a client
 //! token may narrow that further.
 
-use crate::api::validate::is_valid_collection;
+use crate::store::{is_valid_name, NAME_RULE};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,10 +93,6 @@ impl Scope {
         }
     }
 
-    pub fn is_open(&self) -> bool {
-        self.collections.is_none()
-    }
-
     /// Allows or refuses `need` on `collection`, before any database work.
     pub fn check(&self, collection: &str, need: Need) -> Result<(), Denied> {
         let Some(collections) = &self.collections else {
@@ -145,6 +141,24 @@ pub enum PolicyError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// The policy at `path`, if one is configured; without one the sidecar runs
+/// open, which is for development only (said once, at start-up).
+pub fn load(path: Option<&Path>) -> Result<Option<Policy>, PolicyError> {
+    let Some(path) = path else {
+        tracing::warn!("no policy (DOCSIDECAR_POLICY): running open, every collection readable and writable; development only");
+        return Ok(None);
+    };
+    let policy = Policy::load(path)?;
+    tracing::info!(
+        service = %policy.service,
+        collections = policy.collections.len(),
+        clients = policy.clients.len(),
+        auto_create = policy.auto_create,
+        "policy loaded"
+    );
+    Ok(Some(policy))
+}
+
 impl Policy {
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
@@ -170,9 +184,9 @@ impl Policy {
             return Err(format!("{}`service` must name this service", at("service")));
         }
         for name in file.collections.keys() {
-            if !is_valid_collection(name) {
+            if !is_valid_name(name) {
                 return Err(format!(
-                    "{}collection `{name}` is not a valid name: collection names match ^[a-z][a-z0-9_]{{0,62}}$",
+                    "{}collection `{name}` is not a valid name: collection {NAME_RULE}",
                     at(&format!("collections.{name}"))
                 ));
             }

@@ -1,15 +1,20 @@
 //! Start-up, wiring and shutdown: the one place that knows every part.
+//!
+//! [`Server::bind`] opens everything that can fail (listener, TLS files,
+//! tokens, the store) so that a misconfiguration stops start-up;
+//! [`Server::run_until`] serves until asked to stop, then drains.
 
 use crate::admin::{self, Lifecycle};
 use crate::api::{DocumentApi, Limits};
 use crate::auth::{AuthError, AuthLayer, Authenticator};
-use crate::config::{ConfigError, Database, DbArgs, ListenAddr, ServeArgs};
+use crate::background::Tasks;
+use crate::config::{ConfigError, ListenAddr, ServeConfig};
 use crate::deadline::DeadlineLayer;
-use crate::policy::{ClientSpec, Policy, PolicyError, Scope};
+use crate::policy::{ClientSpec, PolicyError, Scope};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
-use crate::store::{DocumentStore, MemoryStore, PgOptions, PostgresStore, SqliteStore, StoreError};
+use crate::store::{self, DocumentStore, StoreError};
 use crate::telemetry::RequestLogLayer;
-use crate::tls::{TlsError, TlsFiles, TlsReloader};
+use crate::tls::{TlsError, TlsReloader};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +55,15 @@ pub enum StartError {
     Client(String),
 }
 
+impl From<crate::config::ResolveError> for StartError {
+    fn from(e: crate::config::ResolveError) -> Self {
+        match e {
+            crate::config::ResolveError::Config(e) => StartError::Config(e),
+            crate::config::ResolveError::Policy(e) => StartError::Policy(e),
+        }
+    }
+}
+
 /// How a stop was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -61,8 +75,11 @@ pub enum Stop {
 }
 
 /// Serves until SIGTERM or SIGINT.
-pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
-    Server::bind(args).await?.run_until(shutdown_signal()).await
+pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
+    Server::bind(config)
+        .await?
+        .run_until(shutdown_signal())
+        .await
 }
 
 /// Resolves when SIGTERM (Kubernetes' graceful stop) or SIGINT (Ctrl-C) arrives.
@@ -88,56 +105,11 @@ pub async fn shutdown_signal() -> Stop {
     }
 }
 
-fn default_pool_size() -> usize {
-    2 * std::thread::available_parallelism().map_or(1, |n| n.get()) + 1
-}
-
-/// Opens the configured store, applying its schema migrations.
-pub async fn open_store(
-    db: &DbArgs,
-    schema: &str,
-    auto_create: bool,
-) -> Result<Arc<dyn DocumentStore>, StartError> {
-    let database = db.database()?;
-    info!(database = ?database, "opening store");
-    let pool_size = db.db_pool_size.unwrap_or_else(default_pool_size).max(1);
-    Ok(match database {
-        Database::Memory => Arc::new(MemoryStore::new()),
-        Database::Sqlite(target) => {
-            Arc::new(SqliteStore::open(&target, pool_size, db.db_acquire_timeout).await?)
-        }
-        Database::Postgres(cfg) => {
-            let options = PgOptions {
-                schema: schema.to_string(),
-                pool_size,
-                acquire_timeout: db.db_acquire_timeout,
-                max_retries: db.db_max_retries,
-                retry_delay: db.db_retry_delay,
-                auto_create,
-                // A URL's own password is fixed; a mounted password file may rotate.
-                password_file: db
-                    .db_pass
-                    .is_none()
-                    .then(|| db.db_pass_file.clone())
-                    .flatten(),
-            };
-            Arc::new(PostgresStore::connect(*cfg, options).await?)
-        }
-    })
-}
-
 enum Listener {
     Tcp(TcpListener),
     Tls(TcpListener, Arc<TlsReloader>),
     Unix(UnixListener, PathBuf),
 }
-
-/// The admin listener's address, its task, and the sender that stops it.
-type AdminListener = (
-    SocketAddr,
-    tokio::task::JoinHandle<()>,
-    tokio::sync::oneshot::Sender<()>,
-);
 
 /// A sidecar with its store open and its socket bound, ready to serve.
 pub struct Server {
@@ -146,37 +118,25 @@ pub struct Server {
     auth: Arc<Authenticator>,
     scope: Scope,
     lifecycle: Arc<Lifecycle>,
-    admin: Option<AdminListener>,
-    args: ServeArgs,
-}
-
-/// The policy (if any), and what follows from it.
-pub fn load_policy(path: Option<&std::path::Path>) -> Result<Option<Policy>, PolicyError> {
-    let Some(path) = path else {
-        warn!("no policy (DOCSIDECAR_POLICY): running open, every collection readable and writable; development only");
-        return Ok(None);
-    };
-    let policy = Policy::load(path)?;
-    info!(
-        service = %policy.service,
-        collections = policy.collections.len(),
-        clients = policy.clients.len(),
-        auto_create = policy.auto_create,
-        "policy loaded"
-    );
-    Ok(Some(policy))
+    admin_addr: Option<SocketAddr>,
+    /// Every background task: watchers, health checks, the admin listener.
+    tasks: Tasks,
+    config: ServeConfig,
 }
 
 impl Server {
     /// Binds the listener and opens the store. `--listen 127.0.0.1:0` picks a free port.
-    pub async fn bind(args: ServeArgs) -> Result<Server, StartError> {
-        let policy = load_policy(args.common.policy.as_deref())?;
-        let scope = policy.as_ref().map_or_else(Scope::open, Policy::scope);
-        let mut clients = policy
+    pub async fn bind(config: ServeConfig) -> Result<Server, StartError> {
+        let scope = config
+            .policy
+            .as_ref()
+            .map_or_else(Scope::open, |p| p.scope());
+        let mut clients = config
+            .policy
             .as_ref()
             .map(|p| p.clients.clone())
             .unwrap_or_default();
-        if let Some(token_file) = &args.token_file {
+        if let Some(token_file) = &config.token_file {
             clients.push(ClientSpec {
                 token_file: token_file.clone(),
                 scope: scope.clone(),
@@ -186,8 +146,8 @@ impl Server {
         if !auth.enabled() {
             warn!("no client tokens configured: calls are not authenticated; listen on a Unix socket or loopback only");
         }
-        let mut listener = bind(&args.listen).await?;
-        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let mut listener = bind(&config.listen).await?;
+        if let Some(files) = &config.tls {
             let Listener::Tcp(tcp) = listener else {
                 return Err(ConfigError::Invalid(
                     "TLS applies to TCP listeners; a Unix socket is already private to the pod"
@@ -195,54 +155,30 @@ impl Server {
                 )
                 .into());
             };
-            let tls = TlsReloader::new(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: args.tls_client_ca.clone(),
-            })?;
+            let tls = TlsReloader::new(files.clone())?;
             info!(mutual = tls.mutual(), "TLS enabled on the gRPC port");
             listener = Listener::Tls(tcp, Arc::new(tls));
         }
+        let tasks = Tasks::new();
         // The admin listener comes up before the store, so that the startup
         // probe has an answer while the database is awaited.
         let lifecycle = Lifecycle::new();
-        let admin = match &args.admin_listen {
-            Some(addr) => {
-                let l = TcpListener::bind(addr.as_str()).await.map_err(|source| {
-                    StartError::Listen {
-                        addr: addr.clone(),
-                        source,
-                    }
-                })?;
-                let local = l.local_addr().map_err(|source| StartError::Listen {
-                    addr: addr.clone(),
-                    source,
-                })?;
-                info!(admin = %local, "admin listener up");
-                // Metrics are recorded only when something can scrape them.
-                admin::prometheus();
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let task = tokio::spawn(admin::serve(l, lifecycle.clone(), async {
-                    let _ = stopped.await;
-                }));
-                Some((local, task, stop))
-            }
+        let admin_addr = match &config.admin_listen {
+            Some(addr) => Some(start_admin(addr, &lifecycle, &tasks).await?),
             None => None,
         };
-        let db: DbArgs = args.db.clone().into();
-        // Without a policy (development) tables appear on first write; with one,
-        // only if the policy says so.
-        let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
-        let store = open_store(&db, &args.common.schema, auto_create).await?;
-        lifecycle.set_store(store.clone());
+        let store = store::open(&config.target, &tasks).await?;
+        let stats = store.clone();
+        lifecycle.set_pool_stats(Box::new(move || stats.pool_stats()));
         Ok(Server {
             listener,
             store,
             auth,
             scope,
             lifecycle,
-            admin,
-            args,
+            admin_addr,
+            tasks,
+            config,
         })
     }
 
@@ -250,19 +186,20 @@ impl Server {
     pub async fn check(self) -> Result<(), StartError> {
         let result = self.store.ping().await;
         self.store.close().await;
+        self.tasks.stop().await;
         Ok(result?)
     }
 
     /// Where the admin listener listens, when there is one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|(addr, _, _)| *addr)
+        self.admin_addr
     }
 
     /// Where the server listens (the real port when 0 was asked for).
     pub fn local_addr(&self) -> ListenAddr {
         match &self.listener {
             Listener::Tcp(l) | Listener::Tls(l, _) => ListenAddr::Tcp(l.local_addr().map_or_else(
-                |_| self.args.listen.to_string(),
+                |_| self.config.listen.to_string(),
                 |a: SocketAddr| a.to_string(),
             )),
             Listener::Unix(_, path) => ListenAddr::Unix(path.clone()),
@@ -270,8 +207,8 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves (or the admin endpoint asks), then stops
-    /// as [`Stop`] says: drains in-flight calls for at most the grace period and
-    /// closes the store.
+    /// as [`Stop`] says: drains in-flight calls for at most the grace period,
+    /// stops the background tasks and closes the store.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = Stop> + Send + 'static,
@@ -282,28 +219,32 @@ impl Server {
             auth,
             scope,
             lifecycle,
-            admin,
-            args,
+            admin_addr: _,
+            tasks,
+            config,
         } = self;
-        let token_watcher = tokio::spawn(auth.clone().watch(crate::auth::RELOAD_EVERY));
+        tasks.spawn(auth.clone().watch());
+        if let Listener::Tls(_, tls) = &listener {
+            tasks.spawn(tls.clone().watch());
+        }
         let (reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&reporter, ServingStatus::Serving).await;
-        let watcher = tokio::spawn(watch_health(
+        tasks.spawn(watch_health(
             store.clone(),
             reporter.clone(),
             lifecycle.clone(),
-            args.health_interval,
+            config.health_interval,
         ));
 
         let api = DocumentApi::new(
             store.clone(),
             Limits {
-                max_document_bytes: args.max_document_bytes,
+                max_document_bytes: config.max_document_bytes,
             },
             scope,
         );
         let documents = DocumentServiceServer::new(api)
-            .max_decoding_message_size(args.max_message_bytes)
+            .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(usize::MAX);
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -311,30 +252,132 @@ impl Server {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
         // Turns true when the grace period is over; see `deadline.rs`.
-        let (abandon_tx, abandon_rx) = tokio::sync::watch::channel(false);
+        let (abandon, abandoned) = tokio::sync::watch::channel(false);
         let router = tonic::transport::Server::builder()
             .layer(RequestLogLayer)
             .layer(AuthLayer::new(auth))
-            .layer(DeadlineLayer::new(abandon_rx))
+            .layer(DeadlineLayer::new(abandoned))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
             .add_service(documents);
 
-        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
-        let drain_reporter = reporter.clone();
-        let stop_watcher = watcher.abort_handle();
-        let drain_lifecycle = lifecycle.clone();
-        let delay = args.shutdown_delay;
+        let drain = Drain {
+            lifecycle: lifecycle.clone(),
+            reporter,
+            delay: config.shutdown_delay,
+            grace: config.shutdown_grace,
+            abandon,
+        };
+        crate::metrics::build_info();
+        lifecycle.set_started();
+        let result = match listener {
+            Listener::Tcp(l) => {
+                info!(listen = %addr_of(&l), "serving docsidecar.v1.DocumentService");
+                // Small request/response pairs: do not let Nagle delay them.
+                let incoming = TcpListenerStream::new(l).map(|s| {
+                    s.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                });
+                drain.serve(router, incoming, shutdown).await
+            }
+            Listener::Tls(l, tls) => {
+                info!(listen = %addr_of(&l), "serving docsidecar.v1.DocumentService");
+                drain.serve(router, tls.incoming(l), shutdown).await
+            }
+            Listener::Unix(l, path) => {
+                info!(listen = %format!("unix:{}", path.display()), "serving docsidecar.v1.DocumentService");
+                let result = drain
+                    .serve(router, UnixListenerStream::new(l), shutdown)
+                    .await;
+                let _ = std::fs::remove_file(&path);
+                result
+            }
+        };
+        tasks.stop().await;
+        store.close().await;
+        info!("stopped");
+        result
+    }
+}
+
+fn addr_of(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+/// Binds the admin listener and serves it in `tasks`.
+async fn start_admin(
+    addr: &str,
+    lifecycle: &Arc<Lifecycle>,
+    tasks: &Tasks,
+) -> Result<SocketAddr, StartError> {
+    let err = |source| StartError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    info!(admin = %local, "admin listener up");
+    // Metrics are recorded only when something can scrape them.
+    admin::prometheus();
+    tasks.spawn(admin::serve(
+        listener,
+        lifecycle.clone(),
+        tasks.stopping().wait(),
+    ));
+    Ok(local)
+}
+
+/// The request path, outermost first: log, authenticate, enforce the deadline.
+type Layers = Stack<DeadlineLayer, Stack<AuthLayer, Stack<RequestLogLayer, Identity>>>;
+
+/// How the server stops: not ready at once, new calls still served for the
+/// shutdown delay (SIGTERM only), then in-flight calls get the grace period,
+/// then those still running end UNAVAILABLE.
+struct Drain {
+    lifecycle: Arc<Lifecycle>,
+    reporter: HealthReporter,
+    delay: Duration,
+    grace: Duration,
+    /// Ends the calls that outlive the grace period; see `deadline.rs`.
+    abandon: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drain {
+    async fn serve<I, IO, E>(
+        self,
+        router: Router<Layers>,
+        incoming: I,
+        shutdown: impl Future<Output = Stop> + Send + 'static,
+    ) -> Result<(), StartError>
+    where
+        I: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IO::ConnectInfo: Clone + Send + Sync + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Drain {
+            lifecycle,
+            reporter,
+            delay,
+            grace,
+            abandon,
+        } = self;
+        let (draining_tx, draining) = tokio::sync::oneshot::channel();
         let signal = async move {
             let stop = tokio::select! {
                 stop = shutdown => stop,
-                _ = drain_lifecycle.stop_requested() => Stop::Immediate,
+                () = lifecycle.stop_requested() => Stop::Immediate,
             };
             // Not ready from now on, whatever the database says.
-            stop_watcher.abort();
-            drain_lifecycle.set_draining();
-            set_health(&drain_reporter, ServingStatus::NotServing).await;
+            lifecycle.set_draining();
+            set_health(&reporter, ServingStatus::NotServing).await;
             if stop == Stop::Graceful && !delay.is_zero() {
                 info!(
                     delay_secs = delay.as_secs_f64(),
@@ -345,109 +388,22 @@ impl Server {
             info!("shutting down: no new connections, draining in-flight calls");
             let _ = draining_tx.send(());
         };
-
-        let local = match &listener {
-            Listener::Tcp(l) | Listener::Tls(l, _) => {
-                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-            }
-            Listener::Unix(_, path) => format!("unix:{}", path.display()),
-        };
-        metrics::gauge!("docsidecar_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        lifecycle.set_started();
-        info!(listen = %local, "serving docsidecar.v1.DocumentService");
-        let result = match listener {
-            Listener::Tcp(l) => {
-                // Small request/response pairs: do not let Nagle delay them.
-                let incoming = TcpListenerStream::new(l).map(|s| {
-                    s.inspect(|s| {
-                        let _ = s.set_nodelay(true);
-                    })
-                });
-                drain(
-                    router,
-                    incoming,
-                    signal,
-                    draining_rx,
-                    args.shutdown_grace,
-                    abandon_tx,
-                )
-                .await
-            }
-            Listener::Tls(l, tls) => {
-                drain(
-                    router,
-                    tls.incoming(l),
-                    signal,
-                    draining_rx,
-                    args.shutdown_grace,
-                    abandon_tx,
-                )
-                .await
-            }
-            Listener::Unix(l, path) => {
-                let result = drain(
-                    router,
-                    UnixListenerStream::new(l),
-                    signal,
-                    draining_rx,
-                    args.shutdown_grace,
-                    abandon_tx,
-                )
-                .await;
-                let _ = std::fs::remove_file(&path);
-                result
-            }
-        };
-        watcher.abort();
-        token_watcher.abort();
-        store.close().await;
-        if let Some((_, task, stop)) = admin {
-            let _ = stop.send(());
-            let _ = task.await;
+        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(serve);
+        tokio::select! {
+            biased;
+            result = &mut serve => Ok(result?),
+            _ = draining => match tokio::time::timeout(grace, &mut serve).await {
+                Ok(result) => Ok(result?),
+                Err(_) => {
+                    warn!(grace_secs = grace.as_secs_f64(), "grace period over: abandoning calls still in flight (UNAVAILABLE)");
+                    let _ = abandon.send(true);
+                    // A moment for those answers to reach their callers.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve).await;
+                    Ok(())
+                }
+            },
         }
-        info!("stopped");
-        result
-    }
-}
-
-/// The request path, outermost first: log, authenticate, enforce the deadline.
-type Layers = Stack<DeadlineLayer, Stack<AuthLayer, Stack<RequestLogLayer, Identity>>>;
-
-/// Serves until the signal, then waits at most `grace` for in-flight calls.
-async fn drain<I, IO, E>(
-    router: Router<Layers>,
-    incoming: I,
-    signal: impl Future<Output = ()> + Send + 'static,
-    draining: tokio::sync::oneshot::Receiver<()>,
-    grace: Duration,
-    abandon: tokio::sync::watch::Sender<bool>,
-) -> Result<(), StartError>
-where
-    I: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let serve = router.serve_with_incoming_shutdown(incoming, signal);
-    tokio::pin!(serve);
-    tokio::select! {
-        biased;
-        result = &mut serve => Ok(result?),
-        _ = draining => match tokio::time::timeout(grace, &mut serve).await {
-            Ok(result) => Ok(result?),
-            Err(_) => {
-                warn!(grace_secs = grace.as_secs_f64(), "grace period over: abandoning calls still in flight (UNAVAILABLE)");
-                let _ = abandon.send(true);
-                // A moment for those answers to reach their callers.
-                let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve).await;
-                Ok(())
-            }
-        },
     }
 }
 
@@ -482,7 +438,7 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 }
 
 /// Keeps the health service in step with the store: NOT_SERVING while the
-/// database does not answer.
+/// database does not answer. Once draining, readiness belongs to the drain.
 async fn watch_health(
     store: Arc<dyn DocumentStore>,
     reporter: HealthReporter,
@@ -509,6 +465,9 @@ async fn watch_health(
                 false
             }
         };
+        if lifecycle.draining() {
+            return;
+        }
         if ok != serving {
             if ok {
                 info!("database reachable again: health is SERVING");

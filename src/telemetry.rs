@@ -1,7 +1,7 @@
 //! Logging: subscriber set-up and a tower layer that gives every gRPC call one
 //! span (method, collection) and one event (code, latency).
 
-use crate::config::LogFormat;
+use crate::metrics;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +14,15 @@ use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::{FormatFields, Writer};
 use tracing_subscriber::fmt::FormattedFields;
 use tracing_subscriber::EnvFilter;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// For log collectors: one JSON object per line.
+    Json,
+}
 
 /// Installs the global subscriber once; later calls (tests) are no-ops.
 /// Levels come from `RUST_LOG` (default `info`).
@@ -137,13 +146,10 @@ impl<'writer> FormatFields<'writer> for JsonSpanFields {
 
 /// Names the collection of the current request in its span.
 pub fn record_collection(collection: &str) {
-    if crate::api::validate::is_valid_collection(collection) {
+    if crate::store::is_valid_name(collection) {
         Span::current().record("collection", collection);
     } else {
-        Span::current().record(
-            "collection",
-            crate::api::validate::shown(collection).as_str(),
-        );
+        Span::current().record("collection", crate::quote::shown(collection).as_str());
     }
 }
 
@@ -201,24 +207,9 @@ fn response_code<B>(response: &http::Response<B>) -> (Code, String) {
 
 /// grpc-message is percent-encoded on the wire.
 fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// A bounded set of method labels for metrics, whatever paths clients send.
@@ -240,22 +231,6 @@ fn method_label(method: &str) -> &'static str {
         .find(|m| **m == method)
         .copied()
         .unwrap_or("other")
-}
-
-/// Counts a call in flight for as long as it lives, even if it is dropped.
-struct InFlight;
-
-impl InFlight {
-    fn start() -> InFlight {
-        metrics::gauge!("docsidecar_requests_in_flight").increment(1.0);
-        InFlight
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        metrics::gauge!("docsidecar_requests_in_flight").decrement(1.0);
-    }
 }
 
 /// Tower layer that logs and measures every request; see [`RequestLog`].
@@ -301,7 +276,7 @@ where
         let span = tracing::info_span!("rpc", method, service, collection = field::Empty);
         let label = method_label(method);
         let start = Instant::now();
-        let in_flight = InFlight::start();
+        let in_flight = metrics::InFlight::start();
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -311,15 +286,12 @@ where
             drop(in_flight);
             let elapsed = start.elapsed().as_secs_f64();
             let latency_ms = elapsed * 1000.0;
-            metrics::histogram!("docsidecar_request_duration_seconds", "method" => label)
-                .record(elapsed);
             let _entered = span.enter();
             match &result {
                 Ok(response) => {
                     let (code, detail) = response_code(response);
                     let code_name = code_name(code);
-                    metrics::counter!("docsidecar_requests_total", "method" => label, "code" => code_name)
-                        .increment(1);
+                    metrics::request(label, code_name, elapsed);
                     macro_rules! log {
                         ($level:expr) => {
                             if code == Code::Ok {

@@ -3,6 +3,7 @@
 //! (cert-manager or a Secret update renews them), and new connections use the new
 //! ones; established connections keep theirs.
 
+use crate::background::FileWatcher;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -17,8 +18,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::{debug, info, warn};
 
-/// How often the certificate files are checked for renewal.
-const RELOAD_EVERY: Duration = Duration::from_secs(1);
 /// A client that does not finish its handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -36,7 +35,7 @@ pub struct TlsFiles {
 pub struct TlsError(String);
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError(format!("cannot read {}: {e}", path.display())))
+    crate::secret::read_bytes(path, "a TLS file").map_err(|e| TlsError(e.to_string()))
 }
 
 fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -55,13 +54,16 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsErr
 }
 
 impl TlsFiles {
-    /// The files' current bytes, to notice a change.
+    /// The files, in the order [`TlsFiles::server_config`] reads their contents.
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.cert.clone(), self.key.clone()];
+        paths.extend(self.client_ca.clone());
+        paths
+    }
+
+    /// The files' current bytes.
     fn contents(&self) -> Result<Vec<Vec<u8>>, TlsError> {
-        let mut all = vec![read(&self.cert)?, read(&self.key)?];
-        if let Some(ca) = &self.client_ca {
-            all.push(read(ca)?);
-        }
-        Ok(all)
+        self.paths().iter().map(|p| read(p)).collect()
     }
 
     fn server_config(&self, contents: &[Vec<u8>]) -> Result<ServerConfig, TlsError> {
@@ -109,17 +111,16 @@ impl TlsFiles {
 /// The current TLS configuration, replaced when the files change.
 pub struct TlsReloader {
     files: TlsFiles,
-    state: RwLock<(Vec<Vec<u8>>, Arc<ServerConfig>)>,
+    config: RwLock<Arc<ServerConfig>>,
 }
 
 impl TlsReloader {
     /// Loads the files once: unusable files stop start-up.
     pub fn new(files: TlsFiles) -> Result<TlsReloader, TlsError> {
-        let contents = files.contents()?;
-        let config = Arc::new(files.server_config(&contents)?);
+        let config = Arc::new(files.server_config(&files.contents()?)?);
         Ok(TlsReloader {
             files,
-            state: RwLock::new((contents, config)),
+            config: RwLock::new(config),
         })
     }
 
@@ -128,31 +129,34 @@ impl TlsReloader {
     }
 
     fn config(&self) -> Arc<ServerConfig> {
-        self.state
+        self.config
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .1
             .clone()
     }
 
-    /// Re-reads the files; a broken renewal keeps the previous configuration.
-    pub fn reload(&self) {
-        let contents = match self.files.contents() {
-            Ok(c) => c,
-            Err(e) => return warn!(error = %e, "keeping the previous TLS certificate"),
-        };
-        if contents == self.state.read().unwrap_or_else(|e| e.into_inner()).0 {
-            return;
-        }
-        match self.files.server_config(&contents) {
+    /// Installs renewed files; a broken renewal keeps the previous configuration.
+    fn apply(&self, contents: &[Vec<u8>]) -> bool {
+        match self.files.server_config(contents) {
             Ok(config) => {
-                *self.state.write().unwrap_or_else(|e| e.into_inner()) =
-                    (contents, Arc::new(config));
+                *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
                 info!("TLS certificate reloaded: new connections use it");
+                true
             }
             // Files are often written one after the other: try again next tick.
-            Err(e) => warn!(error = %e, "keeping the previous TLS certificate"),
+            Err(e) => {
+                warn!(error = %e, "keeping the previous TLS certificate");
+                false
+            }
         }
+    }
+
+    /// Reloads the files whenever they change; run it in the server's tasks.
+    pub fn watch(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
+        FileWatcher::new(self.files.paths()).run(move |contents| {
+            let this = self.clone();
+            async move { this.apply(&contents) }
+        })
     }
 
     /// Accepts TCP connections and completes TLS handshakes off the accept loop,
@@ -164,14 +168,9 @@ impl TlsReloader {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let reloader = self.clone();
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(RELOAD_EVERY);
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = ticker.tick() => {
-                        let r = reloader.clone();
-                        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
-                    }
                     accepted = listener.accept() => {
                         let (tcp, peer) = match accepted {
                             Ok(a) => a,

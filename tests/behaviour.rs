@@ -1051,43 +1051,245 @@ pub async fn health_and_reflection(t: TestServer) {
     }
 }
 
-/// Instantiates every case for every backend.
+/// A tiny deterministic generator: the same operations for both stores.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rev {
+    Unconditional,
+    Current,
+    Stale,
+}
+
+#[derive(Clone)]
+enum RandomOp {
+    Save(String, String, Struct, Rev, bool),
+    Delete(String, String, Rev),
+}
+
+fn random_op(rng: &mut Lcg, step: usize) -> RandomOp {
+    const COLLECTIONS: [&str; 3] = ["alpha", "beta", "c_3"];
+    const IDS: [&str; 5] = ["a", "b", "Z", "é", "a b"];
+    let collection = COLLECTIONS[rng.below(3) as usize].to_string();
+    let id = IDS[rng.below(5) as usize].to_string();
+    let rev = match rng.below(4) {
+        0 | 1 => Rev::Unconditional,
+        2 => Rev::Current,
+        _ => Rev::Stale,
+    };
+    if rng.below(3) == 0 {
+        RandomOp::Delete(collection, id, rev)
+    } else {
+        let data = object(vec![
+            ("step", num(step as f64)),
+            (
+                "nested",
+                nested(object(vec![(
+                    "list",
+                    list(vec![num(1.0), num(2.5), string("x"), null(), boolean(true)]),
+                )])),
+            ),
+        ]);
+        RandomOp::Save(collection, id, data, rev, rng.below(4) == 0)
+    }
+}
+
+async fn random_mutation(client: &mut Client, op: &RandomOp) -> Mutation {
+    let mut rev = async |collection: &str, id: &str, rev: Rev| match rev {
+        Rev::Unconditional => String::new(),
+        Rev::Stale => "stale".to_string(),
+        Rev::Current => client
+            .get(get(collection, id))
+            .await
+            .map_or_else(|_| "absent".to_string(), |d| d.into_inner().rev),
+    };
+    let op = match op {
+        RandomOp::Save(c, id, data, r, create_only) => Op::Save(SaveRequest {
+            expected_rev: rev(c, id, *r).await,
+            create_only: *create_only,
+            ..save(c, id, data.clone())
+        }),
+        RandomOp::Delete(c, id, r) => Op::Delete(delete(c, id, &rev(c, id, *r).await)),
+    };
+    Mutation { op: Some(op) }
+}
+
+/// What a failed call told the client, reduced to what every store must agree on.
+fn outcome_of(status: &tonic::Status) -> String {
+    let index = status
+        .message()
+        .strip_prefix("mutation ")
+        .and_then(|m| m.split_once(':'))
+        .map_or("", |(n, _)| n);
+    // A rev mismatch on an absent document says so.
+    let absent = status.message().contains("does not exist");
+    format!("{:?} mutation={index} absent={absent}", status.code())
+}
+
+/// Runs one step on a server and describes its outcome.
+async fn apply_ops(client: &mut Client, ops: &[RandomOp], batch: bool) -> String {
+    let mut mutations = Vec::new();
+    for op in ops {
+        mutations.push(random_mutation(client, op).await);
+    }
+    if batch {
+        match client.write(WriteRequest { mutations }).await {
+            Ok(r) => format!(
+                "ok {:?}",
+                r.into_inner()
+                    .results
+                    .iter()
+                    .map(|r| !r.rev.is_empty())
+                    .collect::<Vec<_>>()
+            ),
+            Err(e) => outcome_of(&e),
+        }
+    } else {
+        match mutations.pop().and_then(|m| m.op) {
+            Some(Op::Save(op)) => match client.save(op).await {
+                Ok(saved) => format!("ok created={}", saved.into_inner().created),
+                Err(e) => outcome_of(&e),
+            },
+            Some(Op::Delete(op)) => match client.delete(op).await {
+                Ok(_) => "ok deleted".into(),
+                Err(e) => outcome_of(&e),
+            },
+            None => "nothing".into(),
+        }
+    }
+}
+
+/// Everything observable, with revs and times reduced to what must agree.
+async fn snapshot(client: &mut Client) -> Vec<String> {
+    let collections = client
+        .list_collections(ListCollectionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .collections;
+    let mut out = vec![format!("collections {collections:?}")];
+    for collection in ["alpha", "beta", "c_3", "never"] {
+        // Walk in pages of two to exercise the keyset pagination.
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list(ListRequest {
+                    collection: collection.into(),
+                    page_size: 2,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for d in &page.documents {
+                let (created, updated) = (d.create_time.unwrap(), d.update_time.unwrap());
+                assert!((created.seconds, created.nanos) <= (updated.seconds, updated.nanos));
+                out.push(format!("{collection}/{} {:?}", d.id, d.data));
+            }
+            page_token = page.next_page_token;
+            if page_token.is_empty() {
+                break;
+            }
+        }
+        let ids: Vec<String> = ["a", "b", "Z", "é", "a b", "nope"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut found: Vec<String> = client
+            .batch_get(BatchGetRequest {
+                collection: collection.into(),
+                ids,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .documents
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        found.sort();
+        out.push(format!("{collection} batch {found:?}"));
+    }
+    out
+}
+
+/// Random saves, deletes and atomic writes, conditional or not, give the same
+/// answers and leave the same documents as on the memory store, the reference.
+pub async fn behaves_like_the_memory_store(mut t: TestServer) {
+    let Some(mut reference) = TestServer::start(Backend::Memory, &[]).await else {
+        return;
+    };
+    let mut rng = Lcg(7);
+    for step in 0..400 {
+        let batch = rng.below(4) == 0;
+        let n = if batch { 1 + rng.below(3) as usize } else { 1 };
+        let ops: Vec<RandomOp> = (0..n).map(|_| random_op(&mut rng, step)).collect();
+        let expected = apply_ops(&mut reference.client, &ops, batch).await;
+        let actual = apply_ops(&mut t.client, &ops, batch).await;
+        assert_eq!(actual, expected, "step {step}");
+        if step % 20 == 19 {
+            assert_eq!(
+                snapshot(&mut t.client).await,
+                snapshot(&mut reference.client).await,
+                "step {step}"
+            );
+        }
+    }
+}
+
+/// Instantiates every case for every backend: adding a backend is one line in
+/// the list at the bottom.
 macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
+    ([$($backend:ident => $variant:ident),* $(,)?], $cases:tt) => {
+        $(suite!(@backend $backend $variant $cases);)*
+    };
+    (@backend $backend:ident $variant:ident [$($case:ident),* $(,)?]) => {
+        mod $backend {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() { crate::common::run(crate::common::Backend::Memory, super::$case).await })*
-        }
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() { crate::common::run(crate::common::Backend::Sqlite, super::$case).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() { crate::common::run(crate::common::Backend::Postgres, super::$case).await })*
+            async fn $case() {
+                crate::common::run(crate::common::Backend::$variant, super::$case).await
+            })*
         }
     };
 }
 
 suite!(
-    round_trips_every_json_type,
-    save_is_an_upsert_with_fresh_revs,
-    generated_ids_are_unique_and_time_sortable,
-    conditional_saves,
-    get_of_missing_documents,
-    deletes,
-    list_walks_in_id_byte_order,
-    list_page_size_is_capped_at_1000,
-    list_rejects_bad_requests,
-    list_returns_survivors_exactly_once_during_inserts,
-    batch_get_keeps_request_order,
-    write_applies_all_across_collections,
-    write_is_atomic,
-    ids_are_stored_literally_and_collections_isolated,
-    invalid_requests_name_the_rule,
-    limits_of_depth_and_size,
-    large_pages_stay_under_client_message_limits,
-    concurrent_conditional_increments_lose_nothing,
-    list_collections_is_sorted,
-    health_and_reflection,
+    [
+        memory => Memory,
+        sqlite => Sqlite,
+        postgres => Postgres,
+    ],
+    [
+        round_trips_every_json_type,
+        save_is_an_upsert_with_fresh_revs,
+        generated_ids_are_unique_and_time_sortable,
+        conditional_saves,
+        get_of_missing_documents,
+        deletes,
+        list_walks_in_id_byte_order,
+        list_page_size_is_capped_at_1000,
+        list_rejects_bad_requests,
+        list_returns_survivors_exactly_once_during_inserts,
+        batch_get_keeps_request_order,
+        write_applies_all_across_collections,
+        write_is_atomic,
+        ids_are_stored_literally_and_collections_isolated,
+        invalid_requests_name_the_rule,
+        limits_of_depth_and_size,
+        large_pages_stay_under_client_message_limits,
+        concurrent_conditional_increments_lose_nothing,
+        list_collections_is_sorted,
+        health_and_reflection,
+        behaves_like_the_memory_store,
+    ]
 );

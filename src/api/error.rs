@@ -66,8 +66,7 @@ impl From<ApiError> for Status {
                     _ => None,
                 };
                 if let Some(kind) = kind {
-                    metrics::counter!("docsidecar_database_errors_total", "kind" => kind)
-                        .increment(1);
+                    crate::metrics::database_error(kind);
                 }
                 Status::new(code, e.to_string())
             }

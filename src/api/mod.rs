@@ -1,5 +1,7 @@
-//! The gRPC layer: validate, convert, call the store, map errors. No SQL here.
+//! The gRPC layer: validate, authorize, call the store, convert. No SQL here;
+//! every error becomes a `Status` in one place (`error.rs`).
 
+mod convert;
 mod error;
 pub mod json;
 pub mod page_token;
@@ -7,12 +9,13 @@ pub mod validate;
 
 pub use error::ApiError;
 
+use crate::metrics;
 use crate::policy::{Need, Scope};
-use crate::proto::{self, document_service_server::DocumentService, mutation::Op};
-use crate::store::{self, DocumentStore, Micros, StoreError};
+use crate::proto::{self, document_service_server::DocumentService};
+use crate::store::{self, DocumentStore};
 use crate::telemetry::record_collection;
-use prost_types::Timestamp;
-use std::collections::HashMap;
+use convert::{document, timestamp, Accept};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -34,6 +37,16 @@ pub struct DocumentApi {
     scope: Scope,
 }
 
+/// The caller, as the auth layer established it.
+struct Caller(Scope);
+
+impl Caller {
+    fn authorize(&self, collection: &str, need: Need) -> Result<(), Status> {
+        self.0.check(collection, need).map_err(ApiError::from)?;
+        Ok(())
+    }
+}
+
 impl DocumentApi {
     pub fn new(store: Arc<dyn DocumentStore>, limits: Limits, scope: Scope) -> Self {
         DocumentApi {
@@ -43,124 +56,26 @@ impl DocumentApi {
         }
     }
 
-    /// The caller's scope, as the auth layer established it.
-    fn scope<T>(&self, request: &Request<T>) -> Scope {
-        request
-            .extensions()
-            .get::<Scope>()
-            .unwrap_or(&self.scope)
-            .clone()
+    /// The caller's scope, as the auth layer established it (the service's own
+    /// when it did not narrow it).
+    fn caller<T>(&self, request: &Request<T>) -> Caller {
+        Caller(
+            request
+                .extensions()
+                .get::<Scope>()
+                .unwrap_or(&self.scope)
+                .clone(),
+        )
     }
 
-    /// Validates a save and turns it into a store operation (generating the id).
-    fn save_op(&self, req: proto::SaveRequest) -> Result<store::SaveOp, ApiError> {
-        let proto::SaveRequest {
-            collection,
-            id,
-            data,
-            expected_rev,
-            create_only,
-        } = req;
-        validate::collection(&collection)?;
-        let id = if id.is_empty() {
-            store::new_id()
-        } else {
-            validate::id(&id, "id")?;
-            id
-        };
-        if create_only && !expected_rev.is_empty() {
-            return Err(ApiError::invalid(
-                "create_only and expected_rev exclude each other: create_only requires that the document does not exist, expected_rev that it does",
-            ));
-        }
-        let data = data.ok_or_else(|| {
-            ApiError::invalid("data is required: give the document as a JSON object (Struct)")
-        })?;
-        json::validate(&data).map_err(ApiError::invalid)?;
-        let data = json::to_json(&data);
-        if data.len() > self.limits.max_document_bytes {
-            return Err(ApiError::invalid(format!(
-                "data is {} bytes as JSON, over the limit of {} bytes per document",
-                data.len(),
-                self.limits.max_document_bytes
-            )));
-        }
-        Ok(store::SaveOp {
-            collection,
-            id,
-            data,
-            expected_rev: non_empty(expected_rev),
-            create_only,
-        })
+    /// The opening of every handler: the caller, the collection named in the
+    /// request's span, the request validated.
+    fn accept<T: Accept>(&self, request: Request<T>) -> Result<(Caller, T::Valid), Status> {
+        let caller = self.caller(&request);
+        let request = request.into_inner();
+        record_collection(request.collection());
+        Ok((caller, request.accept(&self.limits)?))
     }
-
-    fn delete_op(req: proto::DeleteRequest) -> Result<store::DeleteOp, ApiError> {
-        let proto::DeleteRequest {
-            collection,
-            id,
-            expected_rev,
-        } = req;
-        validate::collection(&collection)?;
-        validate::id(&id, "id")?;
-        Ok(store::DeleteOp {
-            collection,
-            id,
-            expected_rev: non_empty(expected_rev),
-        })
-    }
-}
-
-/// Counts documents written and deleted, for metrics.
-fn written(saved: u64, deleted: u64) {
-    if saved > 0 {
-        metrics::counter!("docsidecar_documents_written_total").increment(saved);
-    }
-    if deleted > 0 {
-        metrics::counter!("docsidecar_documents_deleted_total").increment(deleted);
-    }
-}
-
-/// The collection and id a mutation writes.
-fn target(op: &store::Mutation) -> (&str, &str) {
-    match op {
-        store::Mutation::Save(s) => (&s.collection, &s.id),
-        store::Mutation::Delete(d) => (&d.collection, &d.id),
-    }
-}
-
-fn non_empty(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
-}
-
-fn timestamp(micros: Micros) -> Timestamp {
-    Timestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
-    }
-}
-
-fn document(doc: store::Document) -> Result<proto::Document, ApiError> {
-    let store::Document {
-        collection,
-        id,
-        rev,
-        data,
-        create_time,
-        update_time,
-    } = doc;
-    let data = json::from_json(&data).map_err(|e| {
-        StoreError::Internal(format!(
-            "document `{id}` in collection `{collection}` holds invalid JSON: {e}"
-        ))
-    })?;
-    Ok(proto::Document {
-        collection,
-        id,
-        rev,
-        data: Some(data),
-        create_time: Some(timestamp(create_time)),
-        update_time: Some(timestamp(update_time)),
-    })
 }
 
 #[tonic::async_trait]
@@ -169,15 +84,9 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::Document>, Status> {
-        let scope = self.scope(&request);
-        let proto::GetRequest { collection, id } = request.into_inner();
-        record_collection(&collection);
-        validate::collection(&collection)?;
-        validate::id(&id, "id")?;
-        scope
-            .check(&collection, Need::Read)
-            .map_err(ApiError::from)?;
-        let doc = self.store.get(&collection, &id).await?;
+        let (caller, get) = self.accept(request)?;
+        caller.authorize(&get.collection, Need::Read)?;
+        let doc = self.store.get(&get.collection, &get.id).await?;
         Ok(Response::new(document(doc)?))
     }
 
@@ -185,16 +94,11 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::SaveRequest>,
     ) -> Result<Response<proto::SaveResponse>, Status> {
-        let scope = self.scope(&request);
-        let req = request.into_inner();
-        record_collection(&req.collection);
-        let op = self.save_op(req)?;
-        scope
-            .check(&op.collection, Need::Write)
-            .map_err(ApiError::from)?;
+        let (caller, op) = self.accept(request)?;
+        caller.authorize(&op.collection, Need::Write)?;
         let id = op.id.clone();
         let saved = self.store.save(op).await?;
-        written(1, 0);
+        metrics::documents_changed(1, 0);
         Ok(Response::new(proto::SaveResponse {
             id,
             rev: saved.rev,
@@ -207,15 +111,10 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let scope = self.scope(&request);
-        let req = request.into_inner();
-        record_collection(&req.collection);
-        let op = Self::delete_op(req)?;
-        scope
-            .check(&op.collection, Need::Write)
-            .map_err(ApiError::from)?;
+        let (caller, op) = self.accept(request)?;
+        caller.authorize(&op.collection, Need::Write)?;
         self.store.delete(op).await?;
-        written(0, 1);
+        metrics::documents_changed(0, 1);
         Ok(Response::new(proto::DeleteResponse {}))
     }
 
@@ -223,25 +122,11 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
-        let scope = self.scope(&request);
-        let proto::ListRequest {
-            collection,
-            page_size,
-            page_token,
-        } = request.into_inner();
-        record_collection(&collection);
-        validate::collection(&collection)?;
-        scope
-            .check(&collection, Need::Read)
-            .map_err(ApiError::from)?;
-        let limit = validate::page_size(page_size)?;
-        let after = match page_token.as_str() {
-            "" => None,
-            token => Some(page_token::decode(token, &collection).map_err(ApiError::invalid)?),
-        };
+        let (caller, list) = self.accept(request)?;
+        caller.authorize(&list.collection, Need::Read)?;
         let page = self
             .store
-            .list(&collection, after.as_deref(), limit)
+            .list(&list.collection, list.after.as_deref(), list.limit)
             .await?;
 
         let mut more = page.more;
@@ -256,7 +141,7 @@ impl DocumentService for DocumentApi {
             documents.push(document(doc)?);
         }
         let next_page_token = match documents.last() {
-            Some(last) if more => page_token::encode(&collection, &last.id),
+            Some(last) if more => page_token::encode(&list.collection, &last.id),
             _ => String::new(),
         };
         Ok(Response::new(proto::ListResponse {
@@ -269,25 +154,16 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::BatchGetRequest>,
     ) -> Result<Response<proto::BatchGetResponse>, Status> {
-        let scope = self.scope(&request);
-        let proto::BatchGetRequest { collection, ids } = request.into_inner();
-        record_collection(&collection);
-        validate::collection(&collection)?;
-        scope
-            .check(&collection, Need::Read)
-            .map_err(ApiError::from)?;
-        validate::count("ids", ids.len(), validate::MAX_BATCH_GET_IDS)?;
-        for (i, id) in ids.iter().enumerate() {
-            validate::id(id, &format!("ids[{i}]"))?;
-        }
-        let found = self.store.batch_get(&collection, &ids).await?;
+        let (caller, batch) = self.accept(request)?;
+        caller.authorize(&batch.collection, Need::Read)?;
+        let found = self.store.batch_get(&batch.collection, &batch.ids).await?;
         let mut by_id: HashMap<String, store::Document> =
             found.into_iter().map(|d| (d.id.clone(), d)).collect();
         let mut documents = Vec::with_capacity(by_id.len());
         let mut missing_ids = Vec::new();
-        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        let mut seen = HashSet::with_capacity(batch.ids.len());
         // Request order; an id asked for twice is answered once.
-        for id in ids {
+        for id in batch.ids {
             if !seen.insert(id.clone()) {
                 continue;
             }
@@ -306,32 +182,25 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::WriteRequest>,
     ) -> Result<Response<proto::WriteResponse>, Status> {
-        let scope = self.scope(&request);
+        let caller = self.caller(&request);
         let proto::WriteRequest { mutations } = request.into_inner();
-        validate::count("mutations", mutations.len(), validate::MAX_WRITE_MUTATIONS)?;
-        let mut ops = Vec::with_capacity(mutations.len());
-        for (index, mutation) in mutations.into_iter().enumerate() {
-            let op = match mutation.op {
-                Some(Op::Save(save)) => self.save_op(save).map(store::Mutation::Save),
-                Some(Op::Delete(delete)) => Self::delete_op(delete).map(store::Mutation::Delete),
-                None => Err(ApiError::invalid("op is not set: give a save or a delete")),
-            }
-            .and_then(|op| {
-                scope.check(target(&op).0, Need::Write)?;
-                Ok(op)
-            });
-            ops.push(op.map_err(|e| e.in_mutation(index))?);
-        }
-        let ids: Vec<String> = ops.iter().map(|op| target(op).1.to_string()).collect();
+        let ops = convert::mutations(mutations, &self.limits, &caller.0)?;
+        let ids: Vec<String> = ops.iter().map(|op| op.id().to_string()).collect();
         let outcomes = self.store.write(ops).await?;
-        let saves = outcomes.iter().filter(|w| w.is_some()).count();
-        written(saves as u64, (outcomes.len() - saves) as u64);
+        let saves = outcomes
+            .iter()
+            .filter(|w| matches!(w, store::Written::Saved(_)))
+            .count();
+        metrics::documents_changed(saves as u64, (outcomes.len() - saves) as u64);
         let results = ids
             .into_iter()
             .zip(outcomes)
-            .map(|(id, w)| proto::MutationResult {
+            .map(|(id, written)| proto::MutationResult {
                 id,
-                rev: w.map(|saved| saved.rev).unwrap_or_default(),
+                rev: match written {
+                    store::Written::Saved(saved) => saved.rev,
+                    store::Written::Deleted => String::new(),
+                },
             })
             .collect();
         Ok(Response::new(proto::WriteResponse { results }))
@@ -341,10 +210,9 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::ListCollectionsRequest>,
     ) -> Result<Response<proto::ListCollectionsResponse>, Status> {
-        let scope = self.scope(&request);
-        let proto::ListCollectionsRequest {} = request.into_inner();
+        let caller = self.caller(&request);
         // With a policy, the caller's declared collections; open, whatever exists.
-        let collections = match scope.collections() {
+        let collections = match caller.0.collections() {
             Some(collections) => collections,
             None => self.store.list_collections().await?,
         };

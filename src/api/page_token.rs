@@ -40,7 +40,7 @@ pub fn decode(token: &str, collection: &str) -> Result<String, String> {
     let invalid = || {
         format!(
             "page_token {} was not issued by this server for collection `{collection}`: pass the next_page_token of the previous List response unchanged, or an empty token to start from the beginning",
-            super::validate::shown(token)
+            crate::quote::shown(token)
         )
     };
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;

@@ -2,7 +2,7 @@
 //! the rule so a person can fix the call.
 
 use super::ApiError;
-use std::fmt::Write as _;
+use crate::store::{is_valid_name, NAME_RULE};
 
 pub const MAX_ID_BYTES: usize = 512;
 pub const MAX_BATCH_GET_IDS: usize = 1000;
@@ -12,39 +12,19 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 /// Objects and arrays, the document itself counting as level 1 (Firestore's limit).
 pub const MAX_DEPTH: usize = 20;
 
-const COLLECTION_RULE: &str =
-    "collection names match ^[a-z][a-z0-9_]{0,62}$: a lowercase ASCII letter, then up to 62 lowercase letters, digits or underscores";
 const ID_RULE: &str = "ids are 1 to 512 bytes of UTF-8 without control characters";
 
-/// Quotes a caller's value for an error message: escaped, and cut if long.
-pub fn shown(value: &str) -> String {
-    const MAX: usize = 80;
-    let mut cut = value;
-    if cut.len() > MAX {
-        let mut end = MAX;
-        while !cut.is_char_boundary(end) {
-            end -= 1;
-        }
-        cut = &cut[..end];
-    }
-    let mut out = format!("{cut:?}");
-    if cut.len() < value.len() {
-        let _ = write!(out, "… ({} bytes)", value.len());
-    }
-    out
-}
-
-pub use crate::store::is_valid_name as is_valid_collection;
+pub use crate::quote::shown;
 
 pub fn collection(name: &str) -> Result<(), ApiError> {
     if name.is_empty() {
         return Err(ApiError::invalid(format!(
-            "collection is required; {COLLECTION_RULE}"
+            "collection is required; collection {NAME_RULE}"
         )));
     }
-    if !is_valid_collection(name) {
+    if !is_valid_name(name) {
         return Err(ApiError::invalid(format!(
-            "collection {} is invalid: {COLLECTION_RULE}",
+            "collection {} is invalid: collection {NAME_RULE}",
             shown(name)
         )));
     }

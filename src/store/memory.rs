@@ -78,15 +78,7 @@ fn apply_delete(
     undo: &mut Vec<Undo>,
 ) -> StoreResult<()> {
     let existing = all.get(&op.collection).and_then(|docs| docs.get(&op.id));
-    let Some(existing) = existing else {
-        return Err(StoreError::not_found(&op.collection, &op.id));
-    };
-    StoreError::check_rev(
-        &op.collection,
-        &op.id,
-        op.expected_rev.as_deref(),
-        Some(existing.rev.as_str()),
-    )?;
+    op.check(existing.map(|d| d.rev.as_str()))?;
     let previous = all
         .get_mut(&op.collection)
         .and_then(|docs| docs.remove(&op.id));
@@ -140,10 +132,8 @@ impl DocumentStore for MemoryStore {
             }
             None => docs.range::<str, _>(..),
         };
-        let mut documents: Vec<Document> = range.take(limit + 1).map(|(_, d)| d.clone()).collect();
-        let more = documents.len() > limit;
-        documents.truncate(limit);
-        Ok(Page { documents, more })
+        let rows = range.take(Page::fetch_limit(limit)).map(|(_, d)| d.clone());
+        Ok(Page::from_rows(rows.collect(), limit))
     }
 
     async fn batch_get(&self, collection: &str, ids: &[String]) -> StoreResult<Vec<Document>> {
@@ -161,8 +151,10 @@ impl DocumentStore for MemoryStore {
         let mut results = Vec::with_capacity(mutations.len());
         for (index, mutation) in mutations.into_iter().enumerate() {
             let result = match mutation {
-                Mutation::Save(op) => apply_save(&mut all, op, now, &mut undo).map(Some),
-                Mutation::Delete(op) => apply_delete(&mut all, op, &mut undo).map(|()| None),
+                Mutation::Save(op) => apply_save(&mut all, op, now, &mut undo).map(Written::Saved),
+                Mutation::Delete(op) => {
+                    apply_delete(&mut all, op, &mut undo).map(|()| Written::Deleted)
+                }
             };
             match result {
                 Ok(written) => results.push(written),

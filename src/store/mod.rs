@@ -2,21 +2,30 @@
 //!
 //! Stores speak documents, revisions and pages; they know nothing of gRPC. Their
 //! inputs are already validated by the API layer (collection names, ids, JSON).
+//! Every decision that does not depend on the database (the conditions of a
+//! write, the shape of a page) is made here once; a backend only fetches the
+//! facts (the stored rev, the rows) and applies the outcome.
 
 use async_trait::async_trait;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod memory;
 pub mod postgres;
-pub mod postgres_migrate;
 pub mod sqlite;
 
 pub use memory::MemoryStore;
-pub use postgres::{PgOptions, PostgresStore};
-pub use sqlite::SqliteStore;
+pub use postgres::{PgTarget, PostgresStore};
+pub use sqlite::{SqliteStore, SqliteTarget};
 
-/// The rule for collection (and PostgreSQL schema) names, `^[a-z][a-z0-9_]{0,62}$`:
-/// the only names that ever reach SQL as identifiers.
+/// The pattern of collection names (and PostgreSQL schema names): the only
+/// names that ever reach SQL as identifiers.
+pub const NAME_PATTERN: &str = "^[a-z][a-z0-9_]{0,62}$";
+
+/// [`NAME_PATTERN`] in words, for error messages.
+pub const NAME_RULE: &str = "names match ^[a-z][a-z0-9_]{0,62}$: a lowercase ASCII letter, then up to 62 lowercase letters, digits or underscores";
+
+/// Whether `name` matches [`NAME_PATTERN`].
 pub fn is_valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     match bytes.split_first() {
@@ -74,6 +83,22 @@ pub enum Mutation {
     Delete(DeleteOp),
 }
 
+impl Mutation {
+    pub fn collection(&self) -> &str {
+        match self {
+            Mutation::Save(op) => &op.collection,
+            Mutation::Delete(op) => &op.collection,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Mutation::Save(op) => &op.id,
+            Mutation::Delete(op) => &op.id,
+        }
+    }
+}
+
 /// What a successful save did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Saved {
@@ -83,8 +108,12 @@ pub struct Saved {
     pub created: bool,
 }
 
-/// The result of one mutation of a write: the new rev of a save, `None` for a delete.
-pub type Written = Option<Saved>;
+/// The outcome of one mutation of a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Saved(Saved),
+    Deleted,
+}
 
 /// One page of a collection in id order.
 #[derive(Debug, Clone, Default)]
@@ -92,6 +121,21 @@ pub struct Page {
     pub documents: Vec<Document>,
     /// True when documents follow the last one of this page.
     pub more: bool,
+}
+
+impl Page {
+    /// How many rows to fetch for a page of `limit`: one more tells whether
+    /// another page follows.
+    pub fn fetch_limit(limit: usize) -> usize {
+        limit.saturating_add(1)
+    }
+
+    /// The page made of rows fetched with [`Page::fetch_limit`].
+    pub fn from_rows(mut documents: Vec<Document>, limit: usize) -> Page {
+        let more = documents.len() > limit;
+        documents.truncate(limit);
+        Page { documents, more }
+    }
 }
 
 /// Everything that can go wrong in a store, in terms a caller can act on.
@@ -139,24 +183,6 @@ fn rev_mismatch(collection: &str, id: &str, expected: &str, actual: Option<&str>
 }
 
 impl StoreError {
-    /// Checks a stored rev against an expected one, inside the writing transaction.
-    pub fn check_rev(
-        collection: &str,
-        id: &str,
-        expected: Option<&str>,
-        actual: Option<&str>,
-    ) -> Result<(), StoreError> {
-        match expected {
-            Some(expected) if actual != Some(expected) => Err(StoreError::RevMismatch {
-                collection: collection.into(),
-                id: id.into(),
-                expected: expected.into(),
-                actual: actual.map(Into::into),
-            }),
-            _ => Ok(()),
-        }
-    }
-
     pub fn not_found(collection: &str, id: &str) -> StoreError {
         StoreError::NotFound {
             collection: collection.into(),
@@ -177,9 +203,59 @@ impl StoreError {
             source: Box::new(self),
         }
     }
+
+    /// The error of a one-mutation write run on behalf of a plain call.
+    pub fn outside_mutation(self) -> StoreError {
+        match self {
+            StoreError::InMutation { source, .. } => *source,
+            e => e,
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Checks a stored rev (`None`: absent) against an expected one.
+fn expect_rev(
+    collection: &str,
+    id: &str,
+    expected: &Option<String>,
+    stored: Option<&str>,
+) -> StoreResult<()> {
+    match expected {
+        Some(expected) if stored != Some(expected.as_str()) => Err(StoreError::RevMismatch {
+            collection: collection.into(),
+            id: id.into(),
+            expected: expected.into(),
+            actual: stored.map(Into::into),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl SaveOp {
+    /// Decides the conditions of this save against the stored rev (`None`:
+    /// absent), read inside the writing transaction. Stores whose statement
+    /// decides the condition itself call it when the statement matched no row,
+    /// to say why.
+    pub fn check(&self, stored_rev: Option<&str>) -> StoreResult<()> {
+        if self.create_only && stored_rev.is_some() {
+            return Err(StoreError::already_exists(&self.collection, &self.id));
+        }
+        expect_rev(&self.collection, &self.id, &self.expected_rev, stored_rev)
+    }
+}
+
+impl DeleteOp {
+    /// Decides the conditions of this delete against the stored rev (`None`:
+    /// absent); see [`SaveOp::check`].
+    pub fn check(&self, stored_rev: Option<&str>) -> StoreResult<()> {
+        if stored_rev.is_none() {
+            return Err(StoreError::not_found(&self.collection, &self.id));
+        }
+        expect_rev(&self.collection, &self.id, &self.expected_rev, stored_rev)
+    }
+}
 
 /// The storage backend behind the DocumentService.
 #[async_trait]
@@ -229,25 +305,38 @@ pub struct PoolStats {
     pub waiting: usize,
 }
 
-/// Records how long a call waited for a connection.
-pub fn record_acquire(started: std::time::Instant) {
-    metrics::histogram!("docsidecar_pool_acquire_seconds").record(started.elapsed().as_secs_f64());
+/// Which store to open, with everything it needs: resolved once from the
+/// command line (see `config`), never by the stores themselves.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Memory,
+    Sqlite(SqliteTarget),
+    Postgres(Box<PgTarget>),
 }
 
-impl SaveOp {
-    /// Decides the conditions of this save against the stored rev (`None`: absent),
-    /// for stores that read it inside the writing transaction.
-    pub fn check(&self, stored_rev: Option<&str>) -> StoreResult<()> {
-        if self.create_only && stored_rev.is_some() {
-            return Err(StoreError::already_exists(&self.collection, &self.id));
+impl std::fmt::Display for Target {
+    /// Where the store is, without credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Memory => f.write_str("memory"),
+            Target::Sqlite(t) => write!(f, "sqlite ({t})"),
+            Target::Postgres(t) => write!(f, "postgresql ({t})"),
         }
-        StoreError::check_rev(
-            &self.collection,
-            &self.id,
-            self.expected_rev.as_deref(),
-            stored_rev,
-        )
     }
+}
+
+/// Opens the store `target` names, applying its schema migrations. Background
+/// work a store needs (password rotation) runs in `tasks`.
+pub async fn open(
+    target: &Target,
+    tasks: &crate::background::Tasks,
+) -> StoreResult<Arc<dyn DocumentStore>> {
+    tracing::info!(database = %target, "opening store");
+    Ok(match target {
+        Target::Memory => Arc::new(MemoryStore::new()),
+        Target::Sqlite(t) => Arc::new(SqliteStore::open(t).await?),
+        Target::Postgres(t) => Arc::new(PostgresStore::connect(t, tasks).await?),
+    })
 }
 
 /// A new revision: unique, and different on every write of a document.
@@ -264,4 +353,72 @@ pub fn now_micros() -> Micros {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as Micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn save(expected_rev: Option<&str>, create_only: bool) -> SaveOp {
+        SaveOp {
+            collection: "c".into(),
+            id: "a".into(),
+            data: "{}".into(),
+            expected_rev: expected_rev.map(Into::into),
+            create_only,
+        }
+    }
+
+    #[test]
+    fn save_and_delete_conditions() {
+        assert!(save(None, false).check(None).is_ok());
+        assert!(save(None, false).check(Some("r1")).is_ok());
+        assert!(matches!(
+            save(None, true).check(Some("r1")),
+            Err(StoreError::AlreadyExists { .. })
+        ));
+        assert!(save(Some("r1"), false).check(Some("r1")).is_ok());
+        assert!(matches!(
+            save(Some("r1"), false).check(None),
+            Err(StoreError::RevMismatch { actual: None, .. })
+        ));
+        let delete = |expected: Option<&str>| DeleteOp {
+            collection: "c".into(),
+            id: "a".into(),
+            expected_rev: expected.map(Into::into),
+        };
+        assert!(matches!(
+            delete(None).check(None),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            delete(Some("r1")).check(None),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(delete(Some("r1")).check(Some("r1")).is_ok());
+        assert!(matches!(
+            delete(Some("r1")).check(Some("r2")),
+            Err(StoreError::RevMismatch {
+                actual: Some(_),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn pages_fetch_one_more() {
+        let doc = |id: &str| Document {
+            collection: "c".into(),
+            id: id.into(),
+            rev: "r".into(),
+            data: "{}".into(),
+            create_time: 0,
+            update_time: 0,
+        };
+        assert_eq!(Page::fetch_limit(2), 3);
+        let page = Page::from_rows(vec![doc("a"), doc("b"), doc("c")], 2);
+        assert!(page.more);
+        assert_eq!(page.documents.len(), 2);
+        assert!(!Page::from_rows(vec![doc("a")], 2).more);
+    }
 }

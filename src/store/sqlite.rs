@@ -6,7 +6,7 @@
 //! read and write inside one `BEGIN IMMEDIATE` transaction.
 
 use super::*;
-use crate::config::SqliteTarget;
+use crate::metrics;
 use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
@@ -14,7 +14,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Where the database is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlitePath {
+    File(std::path::PathBuf),
+    Memory,
+}
+
+/// The SQLite store's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteTarget {
+    pub path: SqlitePath,
+    /// Read-only connections beside the one writer.
+    pub readers: usize,
+    /// How long a call waits for a connection before UNAVAILABLE.
+    pub acquire_timeout: Duration,
+}
+
+impl std::fmt::Display for SqliteTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            SqlitePath::File(p) => write!(f, "{}", p.display()),
+            SqlitePath::Memory => f.write_str(":memory:"),
+        }
+    }
+}
+
 /// A versioned schema change; applied once, in order, recorded in `schema_migrations`.
+#[derive(Debug, Clone, Copy)]
 pub struct Migration {
     pub version: i64,
     pub description: &'static str,
@@ -140,16 +167,16 @@ pub fn migrate(conn: &mut Connection, migrations: &[Migration]) -> StoreResult<(
 
 impl SqliteStore {
     /// Opens (creating if needed) and migrates the database.
-    pub async fn open(
-        target: &SqliteTarget,
-        readers: usize,
-        acquire_timeout: Duration,
-    ) -> StoreResult<Self> {
-        let target = target.clone();
+    pub async fn open(target: &SqliteTarget) -> StoreResult<Self> {
+        let SqliteTarget {
+            path,
+            readers,
+            acquire_timeout,
+        } = target.clone();
         let (writer, path) = tokio::task::spawn_blocking(move || -> StoreResult<_> {
-            let (mut conn, path) = match &target {
-                SqliteTarget::Memory => (Connection::open_in_memory()?, None),
-                SqliteTarget::File(path) => (Connection::open(path)?, Some(path.clone())),
+            let (mut conn, path) = match path {
+                SqlitePath::Memory => (Connection::open_in_memory()?, None),
+                SqlitePath::File(path) => (Connection::open(&path)?, Some(path)),
             };
             if path.is_some() {
                 let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
@@ -187,7 +214,7 @@ impl SqliteStore {
                 .await
                 .map_err(|_| self.busy())?
                 .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        record_acquire(started);
+        metrics::pool_acquired(started);
         Ok(permit)
     }
 
@@ -255,7 +282,7 @@ impl SqliteStore {
         let mut conn = tokio::time::timeout(self.acquire_timeout, self.writer.clone().lock_owned())
             .await
             .map_err(|_| self.busy())?;
-        record_acquire(started);
+        metrics::pool_acquired(started);
         tokio::task::spawn_blocking(move || f(&mut conn))
             .await
             .map_err(join_error)?
@@ -343,15 +370,8 @@ fn save_in(tx: &Transaction<'_>, op: &SaveOp, now: Micros) -> StoreResult<Saved>
 }
 
 fn delete_in(tx: &Transaction<'_>, op: &DeleteOp) -> StoreResult<()> {
-    let Some((rev, _)) = current(tx, &op.collection, &op.id)? else {
-        return Err(StoreError::not_found(&op.collection, &op.id));
-    };
-    StoreError::check_rev(
-        &op.collection,
-        &op.id,
-        op.expected_rev.as_deref(),
-        Some(&rev),
-    )?;
+    let existing = current(tx, &op.collection, &op.id)?;
+    op.check(existing.as_ref().map(|(rev, _)| rev.as_str()))?;
     tx.prepare_cached("DELETE FROM documents WHERE collection = ?1 AND id = ?2")?
         .execute(params![op.collection, op.id])?;
     Ok(())
@@ -404,25 +424,22 @@ impl DocumentStore for SqliteStore {
             // Keyset pagination: a range scan of the primary key from `after`, never
             // OFFSET. Two statements, because `?2 IS NULL OR id > ?2` would hide
             // the range from the query planner.
-            let limit = limit as i64 + 1;
-            let mut documents = match &after {
+            let fetch = i64::try_from(Page::fetch_limit(limit)).unwrap_or(i64::MAX);
+            let rows = match &after {
                 Some(after) => conn
                     .prepare_cached(&format!(
                         "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
                     ))?
-                    .query_map(params![collection, after, limit], |r| row_to_doc(&collection, r))?
+                    .query_map(params![collection, after, fetch], |r| row_to_doc(&collection, r))?
                     .collect::<rusqlite::Result<Vec<_>>>()?,
                 None => conn
                     .prepare_cached(&format!(
                         "SELECT {DOC_COLUMNS} FROM documents WHERE collection = ?1 ORDER BY id LIMIT ?2"
                     ))?
-                    .query_map(params![collection, limit], |r| row_to_doc(&collection, r))?
+                    .query_map(params![collection, fetch], |r| row_to_doc(&collection, r))?
                     .collect::<rusqlite::Result<Vec<_>>>()?,
             };
-            let limit = (limit - 1) as usize;
-            let more = documents.len() > limit;
-            documents.truncate(limit);
-            Ok(Page { documents, more })
+            Ok(Page::from_rows(rows, limit))
         })
         .await
     }
@@ -451,8 +468,8 @@ impl DocumentStore for SqliteStore {
             for (index, mutation) in mutations.iter().enumerate() {
                 // Returning early drops `tx`, which rolls everything back.
                 let written = match mutation {
-                    Mutation::Save(op) => save_in(&tx, op, now).map(Some),
-                    Mutation::Delete(op) => delete_in(&tx, op).map(|()| None),
+                    Mutation::Save(op) => save_in(&tx, op, now).map(Written::Saved),
+                    Mutation::Delete(op) => delete_in(&tx, op).map(|()| Written::Deleted),
                 }
                 .map_err(|e| e.in_mutation(index))?;
                 results.push(written);
@@ -553,7 +570,7 @@ mod tests {
         )
         .unwrap();
 
-        let upgraded = [MIGRATIONS[0].clone_ref(), V2];
+        let upgraded = [MIGRATIONS[0], V2];
         migrate(&mut conn, &upgraded).unwrap();
         assert_eq!(versions(&conn), vec![1, 2]);
         // Applying again is a no-op.
@@ -571,10 +588,12 @@ mod tests {
     async fn a_busy_point_read_is_retried_off_the_workers() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let dir = tempfile::tempdir().unwrap();
-        let target = SqliteTarget::File(dir.path().join("busy.db"));
-        let store = SqliteStore::open(&target, 2, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let target = SqliteTarget {
+            path: SqlitePath::File(dir.path().join("busy.db")),
+            readers: 2,
+            acquire_timeout: Duration::from_secs(5),
+        };
+        let store = SqliteStore::open(&target).await.unwrap();
         // Warm the reader pool, so that the next read takes the inline path.
         store.read_point(|_| Ok(())).await.unwrap();
 
@@ -605,7 +624,7 @@ mod tests {
     #[test]
     fn a_newer_database_is_refused() {
         let mut conn = Connection::open_in_memory().unwrap();
-        migrate(&mut conn, &[MIGRATIONS[0].clone_ref(), V2]).unwrap();
+        migrate(&mut conn, &[MIGRATIONS[0], V2]).unwrap();
         let err = migrate(&mut conn, MIGRATIONS).unwrap_err().to_string();
         assert!(err.contains("newer than this docsidecar supports"), "{err}");
     }
@@ -626,15 +645,5 @@ mod tests {
         let plan = plan.join("; ");
         assert!(plan.contains("(collection=? AND id>?)"), "{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "no sort step: {plan}");
-    }
-
-    impl Migration {
-        fn clone_ref(&self) -> Migration {
-            Migration {
-                version: self.version,
-                description: self.description,
-                sql: self.sql,
-            }
-        }
     }
 }

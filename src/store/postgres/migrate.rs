@@ -4,21 +4,28 @@
 //! read-write tables and SELECT on the read-only ones, nothing else. The serving
 //! sidecar then needs no DDL rights at all.
 
-use super::postgres::table_ddl;
-use super::{StoreError, StoreResult};
-use crate::config::describe_postgres;
-use crate::policy::Access;
+use super::ddl::table_ddl;
+use super::PgTarget;
+use crate::background::Backoff;
+use crate::store::{StoreError, StoreResult};
 use std::collections::BTreeMap;
-use std::time::Duration;
 use tokio_postgres::NoTls;
 use tracing::{info, warn};
+
+/// What the runtime role may do to a collection's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// SELECT, INSERT, UPDATE, DELETE.
+    ReadWrite,
+    /// SELECT.
+    ReadOnly,
+}
 
 /// What to migrate.
 #[derive(Debug, Clone)]
 pub struct MigratePlan {
-    pub schema: String,
     /// The declared collections (from the policy); their tables are created.
-    pub collections: BTreeMap<String, Access>,
+    pub collections: BTreeMap<String, Grant>,
     /// The runtime role that receives the grants.
     pub grant_to: Option<String>,
 }
@@ -53,47 +60,34 @@ fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-async fn connect(
-    cfg: &tokio_postgres::Config,
-    retries: u32,
-    delay: Duration,
-) -> StoreResult<tokio_postgres::Client> {
-    let target = describe_postgres(cfg);
-    let mut delay = delay.max(Duration::from_millis(10));
-    let mut attempt = 1;
-    loop {
-        match cfg.connect(NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        warn!(error = %e, "migrate connection ended");
-                    }
-                });
-                return Ok(client);
-            }
-            Err(e) if retries == 0 || attempt < retries => {
+async fn connect(target: &PgTarget) -> StoreResult<tokio_postgres::Client> {
+    let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
+    let (client, connection) = backoff
+        .retry(
+            || target.config.connect(NoTls),
+            |_| true,
+            |e, attempt, delay| {
                 warn!(%target, attempt, error = %e, "PostgreSQL not reachable for migrate; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-                attempt += 1;
-            }
-            Err(e) => {
-                return Err(StoreError::Unavailable(format!(
-                    "cannot connect to PostgreSQL at {target} after {attempt} attempts: {e}"
-                )))
-            }
+            },
+        )
+        .await
+        .map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {target} after {} attempts: {e}",
+                backoff.attempts_made()
+            ))
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(error = %e, "migrate connection ended");
         }
-    }
+    });
+    Ok(client)
 }
 
 /// Applies `plan` in one transaction, serialized across concurrent runs (several
 /// replicas' init containers) by an advisory lock. Idempotent.
-pub async fn migrate(
-    cfg: &tokio_postgres::Config,
-    plan: &MigratePlan,
-    retries: u32,
-    retry_delay: Duration,
-) -> StoreResult<()> {
+pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
     if let Some(role) = &plan.grant_to {
         if !is_valid_role(role) {
             return Err(StoreError::Internal(format!(
@@ -105,18 +99,18 @@ pub async fn migrate(
     let ddl = plan
         .collections
         .keys()
-        .map(|c| Ok((c.as_str(), table_ddl(&plan.schema, c)?)))
+        .map(|c| Ok((c.as_str(), table_ddl(&target.schema, c)?)))
         .collect::<StoreResult<Vec<_>>>()?;
-    let schema = format!("\"{}\"", plan.schema);
+    let schema = format!("\"{}\"", target.schema);
 
-    let mut client = connect(cfg, retries, retry_delay).await?;
+    let mut client = connect(target).await?;
     let tx = client
         .transaction()
         .await
         .map_err(|e| pg_error("BEGIN", e))?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('docsidecar migrate ' || $1::text))",
-        &[&plan.schema],
+        &[&target.schema],
     )
     .await
     .map_err(|e| pg_error("taking the migration lock", e))?;
@@ -179,8 +173,8 @@ pub async fn migrate(
         for (collection, access) in &plan.collections {
             let table = format!("{schema}.\"{collection}\"");
             let privileges = match access {
-                Access::ReadWrite => "SELECT, INSERT, UPDATE, DELETE",
-                Access::ReadOnly => "SELECT",
+                Grant::ReadWrite => "SELECT, INSERT, UPDATE, DELETE",
+                Grant::ReadOnly => "SELECT",
             };
             // Revoke first: a collection turned read-only loses its write grants.
             sql.push_str(&format!(
@@ -197,7 +191,7 @@ pub async fn migrate(
         );
     }
     tx.commit().await.map_err(|e| pg_error("COMMIT", e))?;
-    info!(schema = %plan.schema, collections = plan.collections.len(), "PostgreSQL schema migrated");
+    info!(schema = %target.schema, collections = plan.collections.len(), "PostgreSQL schema migrated");
     Ok(())
 }
 

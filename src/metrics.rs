@@ -1,0 +1,74 @@
+//! Every metric the sidecar exports, declared once: the name, and the one
+//! function that records it. Exported by the admin listener in Prometheus'
+//! text format (see `admin`).
+
+use crate::store::PoolStats;
+use std::time::Instant;
+
+pub const REQUESTS_TOTAL: &str = "docsidecar_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "docsidecar_request_duration_seconds";
+pub const REQUESTS_IN_FLIGHT: &str = "docsidecar_requests_in_flight";
+pub const POOL_ACQUIRE_SECONDS: &str = "docsidecar_pool_acquire_seconds";
+pub const POOL_CONNECTIONS_MAX: &str = "docsidecar_pool_connections_max";
+pub const POOL_CONNECTIONS_OPEN: &str = "docsidecar_pool_connections_open";
+pub const POOL_CONNECTIONS_IDLE: &str = "docsidecar_pool_connections_idle";
+pub const POOL_WAITING: &str = "docsidecar_pool_waiting";
+pub const DATABASE_ERRORS_TOTAL: &str = "docsidecar_database_errors_total";
+pub const DOCUMENTS_WRITTEN_TOTAL: &str = "docsidecar_documents_written_total";
+pub const DOCUMENTS_DELETED_TOTAL: &str = "docsidecar_documents_deleted_total";
+pub const BUILD_INFO: &str = "docsidecar_build_info";
+
+/// One finished call: its method, status and latency.
+pub fn request(method: &'static str, code: &'static str, seconds: f64) {
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "method" => method).record(seconds);
+    metrics::counter!(REQUESTS_TOTAL, "method" => method, "code" => code).increment(1);
+}
+
+/// Counts a call in flight for as long as it lives, even if it is dropped.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        metrics::gauge!(REQUESTS_IN_FLIGHT).increment(1.0);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(REQUESTS_IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// How long a call waited for a database connection.
+pub fn pool_acquired(started: Instant) {
+    metrics::histogram!(POOL_ACQUIRE_SECONDS).record(started.elapsed().as_secs_f64());
+}
+
+/// The pool's figures at scrape time.
+pub fn pool(stats: PoolStats) {
+    metrics::gauge!(POOL_CONNECTIONS_MAX).set(stats.max as f64);
+    metrics::gauge!(POOL_CONNECTIONS_OPEN).set(stats.open as f64);
+    metrics::gauge!(POOL_CONNECTIONS_IDLE).set(stats.idle as f64);
+    metrics::gauge!(POOL_WAITING).set(stats.waiting as f64);
+}
+
+/// A failure of the database rather than of the request (`kind` is bounded:
+/// unavailable, permission_denied, internal).
+pub fn database_error(kind: &'static str) {
+    metrics::counter!(DATABASE_ERRORS_TOTAL, "kind" => kind).increment(1);
+}
+
+/// Documents written and deleted by a successful call.
+pub fn documents_changed(saved: u64, deleted: u64) {
+    if saved > 0 {
+        metrics::counter!(DOCUMENTS_WRITTEN_TOTAL).increment(saved);
+    }
+    if deleted > 0 {
+        metrics::counter!(DOCUMENTS_DELETED_TOTAL).increment(deleted);
+    }
+}
+
+pub fn build_info() {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}

@@ -1,0 +1,212 @@
+//! The connection pool, password rotation, and the connection guard that
+//! cancels an abandoned call's query.
+
+use super::error::describe;
+use crate::background::{FileWatcher, Tasks};
+use crate::metrics;
+use crate::store::{PoolStats, StoreError, StoreResult};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+/// The current pool. A rotated password gets a new pool; the old one is only
+/// dropped, never closed, so calls holding or awaiting its connections finish on
+/// them, and those connections close as they come back.
+pub(super) struct Pools {
+    pool: RwLock<Pool>,
+    cfg: tokio_postgres::Config,
+    size: usize,
+    acquire_timeout: Duration,
+    /// `user@host:port/db` for messages and logs; never the password.
+    target: String,
+}
+
+fn build(cfg: tokio_postgres::Config, size: usize, acquire_timeout: Duration) -> StoreResult<Pool> {
+    let manager = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            // Fast: `is_closed` catches dead connections without a round trip.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(acquire_timeout))
+        .create_timeout(Some(acquire_timeout))
+        .recycle_timeout(Some(acquire_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Internal(format!("cannot build the PostgreSQL pool: {e}")))
+}
+
+impl Pools {
+    pub(super) fn new(
+        cfg: tokio_postgres::Config,
+        size: usize,
+        acquire_timeout: Duration,
+        target: String,
+    ) -> StoreResult<Arc<Pools>> {
+        Ok(Arc::new(Pools {
+            pool: RwLock::new(build(cfg.clone(), size, acquire_timeout)?),
+            cfg,
+            size,
+            acquire_timeout,
+            target,
+        }))
+    }
+
+    fn current(&self) -> Pool {
+        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Watches the password file in `tasks`; stops when the pools are gone.
+    pub(super) fn watch_password(self: &Arc<Self>, file: PathBuf, tasks: &Tasks) {
+        let pools: Weak<Pools> = Arc::downgrade(self);
+        tasks.spawn(FileWatcher::new(vec![file]).run(move |contents| {
+            let pools = pools.clone();
+            async move {
+                let password = String::from_utf8_lossy(&contents[0]).trim().to_string();
+                match pools.upgrade() {
+                    Some(pools) if !password.is_empty() => pools.rotate(&password).await,
+                    _ => false,
+                }
+            }
+        }));
+    }
+
+    /// Switches to `password` once a connection with it succeeds; until then the
+    /// old pool keeps serving.
+    async fn rotate(&self, password: &str) -> bool {
+        let mut cfg = self.cfg.clone();
+        cfg.password(password);
+        let Ok(pool) = build(cfg, self.size, self.acquire_timeout) else {
+            return false;
+        };
+        if let Err(e) = pool.get().await {
+            tracing::warn!(
+                target_db = %self.target,
+                error = %e,
+                "the rotated database password does not work yet; the previous connections keep serving"
+            );
+            return false;
+        }
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = pool;
+        tracing::info!(
+            target_db = %self.target,
+            "database password rotated: new connections use it, the old ones retire as their calls finish"
+        );
+        true
+    }
+
+    /// A pooled connection within the acquire timeout, or UNAVAILABLE.
+    pub(super) async fn acquire(&self) -> StoreResult<Conn> {
+        // The pool's own timeouts name the stage that was slow; this one bounds the total.
+        let pool = self.current();
+        let started = Instant::now();
+        let acquired = tokio::time::timeout(self.acquire_timeout, pool.get()).await;
+        metrics::pool_acquired(started);
+        match acquired {
+            Ok(Ok(object)) => Ok(Conn(Some(object))),
+            Ok(Err(e)) => Err(self.pool_error(e)),
+            Err(_) => Err(self.busy()),
+        }
+    }
+
+    fn busy(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "no PostgreSQL connection became free within {:?} (pool size {}); retry, or raise DB_POOL_SIZE or DB_ACQUIRE_TIMEOUT",
+            self.acquire_timeout, self.size
+        ))
+    }
+
+    fn pool_error(&self, e: PoolError) -> StoreError {
+        match e {
+            PoolError::Timeout(TimeoutType::Wait) => self.busy(),
+            PoolError::Timeout(_) => StoreError::Unavailable(format!(
+                "PostgreSQL at {} did not accept a connection within {:?}; retry",
+                self.target, self.acquire_timeout
+            )),
+            // Wrong password, unknown database, refused port: the sidecar cannot
+            // serve until the database or its settings are fixed.
+            PoolError::Backend(e) => StoreError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {}: {}; retry",
+                self.target,
+                describe(&e)
+            )),
+            PoolError::Closed => {
+                StoreError::Unavailable("the PostgreSQL store is closed (shutting down)".into())
+            }
+            PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+                StoreError::Internal(format!("PostgreSQL pool: {e}"))
+            }
+        }
+    }
+
+    pub(super) fn stats(&self) -> PoolStats {
+        let status = self.current().status();
+        PoolStats {
+            max: status.max_size,
+            open: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        }
+    }
+
+    pub(super) fn close(&self) {
+        self.current().close();
+    }
+}
+
+/// A pooled connection that cancels its query if dropped before
+/// [`Conn::release`]: dropping a call's future (the client's deadline) must not
+/// leave the query running on the server.
+pub(super) struct Conn(Option<Object>);
+
+impl Conn {
+    /// The call finished, with or without an error: back to the pool.
+    pub(super) fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Deref for Conn {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        // Present from acquire until `release` consumes the guard or it drops.
+        self.0.as_ref().expect("a connection until released")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Object {
+        self.0.as_mut().expect("a connection until released")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(object) = self.0.take() else {
+            return;
+        };
+        // Abandoned mid-call. The connection leaves the pool for good: a cancel
+        // request that arrives late must not hit the next caller's query.
+        let token = object.cancel_token();
+        let client = Object::take(object);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                match token.cancel_query(NoTls).await {
+                    Ok(()) => tracing::debug!("cancelled the query of an abandoned call"),
+                    Err(e) => tracing::debug!(error = %describe(&e), "could not cancel the query of an abandoned call"),
+                }
+                drop(client);
+            });
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! Against a real server: `DOCSIDECAR_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`). Each test works in a fresh schema
+//! and drops it. Without a server they are skipped, unless
+//! `DOCSIDECAR_REQUIRE_DB=1`. The document semantics are tested once for every
+//! store in `tests/behaviour.rs`; these are the PostgreSQL-specific cases.
+
+use super::ddl::{qualified_table, table_ddl};
+use super::*;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_postgres::NoTls;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn url() -> String {
+    std::env::var("DOCSIDECAR_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.into())
+}
+
+/// Drops the test's schema, also when the test panics.
+struct SchemaGuard {
+    name: String,
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await: a thread with its own runtime does the cleanup.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&url(), NoTls).await {
+                    tokio::spawn(connection);
+                    let sql = format!(
+                        "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+                    );
+                    let _ = client.batch_execute(&sql).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Fields drop in order: the admin session and the pool end before the schema goes.
+struct Ctx {
+    admin: tokio_postgres::Client,
+    store: PostgresStore,
+    schema: String,
+    _guard: SchemaGuard,
+}
+
+async fn admin() -> Option<tokio_postgres::Client> {
+    let require = std::env::var("DOCSIDECAR_REQUIRE_DB").is_ok_and(|v| v == "1");
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_postgres::connect(&url(), NoTls),
+    )
+    .await
+    {
+        Ok(Ok((client, connection))) => {
+            tokio::spawn(connection);
+            Some(client)
+        }
+        Ok(Err(e)) if require => {
+            panic!("DOCSIDECAR_REQUIRE_DB=1 but PostgreSQL is unreachable: {e}")
+        }
+        Err(_) if require => panic!("DOCSIDECAR_REQUIRE_DB=1 but PostgreSQL did not answer"),
+        _ => {
+            println!("skipped: no PostgreSQL");
+            None
+        }
+    }
+}
+
+async fn setup(adjust: impl FnOnce(&mut PgTarget)) -> Option<Ctx> {
+    let admin = admin().await?;
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let guard = SchemaGuard {
+        name: schema.clone(),
+    };
+    let mut cfg: tokio_postgres::Config = url().parse().expect("test URL");
+    // Tells this test's sessions apart in pg_stat_activity.
+    cfg.application_name(&schema);
+    let mut target = PgTarget {
+        schema: schema.clone(),
+        pool_size: 8,
+        acquire_timeout: Duration::from_secs(10),
+        max_retries: 1,
+        retry_delay: Duration::from_millis(10),
+        ..PgTarget::new(cfg)
+    };
+    adjust(&mut target);
+    let store = PostgresStore::connect(&target, &Tasks::new())
+        .await
+        .expect("connect");
+    Some(Ctx {
+        admin,
+        store,
+        schema,
+        _guard: guard,
+    })
+}
+
+fn save(collection: &str, id: &str, data: &str) -> SaveOp {
+    SaveOp {
+        collection: collection.into(),
+        id: id.into(),
+        data: data.into(),
+        expected_rev: None,
+        create_only: false,
+    }
+}
+
+fn kind(e: &StoreError) -> String {
+    match e {
+        StoreError::NotFound { .. } => "NotFound".into(),
+        StoreError::AlreadyExists { .. } => "AlreadyExists".into(),
+        StoreError::RevMismatch { actual, .. } => {
+            format!("RevMismatch(actual: {})", actual.is_some())
+        }
+        StoreError::InMutation { index, source } => {
+            format!("mutation {index}: {}", kind(source))
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_round_trip_and_keep_their_create_time() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    let s = &ctx.store;
+    let first = s
+        .save(save("docs", "x", r#"{"a": [1, {"b": "ü"}], "n": 1.5}"#))
+        .await
+        .unwrap();
+    assert!(first.created);
+    let doc = s.get("docs", "x").await.unwrap();
+    assert_eq!(doc.rev, first.rev);
+    assert_eq!(doc.create_time, first.update_time);
+    let data: serde_json::Value = serde_json::from_str(&doc.data).unwrap();
+    assert_eq!(data, serde_json::json!({"a": [1, {"b": "ü"}], "n": 1.5}));
+
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let second = s.save(save("docs", "x", "{}")).await.unwrap();
+    assert!(!second.created);
+    assert_ne!(second.rev, first.rev);
+    let doc = s.get("docs", "x").await.unwrap();
+    assert_eq!(doc.create_time, first.update_time);
+    assert_eq!(doc.update_time, second.update_time);
+    assert!(doc.update_time > doc.create_time);
+
+    // Ids sort by bytes.
+    for id in ["b", "B", "é", "a"] {
+        s.save(save("docs", id, "{}")).await.unwrap();
+    }
+    let page = s.list("docs", None, 10).await.unwrap();
+    let ids: Vec<&str> = page.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["B", "a", "b", "x", "é"]);
+    assert!(!page.more);
+
+    // A table in the schema that is not a collection name is not listed.
+    ctx.admin
+        .batch_execute(&format!(
+            "CREATE TABLE \"{}\".\"Not_A_Collection\" (x int)",
+            ctx.schema
+        ))
+        .await
+        .unwrap();
+    assert_eq!(s.list_collections().await.unwrap(), ["docs"]);
+
+    // jsonb cannot hold \u0000: a clear error, not a panic.
+    let err = s
+        .save(save("docs", "nul", r#"{"s": "\u0000"}"#))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_leave_no_trace_not_even_a_table() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    let s = &ctx.store;
+    let err = s
+        .write(vec![
+            Mutation::Save(save("alpha", "a", "{}")),
+            Mutation::Save(save("ghost", "x", "{}")),
+            Mutation::Delete(DeleteOp {
+                collection: "alpha".into(),
+                id: "missing".into(),
+                expected_rev: None,
+            }),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&err), "mutation 2: NotFound");
+    assert!(err.to_string().starts_with("mutation 2: "), "{err}");
+    assert!(matches!(
+        s.get("alpha", "a").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(s.list_collections().await.unwrap().is_empty());
+
+    let mut conditional = save("beta", "a", "{}");
+    conditional.expected_rev = Some("r1".into());
+    assert_eq!(
+        kind(&s.save(conditional).await.unwrap_err()),
+        "RevMismatch(actual: false)"
+    );
+    assert!(s.list_collections().await.unwrap().is_empty());
+
+    // One transaction across collections; the same id twice: insert, then update.
+    let results = s
+        .write(vec![
+            Mutation::Save(save("alpha", "a", r#"{"v": 1}"#)),
+            Mutation::Save(save("beta", "b", "{}")),
+            Mutation::Save(save("alpha", "a", r#"{"v": 2}"#)),
+        ])
+        .await
+        .unwrap();
+    let created: Vec<bool> = results
+        .iter()
+        .map(|r| matches!(r, Written::Saved(s) if s.created))
+        .collect();
+    assert_eq!(created, [true, true, false]);
+    assert_eq!(s.get("alpha", "a").await.unwrap().data, r#"{"v": 2}"#);
+    assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
+
+    // A table dropped behind the store's back (its cache says it exists) is recreated.
+    ctx.admin
+        .batch_execute(&format!("DROP TABLE \"{}\".\"alpha\"", ctx.schema))
+        .await
+        .unwrap();
+    let results = s
+        .write(vec![Mutation::Save(save("alpha", "z", "{}"))])
+        .await
+        .unwrap();
+    assert!(matches!(&results[0], Written::Saved(s) if s.created));
+    assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_first_writes_create_each_table_once() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    let store = Arc::new(ctx.store);
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..20 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let saved = store.save(save("race", &format!("d{i}"), "{}")).await?;
+            assert!(saved.created);
+            let written = store
+                .write(vec![
+                    Mutation::Save(save("race_two", &format!("d{i}"), "{}")),
+                    Mutation::Save(save("race_three", &format!("d{i}"), "{}")),
+                ])
+                .await?;
+            assert!(written
+                .iter()
+                .all(|w| matches!(w, Written::Saved(s) if s.created)));
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    for collection in ["race", "race_two", "race_three"] {
+        assert_eq!(
+            store
+                .list(collection, None, 100)
+                .await
+                .unwrap()
+                .documents
+                .len(),
+            20
+        );
+    }
+    assert_eq!(
+        store.list_collections().await.unwrap(),
+        ["race", "race_three", "race_two"]
+    );
+    println!(
+        "20 racing tasks created 3 tables in {:?}",
+        started.elapsed()
+    );
+    drop(store);
+    drop(ctx.admin);
+}
+
+/// Waits until `n` sessions of this test's store are blocked on a lock.
+async fn wait_for_waiting(admin: &tokio_postgres::Client, application: &str, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&application],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} blocked session(s), saw {waiting}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_cancels_its_query_and_frees_the_pool() {
+    let Some(ctx) = setup(|o| {
+        o.pool_size = 1;
+        o.acquire_timeout = Duration::from_millis(300);
+    })
+    .await
+    else {
+        return;
+    };
+    let Ctx {
+        admin,
+        store,
+        schema,
+        _guard,
+    } = ctx;
+    store.save(save("locked", "a", "{}")).await.unwrap();
+    // A second session holds the lock; `admin` watches pg_stat_activity.
+    let Some(mut locker) = super::tests::admin().await else {
+        return;
+    };
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        "LOCK TABLE \"{schema}\".\"locked\" IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+
+    let store = Arc::new(store);
+    let blocked = {
+        let store = store.clone();
+        tokio::spawn(async move { store.get("locked", "a").await })
+    };
+    wait_for_waiting(&admin, &schema, 1).await;
+
+    // The only connection is busy: UNAVAILABLE after the acquire timeout.
+    let started = Instant::now();
+    let err = store.ping().await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("no PostgreSQL connection became free")),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The deadline passes: the future is dropped and its query cancelled on
+    // the server while the lock is still held.
+    let started = Instant::now();
+    blocked.abort();
+    assert!(blocked.await.unwrap_err().is_cancelled());
+    wait_for_waiting(&admin, &schema, 0).await;
+    println!(
+        "abandoned query gone from the server after {:?}",
+        started.elapsed()
+    );
+
+    // Its connection was discarded, so the pool's slot is free again.
+    store.ping().await.unwrap();
+    lock.rollback().await.unwrap();
+    assert_eq!(store.get("locked", "a").await.unwrap().id, "a");
+    drop(locker);
+    drop(store);
+    drop(admin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_create_writes_need_migrated_tables() {
+    let Some(ctx) = setup(|o| o.auto_create = false).await else {
+        return;
+    };
+    let s = &ctx.store;
+    // Nothing exists, not even the schema: reads see an empty store.
+    assert!(matches!(
+        s.get("docs", "a").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(s.list("docs", None, 10).await.unwrap().documents.is_empty());
+    assert!(s.batch_get("docs", &["a".into()]).await.unwrap().is_empty());
+    assert!(s.list_collections().await.unwrap().is_empty());
+
+    let err = s.save(save("docs", "a", "{}")).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::PermissionDenied(m) if m.contains("docsidecar migrate")),
+        "{err:?}"
+    );
+    let err = s
+        .write(vec![Mutation::Save(save("docs", "a", "{}"))])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("mutation 0: "), "{err}");
+    assert!(err.to_string().contains("docsidecar migrate"), "{err}");
+
+    // After a migration (here: the same DDL by hand) writes work.
+    ctx.admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{0}\"; {1}",
+            ctx.schema,
+            table_ddl(&ctx.schema, "docs").unwrap()
+        ))
+        .await
+        .unwrap();
+    assert!(s.save(save("docs", "a", "{}")).await.unwrap().created);
+    assert_eq!(s.list_collections().await.unwrap(), ["docs"]);
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_without_leaking_the_password() {
+    let cfg: tokio_postgres::Config = "postgres://app:hunter2@127.0.0.1:1/db".parse().unwrap();
+    let started = Instant::now();
+    let target = PgTarget {
+        pool_size: 2,
+        acquire_timeout: Duration::from_secs(2),
+        max_retries: 3,
+        retry_delay: Duration::from_millis(20),
+        ..PgTarget::new(cfg)
+    };
+    let err = PostgresStore::connect(&target, &Tasks::new())
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(message.contains("app@127.0.0.1:1/db"), "{message}");
+    assert!(message.contains("3 attempt"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    // 20 ms, then 40 ms between the three attempts.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn names_are_checked_before_they_reach_sql() {
+    let target = PgTarget {
+        schema: "Robert\"; DROP TABLE x; --".into(),
+        max_retries: 1,
+        retry_delay: Duration::from_millis(10),
+        ..PgTarget::new(tokio_postgres::Config::new())
+    };
+    let err = PostgresStore::connect(&target, &Tasks::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
+    assert!(qualified_table("s", "ok_name").is_ok());
+    for bad in ["", "A", "1a", "a-b", "a\"b", &"a".repeat(64)] {
+        assert!(qualified_table("s", bad).is_err(), "{bad:?}");
+    }
+    assert!(qualified_table("s", &"a".repeat(63)).is_ok());
+}
