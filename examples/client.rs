@@ -47,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get(GetRequest {
             collection: "people".into(),
             id: saved.id.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -68,6 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             collection: "people".into(),
             id: saved.id.clone(),
             expected_rev: doc.rev,
+            ..Default::default()
         })
         .await?;
     println!("deleted {}", saved.id);

@@ -25,6 +25,7 @@ fn get(collection: &str, id: &str) -> GetRequest {
     GetRequest {
         collection: collection.into(),
         id: id.into(),
+        ..Default::default()
     }
 }
 
@@ -33,6 +34,7 @@ fn delete(collection: &str, id: &str, expected_rev: &str) -> DeleteRequest {
         collection: collection.into(),
         id: id.into(),
         expected_rev: expected_rev.into(),
+        ..Default::default()
     }
 }
 
@@ -65,6 +67,7 @@ async fn walk(client: &mut Client, collection: &str, page_size: i32) -> Vec<Stri
                 collection: collection.into(),
                 page_size,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -371,6 +374,7 @@ pub async fn list_rejects_bad_requests(mut t: TestServer) {
         collection: collection.into(),
         page_size,
         page_token: token.into(),
+        ..Default::default()
     };
     assert_status(
         t.client.list(list(-1, "", "c")).await,
@@ -418,6 +422,7 @@ pub async fn list_returns_survivors_exactly_once_during_inserts(mut t: TestServe
                 collection: "c".into(),
                 page_size: 7,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -459,6 +464,7 @@ pub async fn batch_get_keeps_request_order(mut t: TestServer) {
         .batch_get(BatchGetRequest {
             collection: "c".into(),
             ids: ["c", "x", "a", "c", "y", "b"].map(String::from).to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -476,6 +482,7 @@ pub async fn batch_get_keeps_request_order(mut t: TestServer) {
         .batch_get(BatchGetRequest {
             collection: "unknown".into(),
             ids: vec!["a".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -489,6 +496,7 @@ pub async fn batch_get_keeps_request_order(mut t: TestServer) {
         .batch_get(BatchGetRequest {
             collection: "c".into(),
             ids: ids.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -501,6 +509,7 @@ pub async fn batch_get_keeps_request_order(mut t: TestServer) {
             .batch_get(BatchGetRequest {
                 collection: "c".into(),
                 ids: too_many,
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -511,6 +520,7 @@ pub async fn batch_get_keeps_request_order(mut t: TestServer) {
             .batch_get(BatchGetRequest {
                 collection: "c".into(),
                 ids: vec!["ok".into(), String::new()],
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -1164,6 +1174,10 @@ async fn apply_ops(client: &mut Client, ops: &[RandomOp], batch: bool) -> String
                 Ok(_) => "ok deleted".into(),
                 Err(e) => outcome_of(&e),
             },
+            Some(Op::Update(op)) => match client.update(op).await {
+                Ok(updated) => format!("ok created={}", updated.into_inner().created),
+                Err(e) => outcome_of(&e),
+            },
             None => "nothing".into(),
         }
     }
@@ -1187,6 +1201,7 @@ async fn snapshot(client: &mut Client) -> Vec<String> {
                     collection: collection.into(),
                     page_size: 2,
                     page_token,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -1209,6 +1224,7 @@ async fn snapshot(client: &mut Client) -> Vec<String> {
             .batch_get(BatchGetRequest {
                 collection: collection.into(),
                 ids,
+                ..Default::default()
             })
             .await
             .unwrap()

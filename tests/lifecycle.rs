@@ -28,6 +28,7 @@ fn get(id: &str) -> GetRequest {
     GetRequest {
         collection: "notes".into(),
         id: id.into(),
+        ..Default::default()
     }
 }
 
@@ -82,6 +83,7 @@ async fn metrics_count_a_known_sequence_of_calls() {
                     collection: "notes".into(),
                     id: "a".into(),
                     expected_rev: String::new(),
+                    ..Default::default()
                 })),
             },
         ],

@@ -27,6 +27,7 @@ fn get(collection: &str, id: &str) -> GetRequest {
     GetRequest {
         collection: collection.into(),
         id: id.into(),
+        ..Default::default()
     }
 }
 
@@ -188,6 +189,7 @@ async fn an_outage_is_survived_without_restart_or_lost_writes() {
             .batch_get(BatchGetRequest {
                 collection: "load".into(),
                 ids: chunk.to_vec(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -169,6 +169,7 @@ async fn each_service_role_is_confined_to_its_tables_by_the_database() {
     c.get(GetRequest {
         collection: "orders".into(),
         id: "o1".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -86,6 +86,7 @@ async fn sqlite_documents_survive_a_restart() {
             .get(GetRequest {
                 collection: "notes".into(),
                 id: format!("single-{i}"),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -96,6 +97,7 @@ async fn sqlite_documents_survive_a_restart() {
         .get(GetRequest {
             collection: "notes".into(),
             id: "bulk-199".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -33,6 +33,7 @@ fn get(collection: &str, id: &str) -> GetRequest {
     GetRequest {
         collection: collection.into(),
         id: id.into(),
+        ..Default::default()
     }
 }
 
@@ -126,6 +127,7 @@ async fn policy_scopes_collections_and_access(backend: Backend) {
         BatchGetRequest {
             collection: "catalog".into(),
             ids: vec!["x".into()],
+            ..Default::default()
         },
         app,
     ))
@@ -142,6 +144,7 @@ async fn policy_scopes_collections_and_access(backend: Backend) {
                 collection: "catalog".into(),
                 id: "x".into(),
                 expected_rev: String::new(),
+                ..Default::default()
             },
             app,
         ))

@@ -100,6 +100,7 @@ fn save_request(i: u64, shared: &Shared) -> proto::SaveRequest {
         data: Some(shared.payload.data.clone()),
         expected_rev: String::new(),
         create_only: false,
+        ..Default::default()
     }
 }
 
@@ -122,6 +123,7 @@ async fn grpc(c: &mut DocumentServiceClient<Channel>, op: &Op, shared: &Shared) 
                 .get(proto::GetRequest {
                     collection: COLLECTION.into(),
                     id: doc_id(*i),
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?
@@ -140,6 +142,7 @@ async fn grpc(c: &mut DocumentServiceClient<Channel>, op: &Op, shared: &Shared) 
                     collection: COLLECTION.into(),
                     page_size: PAGE_SIZE as i32,
                     page_token: shared.pages[*page].token.clone(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?

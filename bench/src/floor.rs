@@ -47,7 +47,7 @@ impl DocumentService for Floor {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::Document>, Status> {
-        let proto::GetRequest { collection, id } = request.into_inner();
+        let proto::GetRequest { collection, id, .. } = request.into_inner();
         Ok(Response::new(self.doc(collection, id)))
     }
 
@@ -85,6 +85,7 @@ impl DocumentService for Floor {
         Ok(Response::new(proto::ListResponse {
             documents,
             next_page_token: "floor-next-page".into(),
+            ..Default::default()
         }))
     }
 
@@ -101,6 +102,7 @@ impl DocumentService for Floor {
         Ok(Response::new(proto::BatchGetResponse {
             documents,
             missing_ids: Vec::new(),
+            ..Default::default()
         }))
     }
 
@@ -121,10 +123,63 @@ impl DocumentService for Floor {
                     id: d.id,
                     rev: String::new(),
                 },
+                Some(Op::Update(u)) => proto::MutationResult {
+                    id: u.id,
+                    rev: self.rev.clone(),
+                },
                 None => proto::MutationResult::default(),
             })
             .collect();
         Ok(Response::new(proto::WriteResponse { results }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<proto::UpdateRequest>,
+    ) -> Result<Response<proto::UpdateResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(proto::UpdateResponse {
+            document: Some(self.doc(req.collection, req.id.clone())),
+            id: req.id,
+            rev: self.rev.clone(),
+            update_time: Some(self.time),
+            created: false,
+        }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<proto::QueryRequest>,
+    ) -> Result<Response<proto::QueryResponse>, Status> {
+        let req = request.into_inner();
+        let size = match req.page_size {
+            n if n <= 0 => PAGE_SIZE,
+            n => (n as usize).min(1000),
+        };
+        let documents = (0..size)
+            .map(|i| self.doc(req.collection.clone(), crate::workload::doc_id(i as u64)))
+            .collect();
+        Ok(Response::new(proto::QueryResponse {
+            documents,
+            next_page_token: "floor-next-page".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn count(
+        &self,
+        _request: Request<proto::CountRequest>,
+    ) -> Result<Response<proto::CountResponse>, Status> {
+        Ok(Response::new(proto::CountResponse { count: 0 }))
+    }
+
+    type WatchStream = futures_util::stream::BoxStream<'static, Result<proto::ChangeEvent, Status>>;
+
+    async fn watch(
+        &self,
+        _request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Ok(Response::new(Box::pin(futures_util::stream::pending())))
     }
 
     async fn list_collections(
@@ -155,6 +210,7 @@ pub async fn serve(args: FloorArgs) -> Result<(), String> {
             data: Some(Payload::new(args.payload).data),
             create_time: Some(time),
             update_time: Some(time),
+            ..Default::default()
         },
         rev,
         time,

@@ -519,6 +519,7 @@ async fn measure(
                 collection: COLLECTION.into(),
                 page_size: PAGE_SIZE as i32,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await
             .map_err(|e| format!("listing the preload failed: {}", e.message()))?

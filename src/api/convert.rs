@@ -31,9 +31,14 @@ impl Accept for proto::GetRequest {
     }
 
     fn accept(self, _: &Limits) -> Result<Get, ApiError> {
-        let proto::GetRequest { collection, id } = self;
+        let proto::GetRequest {
+            collection,
+            id,
+            scope,
+        } = self;
         validate::collection(&collection)?;
         validate::id(&id, "id")?;
+        validate::no_scope(&collection, &scope)?;
         Ok(Get { collection, id })
     }
 }
@@ -53,8 +58,14 @@ impl Accept for proto::SaveRequest {
             data,
             expected_rev,
             create_only,
+            scope,
+            expiration,
         } = self;
         validate::collection(&collection)?;
+        validate::no_scope(&collection, &scope)?;
+        if expiration.is_some() {
+            return Err(ApiError::unimplemented("expiry (expire_time, ttl)"));
+        }
         let id = if id.is_empty() {
             store::new_id()
         } else {
@@ -100,9 +111,15 @@ impl Accept for proto::DeleteRequest {
             collection,
             id,
             expected_rev,
+            allow_missing,
+            scope,
         } = self;
         validate::collection(&collection)?;
         validate::id(&id, "id")?;
+        validate::no_scope(&collection, &scope)?;
+        if allow_missing {
+            return Err(ApiError::unimplemented("allow_missing on Delete"));
+        }
         Ok(store::DeleteOp {
             collection,
             id,
@@ -131,8 +148,10 @@ impl Accept for proto::ListRequest {
             collection,
             page_size,
             page_token,
+            scope,
         } = self;
         validate::collection(&collection)?;
+        validate::no_scope(&collection, &scope)?;
         let limit = validate::page_size(page_size)?;
         let after = match page_token.as_str() {
             "" => None,
@@ -162,8 +181,13 @@ impl Accept for proto::BatchGetRequest {
     }
 
     fn accept(self, _: &Limits) -> Result<BatchGet, ApiError> {
-        let proto::BatchGetRequest { collection, ids } = self;
+        let proto::BatchGetRequest {
+            collection,
+            ids,
+            scope,
+        } = self;
         validate::collection(&collection)?;
+        validate::no_scope(&collection, &scope)?;
         validate::count("ids", ids.len(), validate::MAX_BATCH_GET_IDS)?;
         for (i, id) in ids.iter().enumerate() {
             validate::id(id, &format!("ids[{i}]"))?;
@@ -186,6 +210,7 @@ pub(super) fn mutations(
         let op = match op {
             Some(Op::Save(save)) => save.accept(limits).map(store::Mutation::Save),
             Some(Op::Delete(delete)) => delete.accept(limits).map(store::Mutation::Delete),
+            Some(Op::Update(_)) => Err(ApiError::unimplemented("Update")),
             None => Err(ApiError::invalid("op is not set: give a save or a delete")),
         }
         .and_then(|op| {
@@ -229,5 +254,7 @@ pub(super) fn document(doc: store::Document) -> Result<proto::Document, ApiError
         data: Some(data),
         create_time: Some(timestamp(create_time)),
         update_time: Some(timestamp(update_time)),
+        expire_time: None,
+        scope: String::new(),
     })
 }

@@ -14,11 +14,18 @@ pub enum ApiError {
     PermissionDenied(#[from] Denied),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A part of the API this sidecar does not serve yet.
+    #[error("{0} is not available in this docsidecar yet")]
+    Unimplemented(&'static str),
 }
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>) -> Self {
         ApiError::InvalidArgument(message.into())
+    }
+
+    pub fn unimplemented(what: &'static str) -> Self {
+        ApiError::Unimplemented(what)
     }
 
     /// Prefixes the message with the failing mutation of a Write.
@@ -31,6 +38,7 @@ impl ApiError {
                 ApiError::PermissionDenied(Denied(format!("mutation {index}: {m}")))
             }
             ApiError::Store(e) => ApiError::Store(e.in_mutation(index)),
+            e @ ApiError::Unimplemented(_) => e,
         }
     }
 }
@@ -53,6 +61,7 @@ impl From<ApiError> for Status {
         match e {
             ApiError::InvalidArgument(m) => Status::invalid_argument(m),
             ApiError::PermissionDenied(Denied(m)) => Status::permission_denied(m),
+            e @ ApiError::Unimplemented(_) => Status::unimplemented(e.to_string()),
             ApiError::Store(e) => {
                 let code = store_code(&e);
                 if code == Code::Internal {

@@ -147,6 +147,7 @@ impl DocumentService for DocumentApi {
         Ok(Response::new(proto::ListResponse {
             documents,
             next_page_token,
+            resume_token: String::new(),
         }))
     }
 
@@ -175,6 +176,7 @@ impl DocumentService for DocumentApi {
         Ok(Response::new(proto::BatchGetResponse {
             documents,
             missing_ids,
+            unprocessed_ids: Vec::new(),
         }))
     }
 
@@ -204,6 +206,36 @@ impl DocumentService for DocumentApi {
             })
             .collect();
         Ok(Response::new(proto::WriteResponse { results }))
+    }
+
+    async fn update(
+        &self,
+        _request: Request<proto::UpdateRequest>,
+    ) -> Result<Response<proto::UpdateResponse>, Status> {
+        Err(ApiError::unimplemented("Update").into())
+    }
+
+    async fn query(
+        &self,
+        _request: Request<proto::QueryRequest>,
+    ) -> Result<Response<proto::QueryResponse>, Status> {
+        Err(ApiError::unimplemented("Query").into())
+    }
+
+    async fn count(
+        &self,
+        _request: Request<proto::CountRequest>,
+    ) -> Result<Response<proto::CountResponse>, Status> {
+        Err(ApiError::unimplemented("Count").into())
+    }
+
+    type WatchStream = futures_util::stream::BoxStream<'static, Result<proto::ChangeEvent, Status>>;
+
+    async fn watch(
+        &self,
+        _request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(ApiError::unimplemented("Watch").into())
     }
 
     async fn list_collections(

@@ -52,6 +52,17 @@ pub fn id(id: &str, field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A `scope` on a collection without row scopes.
+pub fn no_scope(collection: &str, scope: &str) -> Result<(), ApiError> {
+    if scope.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::invalid(format!(
+        "scope {} was given, but collection `{collection}` has no row scopes: leave scope empty",
+        shown(scope)
+    )))
+}
+
 /// The effective page size: 0 means the default, large values are capped.
 pub fn page_size(size: i32) -> Result<usize, ApiError> {
     match usize::try_from(size) {
