@@ -18,8 +18,15 @@
    admin port; terminationGracePeriodSeconds above shutdown delay + grace;
    secrets as files, never env; every referenced file, volume, port and role
    consistent across containers, the policy, the NetworkPolicy and the Service.
-4. Breaks a rendered overlay on purpose in several ways and requires each break
-   to be caught, so a check that stops working cannot pass silently.
+4. Monitoring (deploy/monitoring, see monitoring.py): ServiceMonitor and
+   PrometheusRule against a strict subset of their CRD schemas, the rules with
+   `promtool check rules` and the unit tests in rules.test.yaml (`promtool test
+   rules`), the Grafana dashboard's queries with promtool, and every metric
+   name and label in rules, tests and dashboard against the names the sidecar
+   exposes; latency and SLO figures exclude the Watch stream.
+5. Breaks a rendered overlay, the monitoring render and the migrate Job on
+   purpose in several ways and requires each break to be caught, so a check
+   that stops working cannot pass silently.
 
 Prints one line per failure (and per check with -v), then
 `deploy: N passed, M failed`; exits 1 if anything failed.
@@ -36,13 +43,18 @@ refuses anything else:
               replace, test) with a `target` (group, version, kind, name)
   images      name -> newName / newTag / digest, on every container and init
               container
-applied in kustomize's order: resources, then patches, then images.
+  configMapGenerator  name, files (`key=path` or `path`), options (labels,
+              annotations, disableNameSuffixHash: true; the name hash is not
+              computed)
+applied in kustomize's order: resources and generators, then patches, then
+images.
 """
 
 from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import re
 import shutil
 import subprocess
@@ -58,6 +70,8 @@ except ModuleNotFoundError:  # Python < 3.11
 
 import kubernetes_validate
 import yaml
+
+import monitoring
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -150,7 +164,7 @@ def render(directory: Path, _stack: tuple = ()) -> list[dict]:
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise RenderError(f"{kfile}: expected one mapping")
     k = docs[0]
-    supported = {"apiVersion", "kind", "resources", "patches", "images"}
+    supported = {"apiVersion", "kind", "resources", "patches", "images", "configMapGenerator"}
     unsupported = set(k) - supported
     if unsupported:
         raise RenderError(
@@ -182,6 +196,11 @@ def render(directory: Path, _stack: tuple = ()) -> list[dict]:
                 raise RenderError(f"{kfile}: {fmt_id(obj)} is defined twice")
             seen.add(rid)
             objs.append(obj)
+    for obj in generate_configmaps(k, directory, kfile):
+        if res_id(obj) in seen:
+            raise RenderError(f"{kfile}: {fmt_id(obj)} is defined twice")
+        seen.add(res_id(obj))
+        objs.append(obj)
 
     for i, p in enumerate(k.get("patches") or []):
         apply_patch_entry(objs, p, directory, f"{kfile} patches[{i}]")
@@ -189,6 +208,36 @@ def render(directory: Path, _stack: tuple = ()) -> list[dict]:
     for i, img in enumerate(k.get("images") or []):
         apply_image(objs, img, f"{kfile} images[{i}]")
     return objs
+
+
+def generate_configmaps(k: dict, directory: Path, kfile: Path) -> list[dict]:
+    """configMapGenerator entries: files only, with a fixed name."""
+    out = []
+    for i, g in enumerate(k.get("configMapGenerator") or []):
+        where = f"{kfile} configMapGenerator[{i}]"
+        if not isinstance(g, dict) or "name" not in g or set(g) - {"name", "files", "options"}:
+            raise RenderError(f"{where}: only name, files and options are supported")
+        opts = g.get("options") or {}
+        if set(opts) - {"labels", "annotations", "disableNameSuffixHash"}:
+            raise RenderError(f"{where}: options take labels, annotations, disableNameSuffixHash")
+        if opts.get("disableNameSuffixHash") is not True:
+            raise RenderError(f"{where}: set options.disableNameSuffixHash: true "
+                              "(the built-in renderer does not compute kustomize's name hash)")
+        data = {}
+        for entry in g.get("files") or []:
+            key, sep, rel = str(entry).partition("=")
+            if not sep:
+                key, rel = Path(entry).name, entry
+            path = (directory / rel).resolve()
+            if directory not in path.parents or not path.is_file():
+                raise RenderError(f"{where}: {rel} is not a file inside {directory}")
+            data[key] = path.read_text(encoding="utf-8")
+        meta = {"name": g["name"]}
+        for field in ("labels", "annotations"):
+            if opts.get(field):
+                meta[field] = dict(opts[field])
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    return out
 
 
 def patch_files(directory: Path) -> set[Path]:
@@ -483,6 +532,9 @@ def first_difference(a, b, path="") -> str:
 
 def schema_checks(rep: Report, where: str, objs: list[dict]) -> None:
     for obj in objs:
+        if monitoring.is_monitoring_crd(obj):
+            monitoring.crd_schema_checks(rep, where, obj)
+            continue
         for version in K8S_VERSIONS:
             name = f"{where}: {fmt_id(obj)}: schema {version} strict"
             try:
@@ -1084,9 +1136,13 @@ def job_network_checks(rep: Report, where: str, pod: dict, labels: dict, objs: l
               f"allowed {sorted(allowed, key=str)}")
 
 
-def render_checks(rep: Report, where: str, objs: list[dict], deployable: bool, secret_examples: dict) -> None:
-    """Every invariant on one set of objects (a render or a manifest file)."""
+def render_checks(rep: Report, where: str, objs: list[dict], deployable: bool, secret_examples: dict,
+                  targets: list[dict] | None = None) -> None:
+    """Every invariant on one set of objects (a render or a manifest file).
+    targets: the metrics Services of the deployable renders (scrape_targets)."""
     ctx: dict = {}
+    if monitoring.has_monitoring(objs):
+        monitoring.monitoring_checks(rep, where, objs, targets or [])
     for obj in objs:
         got = pod_specs(obj)
         if got is None:
@@ -1269,18 +1325,42 @@ JOB_MUTATIONS = {
 }
 
 
+def scrape_targets(renders: dict[str, list[dict]]) -> list[dict]:
+    """The sidecar's metrics Services (the ServiceMonitor's targets), with the
+    admin port they must reach, from every deployable render."""
+    out, seen = [], set()
+    for objs in renders.values():
+        for obj in objs:
+            got = pod_specs(obj)
+            if got is None:
+                continue
+            pod, labels, _ = got
+            containers = (pod.get("initContainers") or []) + (pod.get("containers") or [])
+            sidecar = next((c for c in containers if is_docsidecar(c) and command_of(c) == "serve"), None)
+            if sidecar is None:
+                continue
+            admin = listen_port(env_map(sidecar).get("DOCSIDECAR_ADMIN_LISTEN", ""))
+            for svc in (o for o in objs if o.get("kind") == "Service"):
+                sel = (svc.get("spec") or {}).get("selector") or {}
+                key = json.dumps([svc, admin], sort_keys=True)  # the overlays share base's Service
+                if sel and all(labels.get(k) == v for k, v in sel.items()) and key not in seen:
+                    seen.add(key)
+                    out.append({"service": svc, "admin_port": admin, "containers": containers})
+    return out
+
+
 def mutation_checks(rep: Report, where: str, objs: list[dict], secret_examples: dict, mutations: dict,
-                    deployable: bool = True) -> None:
+                    deployable: bool = True, targets: list[dict] | None = None) -> None:
     for label, (expected, mutate) in mutations.items():
         broken = copy.deepcopy(objs)
         scratch = Report(quiet=True)
         try:
             mutate(broken)
-        except (StopIteration, KeyError, IndexError, ValueError) as e:
+        except (StopIteration, KeyError, IndexError, ValueError, TypeError) as e:
             rep.check(f"{where}: mutation '{label}' applies", False, f"{type(e).__name__} {e}")
             continue
         schema_checks(scratch, where, broken)
-        render_checks(scratch, where, broken, deployable, secret_examples)
+        render_checks(scratch, where, broken, deployable, secret_examples, targets)
         rep.check(f"{where}: mutation '{label}' is caught by the '{expected}' check",
                   any(expected in f for f in scratch.failures),
                   f"failures were {scratch.failures or 'none'}")
@@ -1319,7 +1399,6 @@ def main() -> int:
     renders: dict[str, list[dict]] = {}
     for d in kdirs:
         where = str(d.relative_to(ROOT))
-        deployable = d.resolve() not in included
         try:
             objs = render(d)
         except (RenderError, yaml.YAMLError, OSError) as e:
@@ -1347,13 +1426,24 @@ def main() -> int:
                             diff = f"{rid[1]}/{rid[3]}{d_}"
                             break
                 rep.check(f"{where}: built-in render equals `{tool}`", not diff, diff)
+
+    deployable_dirs = {str(d.relative_to(ROOT)) for d in kdirs if d.resolve() not in included}
+    targets = scrape_targets({w: o for w, o in renders.items() if w in deployable_dirs})
+    for where, objs in renders.items():
+        d = ROOT / where
+        deployable = where in deployable_dirs
         schema_checks(rep, where, objs)
-        render_checks(rep, where, objs, deployable, examples.get(d.resolve(), {}))
-        if deployable:
+        render_checks(rep, where, objs, deployable, examples.get(d.resolve(), {}), targets)
+        if not deployable:
+            continue
+        if any(o.get("kind") == "Deployment" for o in objs):
             extra = NETWORKED_MUTATIONS if any(
                 is_docsidecar(c) and command_of(c) == "migrate" for c in all_containers_anywhere(objs)) \
                 else SQLITE_MUTATIONS
             mutation_checks(rep, where, objs, examples.get(d.resolve(), {}), {**MUTATIONS, **extra})
+        if monitoring.has_monitoring(objs):
+            mutation_checks(rep, where, objs, {}, monitoring.MUTATIONS, targets=targets)
+    monitoring.rule_test_file_checks(rep)
 
     # Every other manifest file: example secrets, optional manifests, and the
     # files the kustomizations include (validated on their own too).
