@@ -861,8 +861,8 @@ def sidecar_checks(rep: Report, where: str, obj: dict, pod: dict, labels: dict, 
         rep.check(f"{name}: database set explicitly (DATABASE_URL or DB_TYPE)", db["type"] is not None,
                   "neither is set: the binary would open docsidecar.db in its working directory")
     parts = [v for v in DB_PART_VARS if v in env]
-    rep.check(f"{name}: DB_* settings take effect", not (env.get("DATABASE_URL") is not None and parts),
-              f"DATABASE_URL is set and wins over {parts}")
+    urls = [v for v in ("DATABASE_URL", "DATABASE_URL_FILE") if env.get(v) is not None]
+    rep.check(f"{name}: DB_* settings take effect", not (urls and parts), f"{urls} set: a URL wins over {parts}")
     if db["type"] == "sqlite":
         file = db.get("file") or ""
         rep.check(f"{name}: SQLite file is an absolute path", file.startswith("/"), f"{file!r}")
@@ -976,6 +976,8 @@ def db_settings(env: dict[str, str], prefix: str = "") -> dict:
     url = env.get(prefix + "DATABASE_URL")
     if url is not None:
         return parse_db_url(url)
+    if env.get(prefix + "DATABASE_URL_FILE"):
+        return {"type": "url-file"}  # read at run time: nothing to check here
     raw = env.get(prefix + "DB_TYPE")
     if raw is None:
         return {"type": None}
