@@ -7,10 +7,11 @@
 - ServiceMonitor and PrometheusRule are CRDs that kubernetes-validate has no
   schema for, and the prometheus-operator CRD files are not installable here
   (no package ships them). CRD_SCHEMAS is therefore a strict JSON Schema of
-  the fields deploy/ uses, with the names, types, enums and patterns of the
-  prometheus-operator v0.84 CRDs (monitoring.coreos.com_servicemonitors.yaml,
-  monitoring.coreos.com_prometheusrules.yaml): any other field fails, as a
-  misspelled one would (extend the schema from the CRD to use a new field).
+  the fields deploy/ uses, with the names, types, enums, patterns and
+  required fields of the prometheus-operator CRDs as of v0.82-v0.84
+  (monitoring.coreos.com_servicemonitors.yaml, _prometheusrules.yaml): any
+  other field fails, as a misspelled one would (extend the schema from the CRD
+  to use a new field).
 - promtool (from Debian's prometheus package; PROMTOOL names another binary)
   checks the rules (`promtool check rules`, lint included), runs the unit
   tests in tests/deploy/rules.test.yaml (`promtool test rules`) and parses
