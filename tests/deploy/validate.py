@@ -18,8 +18,15 @@
    admin port; terminationGracePeriodSeconds above shutdown delay + grace;
    secrets as files, never env; every referenced file, volume, port and role
    consistent across containers, the policy, the NetworkPolicy and the Service.
-4. Breaks a rendered overlay on purpose in several ways and requires each break
-   to be caught, so a check that stops working cannot pass silently.
+4. Monitoring (deploy/monitoring, see monitoring.py): ServiceMonitor and
+   PrometheusRule against a strict subset of their CRD schemas, the rules with
+   `promtool check rules` and the unit tests in rules.test.yaml (`promtool test
+   rules`), the Grafana dashboard's queries with promtool, and every metric
+   name and label in rules, tests and dashboard against the names the sidecar
+   exposes; latency and SLO figures exclude the Watch stream.
+5. Breaks a rendered overlay, the monitoring render and the migrate Job on
+   purpose in several ways and requires each break to be caught, so a check
+   that stops working cannot pass silently.
 
 Prints one line per failure (and per check with -v), then
 `deploy: N passed, M failed`; exits 1 if anything failed.
@@ -36,13 +43,18 @@ refuses anything else:
               replace, test) with a `target` (group, version, kind, name)
   images      name -> newName / newTag / digest, on every container and init
               container
-applied in kustomize's order: resources, then patches, then images.
+  configMapGenerator  name, files (`key=path` or `path`), options (labels,
+              annotations, disableNameSuffixHash: true; the name hash is not
+              computed)
+applied in kustomize's order: resources and generators, then patches, then
+images.
 """
 
 from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import re
 import shutil
 import subprocess
@@ -59,6 +71,8 @@ except ModuleNotFoundError:  # Python < 3.11
 import kubernetes_validate
 import yaml
 
+import monitoring
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSIONS = ("1.29", "1.37")
@@ -71,6 +85,19 @@ PROBES = {"startupProbe": "/startupz", "livenessProbe": "/livez", "readinessProb
 COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 ROLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
 PLACEHOLDER = "CHANGE-ME"
+# Database settings as the binary resolves them (a URL wins over DB_*).
+DB_TYPES = {"sqlite": "sqlite", "memory": "memory", "postgres": "postgresql", "postgresql": "postgresql",
+            "mysql": "mysql", "mariadb": "mariadb"}
+DB_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
+DB_PART_VARS = ("DB_TYPE", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER")
+VERIFIED_SSLMODES = ("verify-ca", "verify-full")
+# Start-up wait for a networked database (src/store/postgres.rs): DB_MAX_RETRIES
+# attempts (0: forever), DB_RETRY_DELAY before the second, doubling up to 30 s,
+# each attempt bounded by the 5 s connect timeout.
+DEFAULT_DB_MAX_RETRIES = 10
+DEFAULT_DB_RETRY_DELAY = 1.0
+MAX_RETRY_DELAY = 30.0
+CONNECT_TIMEOUT = 5.0
 
 
 # --------------------------------------------------------------------------
@@ -137,7 +164,7 @@ def render(directory: Path, _stack: tuple = ()) -> list[dict]:
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise RenderError(f"{kfile}: expected one mapping")
     k = docs[0]
-    supported = {"apiVersion", "kind", "resources", "patches", "images"}
+    supported = {"apiVersion", "kind", "resources", "patches", "images", "configMapGenerator"}
     unsupported = set(k) - supported
     if unsupported:
         raise RenderError(
@@ -169,6 +196,11 @@ def render(directory: Path, _stack: tuple = ()) -> list[dict]:
                 raise RenderError(f"{kfile}: {fmt_id(obj)} is defined twice")
             seen.add(rid)
             objs.append(obj)
+    for obj in generate_configmaps(k, directory, kfile):
+        if res_id(obj) in seen:
+            raise RenderError(f"{kfile}: {fmt_id(obj)} is defined twice")
+        seen.add(res_id(obj))
+        objs.append(obj)
 
     for i, p in enumerate(k.get("patches") or []):
         apply_patch_entry(objs, p, directory, f"{kfile} patches[{i}]")
@@ -176,6 +208,36 @@ def render(directory: Path, _stack: tuple = ()) -> list[dict]:
     for i, img in enumerate(k.get("images") or []):
         apply_image(objs, img, f"{kfile} images[{i}]")
     return objs
+
+
+def generate_configmaps(k: dict, directory: Path, kfile: Path) -> list[dict]:
+    """configMapGenerator entries: files only, with a fixed name."""
+    out = []
+    for i, g in enumerate(k.get("configMapGenerator") or []):
+        where = f"{kfile} configMapGenerator[{i}]"
+        if not isinstance(g, dict) or "name" not in g or set(g) - {"name", "files", "options"}:
+            raise RenderError(f"{where}: only name, files and options are supported")
+        opts = g.get("options") or {}
+        if set(opts) - {"labels", "annotations", "disableNameSuffixHash"}:
+            raise RenderError(f"{where}: options take labels, annotations, disableNameSuffixHash")
+        if opts.get("disableNameSuffixHash") is not True:
+            raise RenderError(f"{where}: set options.disableNameSuffixHash: true "
+                              "(the built-in renderer does not compute kustomize's name hash)")
+        data = {}
+        for entry in g.get("files") or []:
+            key, sep, rel = str(entry).partition("=")
+            if not sep:
+                key, rel = Path(entry).name, entry
+            path = (directory / rel).resolve()
+            if directory not in path.parents or not path.is_file():
+                raise RenderError(f"{where}: {rel} is not a file inside {directory}")
+            data[key] = path.read_text(encoding="utf-8")
+        meta = {"name": g["name"]}
+        for field in ("labels", "annotations"):
+            if opts.get(field):
+                meta[field] = dict(opts[field])
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    return out
 
 
 def patch_files(directory: Path) -> set[Path]:
@@ -470,6 +532,9 @@ def first_difference(a, b, path="") -> str:
 
 def schema_checks(rep: Report, where: str, objs: list[dict]) -> None:
     for obj in objs:
+        if monitoring.is_monitoring_crd(obj):
+            monitoring.crd_schema_checks(rep, where, obj)
+            continue
         for version in K8S_VERSIONS:
             name = f"{where}: {fmt_id(obj)}: schema {version} strict"
             try:
@@ -782,14 +847,24 @@ def sidecar_checks(rep: Report, where: str, obj: dict, pod: dict, labels: dict, 
             if hit:
                 ctx.setdefault("secrets_used", set()).add((hit[0]["secret"].get("secretName"), hit[1]))
 
+    # Start-up: the probe must outlast the sidecar's own connection retries.
+    budget = startup_retry_budget(env)
+    sp = s.get("startupProbe") or {}
+    window = sp.get("initialDelaySeconds", 0) + sp.get("periodSeconds", 10) * sp.get("failureThreshold", 3)
+    rep.check(f"{name}: startupProbe budget exceeds the start-up retry budget", window > budget,
+              f"initialDelaySeconds + periodSeconds x failureThreshold = {window} s <= {budget:g} s of "
+              f"DB_MAX_RETRIES/DB_RETRY_DELAY retries (+{CONNECT_TIMEOUT:g} s connect timeout each)")
+
     # The database.
-    url = env.get("DATABASE_URL")
+    db = db_settings(env)
     if deployable:
-        rep.check(f"{name}: DATABASE_URL set explicitly", url is not None,
-                  "the image sets DATABASE_URL (SQLite in /data) and a URL wins over DB_*: set it")
-    if url and url.startswith("sqlite:"):
-        file = url[len("sqlite:"):]
-        file = file[2:] if file.startswith("//") else file
+        rep.check(f"{name}: database set explicitly (DATABASE_URL or DB_TYPE)", db["type"] is not None,
+                  "neither is set: the binary would open docsidecar.db in its working directory")
+    parts = [v for v in DB_PART_VARS if v in env]
+    urls = [v for v in ("DATABASE_URL", "DATABASE_URL_FILE") if env.get(v) is not None]
+    rep.check(f"{name}: DB_* settings take effect", not (urls and parts), f"{urls} set: a URL wins over {parts}")
+    if db["type"] == "sqlite":
+        file = db.get("file") or ""
         rep.check(f"{name}: SQLite file is an absolute path", file.startswith("/"), f"{file!r}")
         hit = resolve_file(pod, s, file)
         ok = hit is not None and ("persistentVolumeClaim" in hit[0] or "emptyDir" in hit[0])
@@ -806,24 +881,11 @@ def sidecar_checks(rep: Report, where: str, obj: dict, pod: dict, labels: dict, 
                     rep.check(f"{where}: PVC {claim} is part of the render",
                               any(o.get("kind") == "PersistentVolumeClaim"
                                   and o["metadata"].get("name") == claim for o in objs))
-    db_user = None
-    if url and re.match(r"postgres(ql)?://", url):
-        u = urllib.parse.urlsplit(url)
-        rep.check(f"{name}: PostgreSQL URL names host, user and database",
-                  bool(u.hostname and u.username and u.path.strip("/")), url)
-        rep.check(f"{name}: PostgreSQL password from a file", bool(env.get("DB_PASS_FILE")), "set DB_PASS_FILE")
-        db_user = u.username
-        try:
-            port = u.port or 5432
-        except ValueError:
-            port = None
-        rep.check(f"{name}: PostgreSQL port is a number", port is not None, url)
-        ctx["db"] = {"host": u.hostname, "port": port, "name": u.path.strip("/"), "user": u.username}
-        rep.check(f"{name}: runtime role is a plain identifier", bool(db_user and ROLE_RE.match(db_user)),
-                  f"{db_user!r}")
-    elif env.get("DB_TYPE") in ("postgresql", "postgres") or env.get("DB_HOST"):
-        rep.check(f"{name}: DB_* settings take effect", url is None or url.startswith("postgres"),
-                  f"DATABASE_URL {url!r} overrides DB_TYPE/DB_HOST")
+    elif db["type"] in DB_DEFAULT_PORTS:
+        networked_db_checks(rep, name, pod, s, db, "", ctx)
+        rep.check(f"{name}: runtime role is a plain identifier", bool(db["user"] and ROLE_RE.match(db["user"])),
+                  f"{db['user']!r}")
+        ctx["db"] = db
 
     # Prometheus: the annotation names the admin port.
     if "prometheus.io/port" in annotations:
@@ -832,44 +894,42 @@ def sidecar_checks(rep: Report, where: str, obj: dict, pod: dict, labels: dict, 
                   f"{annotations['prometheus.io/port']} != {admin_port}")
 
     for m in migrates:
-        migrate_checks(rep, f"{where}: {m.get('name')}", pod, m, s, objs, db_user, ctx)
+        migrate_checks(rep, f"{where}: {m.get('name')}", pod, m, s, objs, ctx)
 
 
-def migrate_checks(rep, name, pod, m, sidecar, objs, db_user=None, ctx=None):
+def migrate_checks(rep, name, pod, m, sidecar, objs, ctx=None):
     inits = pod.get("initContainers") or []
     env = env_map(m)
+    mdb = db_settings(env, "MIGRATE_")
     args = list(m.get("args") or [])
     grant = env.get("DOCSIDECAR_GRANT_TO")
     if "--grant-to" in args and args.index("--grant-to") + 1 < len(args):
         grant = args[args.index("--grant-to") + 1]
-    rep.check(f"{name}: migrate grants a runtime role (--grant-to)", bool(grant and ROLE_RE.match(grant)),
-              f"{grant!r}")
+    grantee = grant_user(grant or "", mdb["type"])
+    rep.check(f"{name}: migrate grants a runtime role (--grant-to)", grantee is not None,
+              f"{grant!r} (PostgreSQL: a role name; MySQL/MariaDB: 'user'@'host')")
+    rep.check(f"{name}: migrate names its database (MIGRATE_DATABASE_URL or MIGRATE_DB_TYPE)",
+              mdb["type"] in DB_DEFAULT_PORTS, f"type {mdb['type']!r}")
+    if mdb["type"] in DB_DEFAULT_PORTS:
+        networked_db_checks(rep, name, pod, m, mdb, "MIGRATE_", ctx)
     if sidecar is not None:
         rep.check(f"{name}: migrate runs before the sidecar",
                   m in inits and sidecar in inits and inits.index(m) < inits.index(sidecar)
                   and m.get("restartPolicy") is None,
                   "must be an ordinary init container ahead of the sidecar")
-        if db_user is not None:
-            rep.check(f"{name}: --grant-to is the sidecar's database user", grant == db_user,
-                      f"{grant!r} != {db_user!r}")
         s_policy = resolve_file(pod, sidecar, env_map(sidecar).get("DOCSIDECAR_POLICY", "")) or (None, None)
         m_policy = resolve_file(pod, m, env.get("DOCSIDECAR_POLICY", "")) or (None, None)
         rep.check(f"{name}: migrate reads the sidecar's policy", s_policy[0] is not None and s_policy == m_policy,
                   "DOCSIDECAR_POLICY must name the same ConfigMap key as the sidecar's")
         db = (ctx or {}).get("db")
         if db:
-            same = {"host": env.get("MIGRATE_DB_HOST"), "port": int(seconds(env.get("MIGRATE_DB_PORT"), 5432)),
-                    "name": env.get("MIGRATE_DB_NAME")}
-            if env.get("MIGRATE_DATABASE_URL"):
-                u = urllib.parse.urlsplit(env["MIGRATE_DATABASE_URL"])
-                same = {"host": u.hostname, "port": u.port if re.search(r":\d+$", u.netloc) else 5432,
-                        "name": u.path.strip("/")}
-            want = {k: db[k] for k in ("host", "port", "name")}
+            rep.check(f"{name}: --grant-to is the sidecar's database user", grantee == db["user"],
+                      f"{grant!r} grants {grantee!r}, the sidecar is {db['user']!r}")
+            keys = ("type", "hosts", "port", "name")
+            same, want = {k: mdb.get(k) for k in keys}, {k: db[k] for k in keys}
             rep.check(f"{name}: migrate and sidecar use the same database", same == want, f"{same} != {want}")
-            admin_user = env.get("MIGRATE_DB_USER") or urllib.parse.urlsplit(
-                env.get("MIGRATE_DATABASE_URL", "")).username
-            rep.check(f"{name}: admin role differs from the runtime role", admin_user and admin_user != db["user"],
-                      f"{admin_user!r}")
+            rep.check(f"{name}: admin role differs from the runtime role",
+                      bool(mdb.get("user")) and mdb.get("user") != db["user"], f"{mdb.get('user')!r}")
     else:
         rep.check(f"{name}: DOCSIDECAR_POLICY set (the collections to create)", bool(env.get("DOCSIDECAR_POLICY")))
         if env.get("DOCSIDECAR_POLICY"):
@@ -884,6 +944,105 @@ def migrate_checks(rep, name, pod, m, sidecar, objs, db_user=None, ctx=None):
             rep.check(f"{name}: only migrate mounts the admin secret", not others, f"also in {others}")
             if ctx is not None:
                 ctx.setdefault("secrets_used", set()).add((hit[0]["secret"].get("secretName"), hit[1]))
+
+
+def networked_db_checks(rep, name, pod, c, db: dict, prefix: str, ctx) -> None:
+    """PostgreSQL or MySQL/MariaDB settings of one container (sidecar or migrate)."""
+    rep.check(f"{name}: {db['type']} settings name host, user and database",
+              bool(db["hosts"]) and all(db["hosts"]) and bool(db["user"]) and bool(db["name"]),
+              f"hosts {db['hosts']}, user {db['user']!r}, database {db['name']!r}")
+    rep.check(f"{name}: {db['type']} port is a number", db["port"] is not None, f"{db.get('port')!r}")
+    env = env_map(c)
+    if not prefix:  # the file itself is checked with the sidecar's other files
+        rep.check(f"{name}: {db['type']} password from a file",
+                  bool(env.get("DB_PASS_FILE") or env.get("DATABASE_URL_FILE")), "set DB_PASS_FILE")
+    # Managed databases need TLS, and only a verified certificate stops a man in the middle.
+    rep.check(f"{name}: TLS to the database verifies the server ({prefix}DB_SSLMODE)",
+              db["sslmode"] in VERIFIED_SSLMODES, f"is {db['sslmode']!r}, want one of {VERIFIED_SSLMODES}")
+    ca = db["sslrootcert"]
+    rep.check(f"{name}: {prefix}DB_SSLROOTCERT names the database's CA file", bool(ca))
+    if ca:
+        hit = resolve_file(pod, c, ca)
+        ok = hit is not None and ("secret" in hit[0] or "configMap" in hit[0]) and hit[1] is not None
+        rep.check(f"{name}: {ca} comes from a mounted secret or configMap", ok,
+                  "no matching volume mount (or the item is not projected)")
+        if ok and "secret" in hit[0] and ctx is not None:
+            ctx.setdefault("secrets_used", set()).add((hit[0]["secret"].get("secretName"), hit[1]))
+
+
+def db_settings(env: dict[str, str], prefix: str = "") -> dict:
+    """The database a container's env selects, resolved as the binary does: a
+    URL wins over the discrete settings; neither means the default SQLite file."""
+    url = env.get(prefix + "DATABASE_URL")
+    if url is not None:
+        return parse_db_url(url)
+    if env.get(prefix + "DATABASE_URL_FILE"):
+        return {"type": "url-file"}  # read at run time: nothing to check here
+    raw = env.get(prefix + "DB_TYPE")
+    if raw is None:
+        return {"type": None}
+    typ = DB_TYPES.get(raw.lower(), raw)
+    if typ == "sqlite":
+        return {"type": typ, "file": env.get(prefix + "DB_NAME", "")}
+    if typ not in DB_DEFAULT_PORTS:
+        return {"type": typ}
+    port = env.get(prefix + "DB_PORT")
+    return {
+        "type": typ,
+        "hosts": [h.strip() for h in env.get(prefix + "DB_HOST", "").split(",")],
+        "port": int(port) if port and port.isdigit() else (None if port else DB_DEFAULT_PORTS[typ]),
+        "name": env.get(prefix + "DB_NAME"),
+        "user": env.get(prefix + "DB_USER"),
+        "sslmode": env.get(prefix + "DB_SSLMODE"),
+        "sslrootcert": env.get(prefix + "DB_SSLROOTCERT"),
+    }
+
+
+def parse_db_url(url: str) -> dict:
+    """scheme://user@host[:port][,host[:port]...]/db?sslmode=...&sslrootcert=..."""
+    scheme, sep, rest = url.partition("://")
+    if url.startswith("sqlite:"):
+        file = url[len("sqlite:"):]
+        return {"type": "sqlite", "file": file[2:] if file.startswith("//") else file}
+    typ = DB_TYPES.get(scheme.lower()) if sep else None
+    if typ not in DB_DEFAULT_PORTS:
+        return {"type": typ or url}
+    netloc, _, tail = rest.partition("/")
+    name, _, query = tail.partition("?")
+    params = dict(urllib.parse.parse_qsl(query))
+    user, _, hostlist = netloc.rpartition("@")
+    hosts, port = [], DB_DEFAULT_PORTS[typ]
+    for h in hostlist.split(","):
+        host, _, p = h.partition(":")
+        hosts.append(host)
+        if p:
+            port = int(p) if p.isdigit() else None
+    return {"type": typ, "hosts": hosts, "port": port, "name": name, "user": user.partition(":")[0] or None,
+            "sslmode": params.get("sslmode"), "sslrootcert": params.get("sslrootcert")}
+
+
+def grant_user(grant: str, db_type) -> str | None:
+    """The user a --grant-to value names: a role (PostgreSQL) or 'user'@'host' (MySQL/MariaDB)."""
+    if ROLE_RE.fullmatch(grant):
+        return grant
+    m = re.fullmatch(r"'([^'@]+)'@'([^']+)'|([A-Za-z_][A-Za-z0-9_-]*)@([A-Za-z0-9_.%-]+)", grant)
+    if m and db_type in ("mysql", "mariadb"):
+        user = m.group(1) or m.group(3)
+        return user if ROLE_RE.fullmatch(user) else None
+    return None
+
+
+def startup_retry_budget(env: dict[str, str]) -> float:
+    """Seconds the sidecar may spend waiting for its database before it gives up."""
+    raw = env.get("DB_MAX_RETRIES", str(DEFAULT_DB_MAX_RETRIES))
+    if not raw.isdigit() or int(raw) == 0:
+        return float("inf")  # 0 retries forever: no probe can outlast it
+    attempts = int(raw)
+    wait, total = seconds(env.get("DB_RETRY_DELAY"), DEFAULT_DB_RETRY_DELAY), 0.0
+    for _ in range(attempts - 1):
+        total += wait
+        wait = min(wait * 2, MAX_RETRY_DELAY)
+    return total + attempts * CONNECT_TIMEOUT
 
 
 def network_checks(rep: Report, where: str, pod: dict, labels: dict, objs: list[dict], ctx: dict) -> None:
@@ -923,9 +1082,69 @@ def network_checks(rep: Report, where: str, pod: dict, labels: dict, objs: list[
                           port_number(containers, tp) in declared, f"targetPort {tp!r}")
 
 
-def render_checks(rep: Report, where: str, objs: list[dict], deployable: bool, secret_examples: dict) -> None:
-    """Every invariant on one set of objects (a render or a manifest file)."""
+def disruption_checks(rep: Report, where: str, obj: dict, labels: dict, objs: list[dict]) -> None:
+    """A replicated workload keeps serving through node drains; no budget blocks them."""
+    replicas = (obj.get("spec") or {}).get("replicas", 1)
+    pdbs = [o for o in objs if o.get("kind") == "PodDisruptionBudget"
+            and labels_match((o.get("spec") or {}).get("selector") or {}, labels)]
+    if replicas > 1:
+        rep.check(f"{where}: a PodDisruptionBudget covers the {replicas} replicas", bool(pdbs),
+                  "a node drain could evict every replica at once")
+    for pdb in pdbs:
+        spec = pdb.get("spec") or {}
+        pname = f"{where}: PodDisruptionBudget {pdb['metadata']['name']}"
+        rep.check(f"{pname} allows an eviction", disruptions_allowed(spec, replicas) >= 1,
+                  f"{ {k: v for k, v in spec.items() if k != 'selector'} } with {replicas} replica(s) "
+                  "blocks every node drain")
+        rep.check(f"{pname} lets unready pods go (unhealthyPodEvictionPolicy AlwaysAllow)",
+                  spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow",
+                  "while the database is down every pod is unready, and IfHealthyBudget would block drains")
+
+
+def disruptions_allowed(spec: dict, replicas: int) -> int:
+    """How many of `replicas` healthy pods the budget lets go (Kubernetes rounds percentages up)."""
+    def count(v):
+        if isinstance(v, str) and v.endswith("%"):
+            return -(-int(v[:-1]) * replicas // 100)
+        return int(v)
+    if "maxUnavailable" in spec:
+        return count(spec["maxUnavailable"])
+    if "minAvailable" in spec:
+        return replicas - count(spec["minAvailable"])
+    return replicas
+
+
+def job_network_checks(rep: Report, where: str, pod: dict, labels: dict, objs: list[dict]) -> None:
+    """A Job's pods (migrate) serve nothing: no ingress; egress to DNS and the database only."""
+    pols = [o for o in objs if o.get("kind") == "NetworkPolicy"
+            and labels_match((o.get("spec") or {}).get("podSelector") or {}, labels)]
+    types = {t for p in pols for t in (p["spec"].get("policyTypes") or [])}
+    rep.check(f"{where}: a NetworkPolicy in the same file restricts the Job's ingress and egress",
+              {"Ingress", "Egress"} <= types, f"policyTypes {sorted(types)}")
+    ingress = [r for p in pols for r in p["spec"].get("ingress") or []]
+    rep.check(f"{where}: the Job's pods admit no ingress", not ingress, f"ingress rules {ingress}")
+    db_ports = {db_settings(env_map(c), "MIGRATE_").get("port") for c in pod.get("containers") or []
+                if is_docsidecar(c) and command_of(c) == "migrate"} - {None}
+    allowed = {(53, "UDP"), (53, "TCP")} | {(p, "TCP") for p in db_ports}
+    opened, unbounded = set(), False
+    for p in pols:
+        for rule in p["spec"].get("egress") or []:
+            if not rule.get("ports") or not rule.get("to"):
+                unbounded = True
+            opened |= {(x.get("port"), x.get("protocol", "TCP")) for x in rule.get("ports") or []}
+    rep.check(f"{where}: the Job's egress is DNS and the database only",
+              not unbounded and opened <= allowed and (53, "UDP") in opened and bool(db_ports & {p for p, _ in opened}),
+              f"opens {sorted(opened, key=str)}{' and a rule without ports or peers' if unbounded else ''}; "
+              f"allowed {sorted(allowed, key=str)}")
+
+
+def render_checks(rep: Report, where: str, objs: list[dict], deployable: bool, secret_examples: dict,
+                  targets: list[dict] | None = None) -> None:
+    """Every invariant on one set of objects (a render or a manifest file).
+    targets: the metrics Services of the deployable renders (scrape_targets)."""
     ctx: dict = {}
+    if monitoring.has_monitoring(objs):
+        monitoring.monitoring_checks(rep, where, objs, targets or [])
     for obj in objs:
         got = pod_specs(obj)
         if got is None:
@@ -937,6 +1156,10 @@ def render_checks(rep: Report, where: str, objs: list[dict], deployable: bool, s
             rep.check(f"{owner}: selector matches the pod labels", labels_match(sel, labels))
         pod_checks(rep, owner, pod)
         sidecar_checks(rep, owner, obj, pod, labels, annotations, objs, deployable, ctx)
+        if obj.get("kind") in ("Job", "CronJob"):
+            job_network_checks(rep, owner, pod, labels, objs)
+        if deployable and obj.get("kind") in ("Deployment", "StatefulSet"):
+            disruption_checks(rep, owner, obj, labels, objs)
         if deployable:
             for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
                 _, tag, digest = split_image(c.get("image", ""))
@@ -1010,9 +1233,16 @@ def _open_admin_port(objs):
             rule.pop("from", None)
 
 
-def _url_first(objs):
-    env = _sidecar(objs)["env"]
-    env.insert(0, env.pop(next(i for i, e in enumerate(env) if e["name"] == "DATABASE_URL")))
+def _migrate(objs):
+    return next(c for c in _pod(objs)[1]["initContainers"] if c["name"] == "docsidecar-migrate")
+
+
+def _unmount(c, volume):
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != volume]
+
+
+def _of_kind(objs, kind):
+    return next(o for o in objs if o.get("kind") == kind)
 
 
 def _drop_db_egress(objs):
@@ -1050,14 +1280,27 @@ MUTATIONS = {
     "admin port open to everyone": ("admin port only from", _open_admin_port),
     "secret rendered into the overlay": ("no Secret objects", lambda o: o.append(
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}, "stringData": {"a": "b"}})),
+    "startup probe shorter than the retries": (
+        "startupProbe budget", lambda o: _sidecar(o)["startupProbe"].update(failureThreshold=60)),
+    "start-up retries forever": ("startupProbe budget", lambda o: _set_env(_sidecar(o), "DB_MAX_RETRIES", "0")),
 }
-POSTGRES_MUTATIONS = {
+# Replicated overlays on a networked database (PostgreSQL, MySQL/MariaDB).
+NETWORKED_MUTATIONS = {
     "migrate after the sidecar": ("migrate runs before", lambda o: _pod(o)[1]["initContainers"].reverse()),
     "grant to another role": ("--grant-to is the sidecar", lambda o: _pod(o)[1]["initContainers"][0].update(
         args=["migrate", "--grant-to", "someone_else"])),
     "migrate on another database": (
         "same database", lambda o: _set_env(_pod(o)[1]["initContainers"][0], "MIGRATE_DB_HOST", "elsewhere")),
-    "DATABASE_URL before its parts": ("defined earlier", _url_first),
+    "DATABASE_URL next to DB_*": (
+        "DB_* settings take effect", lambda o: _set_env(_sidecar(o), "DATABASE_URL", "sqlite:///data/x.db")),
+    "no database setting at all": ("database set explicitly", lambda o: _sidecar(o).update(
+        env=[e for e in _sidecar(o)["env"] if not e["name"].startswith("DB_")])),
+    "TLS without verification": ("verifies the server", lambda o: _set_env(_sidecar(o), "DB_SSLMODE", "require")),
+    "migrate without TLS": ("verifies the server", lambda o: _set_env(_migrate(o), "MIGRATE_DB_SSLMODE", "disable")),
+    "database CA not mounted": ("comes from a mounted secret", lambda o: _unmount(_sidecar(o), "db-ca")),
+    "no PodDisruptionBudget": ("PodDisruptionBudget covers", lambda o: o.remove(_of_kind(o, "PodDisruptionBudget"))),
+    "PodDisruptionBudget blocks drains": (
+        "allows an eviction", lambda o: _of_kind(o, "PodDisruptionBudget")["spec"].update(maxUnavailable=0)),
     "admin secret mounted in the sidecar": ("only migrate mounts", lambda o: _sidecar(o)["volumeMounts"].append(
         {"name": "migrate-password", "mountPath": "/var/run/secrets/admin", "readOnly": True})),
     "no egress to the database": ("egress to the database", _drop_db_egress),
@@ -1066,20 +1309,60 @@ SQLITE_MUTATIONS = {
     "SQLite with two replicas": ("one replica", lambda o: _pod(o)[0]["spec"].update(replicas=2)),
     "SQLite file off the volume": (
         "is on a volume", lambda o: _set_env(_sidecar(o), "DATABASE_URL", "sqlite:///var/lib/x.db")),
+    "SQLite given a PodDisruptionBudget": ("allows an eviction", lambda o: o.append({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"},
+        "spec": {"minAvailable": 1, "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                 "selector": {"matchLabels": _pod(o)[0]["spec"]["selector"]["matchLabels"]}}})),
+}
+# Manifest files with a migrate Job (optional/migrate-job.yaml).
+JOB_MUTATIONS = {
+    "Job without its NetworkPolicy": (
+        "restricts the Job's ingress and egress", lambda o: o.remove(_of_kind(o, "NetworkPolicy"))),
+    "Job NetworkPolicy admits ingress": (
+        "admit no ingress", lambda o: _of_kind(o, "NetworkPolicy")["spec"].update(ingress=[{}])),
+    "Job egress to every port": ("DNS and the database only", lambda o: _of_kind(o, "NetworkPolicy")["spec"][
+        "egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})),
+    "Job without TLS": ("verifies the server", lambda o: _set_env(
+        _of_kind(o, "Job")["spec"]["template"]["spec"]["containers"][0], "MIGRATE_DB_SSLMODE", "prefer")),
 }
 
 
-def mutation_checks(rep: Report, where: str, objs: list[dict], secret_examples: dict, mutations: dict) -> None:
+def scrape_targets(renders: dict[str, list[dict]]) -> list[dict]:
+    """The sidecar's metrics Services (the ServiceMonitor's targets), with the
+    admin port they must reach, from every deployable render."""
+    out, seen = [], set()
+    for objs in renders.values():
+        for obj in objs:
+            got = pod_specs(obj)
+            if got is None:
+                continue
+            pod, labels, _ = got
+            containers = (pod.get("initContainers") or []) + (pod.get("containers") or [])
+            sidecar = next((c for c in containers if is_docsidecar(c) and command_of(c) == "serve"), None)
+            if sidecar is None:
+                continue
+            admin = listen_port(env_map(sidecar).get("DOCSIDECAR_ADMIN_LISTEN", ""))
+            for svc in (o for o in objs if o.get("kind") == "Service"):
+                sel = (svc.get("spec") or {}).get("selector") or {}
+                key = json.dumps([svc, admin], sort_keys=True)  # the overlays share base's Service
+                if sel and all(labels.get(k) == v for k, v in sel.items()) and key not in seen:
+                    seen.add(key)
+                    out.append({"service": svc, "admin_port": admin, "containers": containers})
+    return out
+
+
+def mutation_checks(rep: Report, where: str, objs: list[dict], secret_examples: dict, mutations: dict,
+                    deployable: bool = True, targets: list[dict] | None = None) -> None:
     for label, (expected, mutate) in mutations.items():
         broken = copy.deepcopy(objs)
         scratch = Report(quiet=True)
         try:
             mutate(broken)
-        except (StopIteration, KeyError, IndexError, ValueError) as e:
+        except (StopIteration, KeyError, IndexError, ValueError, TypeError) as e:
             rep.check(f"{where}: mutation '{label}' applies", False, f"{type(e).__name__} {e}")
             continue
         schema_checks(scratch, where, broken)
-        render_checks(scratch, where, broken, True, secret_examples)
+        render_checks(scratch, where, broken, deployable, secret_examples, targets)
         rep.check(f"{where}: mutation '{label}' is caught by the '{expected}' check",
                   any(expected in f for f in scratch.failures),
                   f"failures were {scratch.failures or 'none'}")
@@ -1118,7 +1401,6 @@ def main() -> int:
     renders: dict[str, list[dict]] = {}
     for d in kdirs:
         where = str(d.relative_to(ROOT))
-        deployable = d.resolve() not in included
         try:
             objs = render(d)
         except (RenderError, yaml.YAMLError, OSError) as e:
@@ -1146,13 +1428,24 @@ def main() -> int:
                             diff = f"{rid[1]}/{rid[3]}{d_}"
                             break
                 rep.check(f"{where}: built-in render equals `{tool}`", not diff, diff)
+
+    deployable_dirs = {str(d.relative_to(ROOT)) for d in kdirs if d.resolve() not in included}
+    targets = scrape_targets({w: o for w, o in renders.items() if w in deployable_dirs})
+    for where, objs in renders.items():
+        d = ROOT / where
+        deployable = where in deployable_dirs
         schema_checks(rep, where, objs)
-        render_checks(rep, where, objs, deployable, examples.get(d.resolve(), {}))
-        if deployable:
-            extra = POSTGRES_MUTATIONS if any(
+        render_checks(rep, where, objs, deployable, examples.get(d.resolve(), {}), targets)
+        if not deployable:
+            continue
+        if any(o.get("kind") == "Deployment" for o in objs):
+            extra = NETWORKED_MUTATIONS if any(
                 is_docsidecar(c) and command_of(c) == "migrate" for c in all_containers_anywhere(objs)) \
                 else SQLITE_MUTATIONS
             mutation_checks(rep, where, objs, examples.get(d.resolve(), {}), {**MUTATIONS, **extra})
+        if monitoring.has_monitoring(objs):
+            mutation_checks(rep, where, objs, {}, monitoring.MUTATIONS, targets=targets)
+    monitoring.rule_test_file_checks(rep)
 
     # Every other manifest file: example secrets, optional manifests, and the
     # files the kustomizations include (validated on their own too).
@@ -1171,6 +1464,8 @@ def main() -> int:
         schema_checks(rep, where, objs)
         if f not in resource_files:
             render_checks(rep, where, objs, False, {})
+            if any(o.get("kind") == "Job" for o in objs):
+                mutation_checks(rep, where, objs, {}, JOB_MUTATIONS, deployable=False)
 
     elapsed = time.monotonic() - start
     if rep.failures:
