@@ -211,7 +211,7 @@ impl PgNode {
             .connect_timeout(Duration::from_secs(10))
             .connect(tokio_postgres::NoTls)
             .await
-            .map_err(|e| format!("{}: {e}", self.port))?;
+            .map_err(|e| format!("{}: {}", self.port, super::pg_pair::pg_error(e)))?;
         tokio::spawn(conn);
         Ok(client)
     }
@@ -374,7 +374,7 @@ impl Cluster {
             let now: std::time::SystemTime = admin
                 .query_one("SELECT pg_conf_load_time()", &[])
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(super::pg_pair::pg_error)?
                 .get(0);
             if now > before {
                 Ok(())

@@ -73,15 +73,23 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
+/// A tokio-postgres error with the server's message (its Display is just "db error").
+pub fn pg_error(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => format!("{e:?}"),
+    }
+}
+
 async fn query_i64(node: &PgNode, sql: &str) -> Result<i64, String> {
     let c = node.admin().await?;
-    let row = c.query_one(sql, &[]).await.map_err(|e| e.to_string())?;
+    let row = c.query_one(sql, &[]).await.map_err(pg_error)?;
     Ok(row.get(0))
 }
 
 async fn query_string(node: &PgNode, sql: &str) -> Result<String, String> {
     let c = node.admin().await?;
-    let row = c.query_one(sql, &[]).await.map_err(|e| e.to_string())?;
+    let row = c.query_one(sql, &[]).await.map_err(pg_error)?;
     Ok(row.get(0))
 }
 
@@ -167,7 +175,7 @@ impl PgPair {
                 "CREATE ROLE {REPLICATION_USER} WITH REPLICATION LOGIN PASSWORD '{REPLICATION_PASSWORD}'"
             ))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(pg_error)?;
         pair.heal().await?;
         eprintln!(
             "PostgreSQL pair (synchronous: {}) ready in {:.1?}",
@@ -302,14 +310,14 @@ impl PgPair {
         .await?;
         if self.opts.synchronous {
             let admin = primary.admin().await?;
-            admin
-                .batch_execute(
-                    "ALTER SYSTEM SET synchronous_standby_names = '*';
-                     ALTER SYSTEM SET synchronous_commit = 'remote_apply';
-                     SELECT pg_reload_conf();",
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+            // One statement at a time: ALTER SYSTEM refuses a transaction block.
+            for sql in [
+                "ALTER SYSTEM SET synchronous_standby_names = '*'",
+                "ALTER SYSTEM SET synchronous_commit = 'remote_apply'",
+                "SELECT pg_reload_conf()",
+            ] {
+                admin.batch_execute(sql).await.map_err(pg_error)?;
+            }
             procs::poll("a synchronous standby", Duration::from_secs(60), || async {
                 let setting = query_string(primary, "SHOW synchronous_commit").await?;
                 let n = query_i64(
@@ -358,6 +366,12 @@ impl Deref for PairWrite<'_> {
 }
 
 impl PairWrite<'_> {
+    /// What `steady`/`exclusive` do first: starts a stopped primary, and
+    /// rebuilds the standby from the primary (pg_basebackup) after a promotion.
+    pub async fn repair(&self) {
+        self.pair.heal().await.unwrap();
+    }
+
     /// Stops the primary (`pg_ctl stop -m fast`); the standby keeps trying to reconnect.
     pub async fn stop_primary(&self) {
         let (p, _) = self.pair.roles();
@@ -398,7 +412,7 @@ impl PairWrite<'_> {
             let recovering: bool = c
                 .query_one("SELECT pg_is_in_recovery()", &[])
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(pg_error)?
                 .get(0);
             if recovering {
                 Err("still in recovery".to_string())
@@ -416,13 +430,13 @@ impl PairWrite<'_> {
             .is_empty()
         {
             let c = new.admin().await.unwrap();
-            c.batch_execute(
-                "ALTER SYSTEM RESET synchronous_standby_names;
-                 ALTER SYSTEM RESET synchronous_commit;
-                 SELECT pg_reload_conf();",
-            )
-            .await
-            .unwrap();
+            for sql in [
+                "ALTER SYSTEM RESET synchronous_standby_names",
+                "ALTER SYSTEM RESET synchronous_commit",
+                "SELECT pg_reload_conf()",
+            ] {
+                c.batch_execute(sql).await.map_err(pg_error).unwrap();
+            }
             procs::poll("asynchronous commits", Duration::from_secs(30), || async {
                 match query_string(new, "SHOW synchronous_standby_names").await? {
                     names if names.is_empty() => Ok(()),
