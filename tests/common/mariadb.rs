@@ -352,6 +352,15 @@ impl MariaNode {
         }
     }
 
+    /// Client options over the node's unix socket (root; no TLS there, and
+    /// `require_secure_transport` accepts it).
+    pub fn socket_opts(&self) -> Opts {
+        OptsBuilder::default()
+            .socket(Some(self.dir.join("mariadbd.sock").to_str().unwrap()))
+            .user(Some("root"))
+            .into()
+    }
+
     /// A connection, or why not.
     pub async fn conn(&self) -> Result<Conn, String> {
         connect(self.opts.clone()).await
@@ -475,6 +484,15 @@ impl MariaServer {
     /// The CA certificate's path.
     pub fn ca_file(&self) -> &Path {
         &self.tls().ca_file
+    }
+
+    /// Presents another certificate from now on (`FLUSH SSL`, over the unix
+    /// socket: the TCP client options may no longer verify).
+    pub async fn set_server_cert(&self, cert: ServerCert) {
+        self.tls().present(cert);
+        let mut c = connect(self.node.socket_opts()).await.unwrap();
+        c.query_drop("FLUSH SSL").await.unwrap();
+        let _ = c.disconnect().await;
     }
 }
 
