@@ -10,7 +10,7 @@ use crate::policy::{ClientSpec, Scope};
 use crate::proto::document_service_server::SERVICE_NAME;
 use crate::secret::{self, SecretError};
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -22,8 +22,15 @@ use tracing::{info, warn};
 
 /// A client token file that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct AuthError(#[from] SecretError);
+pub enum AuthError {
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error("the client token in {} is {len} bytes: tokens must be at least {MIN_TOKEN_BYTES} bytes (for example `openssl rand -hex 32`)", path.display())]
+    TooShort { path: PathBuf, len: usize },
+}
+
+/// The shortest client token accepted: guessing one must be hopeless.
+pub const MIN_TOKEN_BYTES: usize = 16;
 
 struct Client {
     spec: ClientSpec,
@@ -38,7 +45,14 @@ pub struct Authenticator {
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
-    Ok(secret::read_text(path, "the client token")?.into_bytes())
+    let token = secret::read_text(path, "the client token")?.into_bytes();
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(AuthError::TooShort {
+            path: path.to_path_buf(),
+            len: token.len(),
+        });
+    }
+    Ok(token)
 }
 
 impl Authenticator {
@@ -73,8 +87,8 @@ impl Authenticator {
         let mut clients = self.clients.write().unwrap_or_else(|e| e.into_inner());
         for (client, bytes) in clients.iter_mut().zip(contents) {
             let token = bytes.trim_ascii();
-            if token.is_empty() {
-                warn!(file = %client.spec.token_file.display(), "the client token file is empty; keeping the previous token");
+            if token.len() < MIN_TOKEN_BYTES {
+                warn!(file = %client.spec.token_file.display(), bytes = token.len(), min_bytes = MIN_TOKEN_BYTES, "the rotated client token is empty or too short; keeping the previous token");
             } else if token != client.token.as_slice() {
                 client.token = token.to_vec();
                 info!(file = %client.spec.token_file.display(), "client token rotated");
@@ -233,15 +247,19 @@ mod tests {
     #[test]
     fn tokens_select_their_scope() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = authenticator(dir.path(), &["writer-token", "reader-token"]);
-        let writer = auth.authenticate(Some(b"Bearer writer-token")).unwrap();
+        let auth = authenticator(dir.path(), &["writer-token-0123", "reader-token-0123"]);
+        let writer = auth
+            .authenticate(Some(b"Bearer writer-token-0123"))
+            .unwrap();
         assert!(writer.check("a", Need::Write).is_ok());
-        let reader = auth.authenticate(Some(b"bearer reader-token")).unwrap();
+        let reader = auth
+            .authenticate(Some(b"bearer reader-token-0123"))
+            .unwrap();
         assert!(reader.check("a", Need::Write).is_err());
         for bad in [
             None,
             Some(&b"Bearer nope"[..]),
-            Some(b"writer-token"),
+            Some(b"writer-token-0123"),
             Some(b"Basic d3JpdGVy"),
             Some(b"Bearer "),
         ] {
@@ -269,15 +287,45 @@ mod tests {
     #[test]
     fn rotation_replaces_the_token() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = authenticator(dir.path(), &["old"]);
-        std::fs::write(dir.path().join("token0"), "new").unwrap();
+        let auth = authenticator(dir.path(), &["old-token-0123456"]);
+        std::fs::write(dir.path().join("token0"), "new-token-0123456").unwrap();
         auth.reload();
-        assert!(auth.authenticate(Some(b"Bearer old")).is_err());
-        assert!(auth.authenticate(Some(b"Bearer new")).is_ok());
+        assert!(auth
+            .authenticate(Some(b"Bearer old-token-0123456"))
+            .is_err());
+        assert!(auth.authenticate(Some(b"Bearer new-token-0123456")).is_ok());
+        // A rotation to a token too short to be safe keeps the last good one.
+        std::fs::write(dir.path().join("token0"), "short").unwrap();
+        auth.reload();
+        assert!(auth.authenticate(Some(b"Bearer new-token-0123456")).is_ok());
+        assert!(auth.authenticate(Some(b"Bearer short")).is_err());
         // An unreadable file keeps the last good token.
         std::fs::remove_file(dir.path().join("token0")).unwrap();
         auth.reload();
-        assert!(auth.authenticate(Some(b"Bearer new")).is_ok());
+        assert!(auth.authenticate(Some(b"Bearer new-token-0123456")).is_ok());
+    }
+
+    #[test]
+    fn short_tokens_are_refused_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        std::fs::write(&path, "12345\n").unwrap();
+        let spec = ClientSpec {
+            token_file: path,
+            scope: Scope::open(),
+        };
+        let err = Authenticator::new(vec![spec], Scope::open())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("5 bytes") && err.contains("at least 16"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("12345"),
+            "the token itself is never shown: {err}"
+        );
     }
 
     #[test]
@@ -291,10 +339,10 @@ mod tests {
         #[test]
         fn only_the_exact_token_passes(presented in "\\PC{0,40}") {
             let dir = tempfile::tempdir().unwrap();
-            let auth = authenticator(dir.path(), &["s3cret-token"]);
+            let auth = authenticator(dir.path(), &["s3cret-token-0123"]);
             let header = format!("Bearer {presented}");
             let ok = auth.authenticate(Some(header.as_bytes())).is_ok();
-            prop_assert_eq!(ok, presented.trim_ascii() == "s3cret-token");
+            prop_assert_eq!(ok, presented.trim_ascii() == "s3cret-token-0123");
         }
     }
 }

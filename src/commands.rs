@@ -2,12 +2,13 @@
 
 use crate::background::Tasks;
 use crate::config::{
-    Cli, Command, DbArgs, ListenAddr, LogFormat, MigrateArgs, ServeArgs, ShutdownArgs, WaitArgs,
+    self, Cli, Command, ConfigError, DbArgs, ListenAddr, LogFormat, MigrateArgs, ServeArgs,
+    ShutdownArgs, WaitArgs,
 };
-use crate::policy::{self, Access};
+use crate::policy;
 use crate::server::{self, StartError};
-use crate::store::postgres::migrate::{self, Grant, MigratePlan};
-use crate::store::{self, Target};
+use crate::store::postgres::migrate::{self, MigratePlan};
+use crate::store::{self, Declared, Target};
 use crate::telemetry;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -45,29 +46,32 @@ async fn serve(args: ServeArgs) -> Result<(), StartError> {
 async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
     let db: DbArgs = args.db.into();
+    // Never guess: the serving settings or the default SQLite file would
+    // migrate a database the operator did not name.
+    if !db.any_database_setting() {
+        return Err(ConfigError::Invalid(
+            "migrate connects with the admin account and reads only the MIGRATE_ settings: set MIGRATE_DATABASE_URL (or MIGRATE_DATABASE_URL_FILE, or MIGRATE_DB_TYPE with MIGRATE_DB_HOST, MIGRATE_DB_NAME, …); it never uses DATABASE_URL or a default database".into(),
+        )
+        .into());
+    }
     let policy = policy::load(args.common.policy.as_deref())?;
-    match db.target(&args.common.schema, true)? {
+    match db.target(&args.common.schema, true, Declared::Any)? {
         Target::Postgres(target) => {
-            let collections = policy.map(|p| p.collections).unwrap_or_default();
+            let collections = match config::declared(policy.as_ref()) {
+                Declared::Only(collections) => collections,
+                Declared::Any => Default::default(),
+            };
             let plan = MigratePlan {
-                collections: collections
-                    .into_iter()
-                    .map(|(name, access)| {
-                        let grant = match access {
-                            Access::ReadWrite => Grant::ReadWrite,
-                            Access::ReadOnly => Grant::ReadOnly,
-                        };
-                        (name, grant)
-                    })
-                    .collect(),
+                collections,
                 grant_to: args.grant_to,
+                revoke_public_temp: args.revoke_public_temp,
             };
             info!(database = %target, schema = %target.schema, "migrating");
             migrate::migrate(&target, &plan).await?;
         }
         target => {
-            if args.grant_to.is_some() {
-                warn!("--grant-to applies to PostgreSQL only; ignored");
+            if args.grant_to.is_some() || args.revoke_public_temp {
+                warn!("--grant-to and --revoke-public-temp apply to PostgreSQL only; ignored");
             }
             // Opening an embedded store applies its pending migrations.
             let tasks = Tasks::new();

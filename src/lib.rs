@@ -10,6 +10,8 @@
 //!   resolved once into what the lower layers take ([`store::Target`]).
 //! - [`commands`]: the command line's verbs (serve, migrate, wait, shutdown, check).
 //! - [`server`]: start-up, wiring of the gRPC services, graceful shutdown.
+//! - [`transport`]: the gRPC port: accepting connections within limits, HTTP/2
+//!   with timeouts, the drain; [`limits`]: oversized requests as statuses.
 //! - [`admin`]: the HTTP admin listener: probes, metrics, shutdown requests.
 //! - [`background`]: the server's background tasks (one owner, one way to
 //!   stop), the file watcher for rotated secrets, start-up retries.
@@ -35,6 +37,7 @@ pub mod codec;
 pub mod commands;
 pub mod config;
 pub mod deadline;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod quote;
@@ -43,6 +46,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 
 /// Generated protobuf types, the `DocumentService` server and its client.
 pub mod proto {

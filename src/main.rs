@@ -1,8 +1,9 @@
-use clap::Parser;
-use docsidecar::config::Cli;
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    docsidecar::commands::run(Cli::parse()).await
+    match docsidecar::config::parse(std::env::args_os()) {
+        Ok(cli) => docsidecar::commands::run(cli).await,
+        Err(e) => e.exit(),
+    }
 }

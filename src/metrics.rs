@@ -17,6 +17,13 @@ pub const DATABASE_ERRORS_TOTAL: &str = "docsidecar_database_errors_total";
 pub const DOCUMENTS_WRITTEN_TOTAL: &str = "docsidecar_documents_written_total";
 pub const DOCUMENTS_DELETED_TOTAL: &str = "docsidecar_documents_deleted_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
+pub const POOL_ACQUIRE_TIMEOUTS_TOTAL: &str = "docsidecar_pool_acquire_timeouts_total";
+pub const HEALTH_CHECKS_TOTAL: &str = "docsidecar_health_checks_total";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "docsidecar_tls_handshake_failures_total";
+pub const CONNECTIONS_OPEN: &str = "docsidecar_connections_open";
+pub const CONNECTIONS_REJECTED_TOTAL: &str = "docsidecar_connections_rejected_total";
+pub const CONNECTIONS_CLOSED_IDLE_TOTAL: &str = "docsidecar_connections_closed_idle_total";
+pub const ACCEPT_ERRORS_TOTAL: &str = "docsidecar_accept_errors_total";
 
 /// One finished call: its method, status and latency.
 pub fn request(method: &'static str, code: &'static str, seconds: f64) {
@@ -71,4 +78,52 @@ pub fn documents_changed(saved: u64, deleted: u64) {
 
 pub fn build_info() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// A call gave up waiting for a pooled connection: the pool is saturated.
+pub fn pool_timeout() {
+    metrics::counter!(POOL_ACQUIRE_TIMEOUTS_TOTAL).increment(1);
+}
+
+/// One readiness probe of the database (`result`: ok or failed).
+pub fn health_check(ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    metrics::counter!(HEALTH_CHECKS_TOTAL, "result" => result).increment(1);
+}
+
+/// A TLS handshake on the gRPC port failed (`reason` is bounded, see `tls`).
+pub fn tls_handshake_failed(reason: &'static str) {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Counts an open client connection for as long as it lives.
+pub struct OpenConnection(());
+
+impl OpenConnection {
+    pub fn start() -> OpenConnection {
+        metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
+        OpenConnection(())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+    }
+}
+
+/// A connection closed at once because the connection limit was reached.
+pub fn connection_rejected() {
+    metrics::counter!(CONNECTIONS_REJECTED_TOTAL).increment(1);
+}
+
+/// A connection closed because it carried no call for the idle timeout (or
+/// never completed its handshake).
+pub fn connection_closed_idle() {
+    metrics::counter!(CONNECTIONS_CLOSED_IDLE_TOTAL).increment(1);
+}
+
+/// accept() failed (out of file descriptors, say); the loop backs off.
+pub fn accept_error() {
+    metrics::counter!(ACCEPT_ERRORS_TOTAL).increment(1);
 }

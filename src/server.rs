@@ -10,23 +10,22 @@ use crate::auth::{AuthError, AuthLayer, Authenticator};
 use crate::background::Tasks;
 use crate::config::{ConfigError, ListenAddr, ServeConfig};
 use crate::deadline::DeadlineLayer;
+use crate::limits::RequestLimitsLayer;
 use crate::policy::{ClientSpec, PolicyError, Scope};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
 use crate::store::{self, DocumentStore, StoreError};
 use crate::telemetry::RequestLogLayer;
 use crate::tls::{TlsError, TlsReloader};
+use crate::transport::{self, Listener};
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tokio_stream::StreamExt;
-use tonic::transport::server::Router;
+use tokio::net::TcpListener;
+use tonic::body::Body;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
-use tower::layer::util::{Identity, Stack};
 use tracing::{info, warn};
 
 /// Why the sidecar could not start or run.
@@ -105,12 +104,6 @@ pub async fn shutdown_signal() -> Stop {
     }
 }
 
-enum Listener {
-    Tcp(TcpListener),
-    Tls(TcpListener, Arc<TlsReloader>),
-    Unix(UnixListener, PathBuf),
-}
-
 /// A sidecar with its store open and its socket bound, ready to serve.
 pub struct Server {
     listener: Listener,
@@ -146,18 +139,22 @@ impl Server {
         if !auth.enabled() {
             warn!("no client tokens configured: calls are not authenticated; listen on a Unix socket or loopback only");
         }
-        let mut listener = bind(&config.listen).await?;
+        let mut listener =
+            transport::bind(&config.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: config.listen.to_string(),
+                    source,
+                })?;
         if let Some(files) = &config.tls {
-            let Listener::Tcp(tcp) = listener else {
-                return Err(ConfigError::Invalid(
+            let tls = TlsReloader::new(files.clone())?;
+            info!(mutual = tls.mutual(), "TLS enabled on the gRPC port");
+            listener = listener.with_tls(Arc::new(tls)).map_err(|_| {
+                ConfigError::Invalid(
                     "TLS applies to TCP listeners; a Unix socket is already private to the pod"
                         .into(),
                 )
-                .into());
-            };
-            let tls = TlsReloader::new(files.clone())?;
-            info!(mutual = tls.mutual(), "TLS enabled on the gRPC port");
-            listener = Listener::Tls(tcp, Arc::new(tls));
+            })?;
         }
         let tasks = Tasks::new();
         // The admin listener comes up before the store, so that the startup
@@ -197,13 +194,7 @@ impl Server {
 
     /// Where the server listens (the real port when 0 was asked for).
     pub fn local_addr(&self) -> ListenAddr {
-        match &self.listener {
-            Listener::Tcp(l) | Listener::Tls(l, _) => ListenAddr::Tcp(l.local_addr().map_or_else(
-                |_| self.config.listen.to_string(),
-                |a: SocketAddr| a.to_string(),
-            )),
-            Listener::Unix(_, path) => ListenAddr::Unix(path.clone()),
-        }
+        self.listener.local_addr()
     }
 
     /// Serves until `shutdown` resolves (or the admin endpoint asks), then stops
@@ -251,16 +242,26 @@ impl Server {
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        // Turns true when the grace period is over; see `deadline.rs`.
-        let (abandon, abandoned) = tokio::sync::watch::channel(false);
-        let router = tonic::transport::Server::builder()
-            .layer(RequestLogLayer)
-            .layer(AuthLayer::new(auth))
-            .layer(DeadlineLayer::new(abandoned))
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(documents);
+            .add_service(documents)
+            .prepare();
+        // Turns true when the grace period is over; see `deadline.rs`.
+        let (abandon, abandoned) = tokio::sync::watch::channel(false);
+        // The request path, outermost first: log, size limits, authenticate,
+        // enforce the deadline.
+        let service = tower::ServiceBuilder::new()
+            .layer(RequestLogLayer::new(
+                config.policy.as_ref().map(|p| p.service.as_str()),
+            ))
+            .layer(RequestLimitsLayer::new(
+                config.connections.max_header_bytes,
+                config.max_message_bytes,
+            ))
+            .layer(AuthLayer::new(auth))
+            .layer(DeadlineLayer::new(abandoned))
+            .service(routes);
 
         let drain = Drain {
             lifecycle: lifecycle.clone(),
@@ -271,39 +272,15 @@ impl Server {
         };
         crate::metrics::build_info();
         lifecycle.set_started();
-        let result = match listener {
-            Listener::Tcp(l) => {
-                info!(listen = %addr_of(&l), "serving docsidecar.v1.DocumentService");
-                // Small request/response pairs: do not let Nagle delay them.
-                let incoming = TcpListenerStream::new(l).map(|s| {
-                    s.inspect(|s| {
-                        let _ = s.set_nodelay(true);
-                    })
-                });
-                drain.serve(router, incoming, shutdown).await
-            }
-            Listener::Tls(l, tls) => {
-                info!(listen = %addr_of(&l), "serving docsidecar.v1.DocumentService");
-                drain.serve(router, tls.incoming(l), shutdown).await
-            }
-            Listener::Unix(l, path) => {
-                info!(listen = %format!("unix:{}", path.display()), "serving docsidecar.v1.DocumentService");
-                let result = drain
-                    .serve(router, UnixListenerStream::new(l), shutdown)
-                    .await;
-                let _ = std::fs::remove_file(&path);
-                result
-            }
-        };
+        info!(listen = %listener.local_addr(), "serving docsidecar.v1.DocumentService");
+        drain
+            .serve(listener, service, config.connections.clone(), shutdown)
+            .await;
         tasks.stop().await;
         store.close().await;
         info!("stopped");
-        result
+        Ok(())
     }
-}
-
-fn addr_of(l: &TcpListener) -> String {
-    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
 /// Binds the admin listener and serves it in `tasks`.
@@ -329,9 +306,6 @@ async fn start_admin(
     Ok(local)
 }
 
-/// The request path, outermost first: log, authenticate, enforce the deadline.
-type Layers = Stack<DeadlineLayer, Stack<AuthLayer, Stack<RequestLogLayer, Identity>>>;
-
 /// How the server stops: not ready at once, new calls still served for the
 /// shutdown delay (SIGTERM only), then in-flight calls get the grace period,
 /// then those still running end UNAVAILABLE.
@@ -345,22 +319,18 @@ struct Drain {
 }
 
 impl Drain {
-    async fn serve<I, IO, E>(
+    async fn serve<S>(
         self,
-        router: Router<Layers>,
-        incoming: I,
+        listener: Listener,
+        service: S,
+        limits: transport::Limits,
         shutdown: impl Future<Output = Stop> + Send + 'static,
-    ) -> Result<(), StartError>
-    where
-        I: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
-        IO: tokio::io::AsyncRead
-            + tokio::io::AsyncWrite
-            + tonic::transport::server::Connected
-            + Unpin
+    ) where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + Clone
             + Send
             + 'static,
-        IO::ConnectInfo: Clone + Send + Sync + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S::Future: Send + 'static,
     {
         let Drain {
             lifecycle,
@@ -388,46 +358,19 @@ impl Drain {
             info!("shutting down: no new connections, draining in-flight calls");
             let _ = draining_tx.send(());
         };
-        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        let serve = transport::serve(listener, service, limits, signal);
         tokio::pin!(serve);
         tokio::select! {
             biased;
-            result = &mut serve => Ok(result?),
-            _ = draining => match tokio::time::timeout(grace, &mut serve).await {
-                Ok(result) => Ok(result?),
-                Err(_) => {
+            () = &mut serve => {}
+            _ = draining => {
+                if tokio::time::timeout(grace, &mut serve).await.is_err() {
                     warn!(grace_secs = grace.as_secs_f64(), "grace period over: abandoning calls still in flight (UNAVAILABLE)");
                     let _ = abandon.send(true);
                     // A moment for those answers to reach their callers.
                     let _ = tokio::time::timeout(Duration::from_secs(1), &mut serve).await;
-                    Ok(())
-                }
-            },
-        }
-    }
-}
-
-async fn bind(addr: &ListenAddr) -> Result<Listener, StartError> {
-    let err = |source| StartError::Listen {
-        addr: addr.to_string(),
-        source,
-    };
-    match addr {
-        ListenAddr::Tcp(a) => Ok(Listener::Tcp(
-            TcpListener::bind(a.as_str()).await.map_err(err)?,
-        )),
-        ListenAddr::Unix(path) => {
-            // A socket file left by a previous run would make bind fail.
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt;
-                if meta.file_type().is_socket() {
-                    let _ = std::fs::remove_file(path);
                 }
             }
-            Ok(Listener::Unix(
-                UnixListener::bind(path).map_err(err)?,
-                path.clone(),
-            ))
         }
     }
 }
@@ -465,6 +408,7 @@ async fn watch_health(
                 false
             }
         };
+        crate::metrics::health_check(ok);
         if lifecycle.draining() {
             return;
         }

@@ -1,12 +1,15 @@
-//! Logging: subscriber set-up and a tower layer that gives every gRPC call one
-//! span (method, collection) and one event (code, latency).
+//! Logging: subscriber set-up, a tower layer that gives every gRPC call one
+//! span (service, method, collection) and one event (code, latency), and a
+//! rate limit for lines that a client could make frequent.
 
 use crate::metrics;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::{field, Instrument, Level, Span};
@@ -25,11 +28,17 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber once; later calls (tests) are no-ops.
-/// Levels come from `RUST_LOG` (default `info`).
+/// Levels come from `RUST_LOG` (default `info`). Lines go to stdout, in colour
+/// only when stdout is a terminal and `NO_COLOR` is not set: a log collector
+/// or a file gets no escape sequences.
 pub fn init(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -176,11 +185,42 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Success is routine (debug), a caller's mistake is worth a note (info), the
-/// sidecar's or the database's trouble is a warning or an error.
+/// At most one line per period; the lines held back are counted and reported
+/// with the next one. For events a client can cause at will (rejected TLS
+/// handshakes, refused connections).
+#[derive(Debug)]
+pub struct RateLimited {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimited {
+    pub fn new(every: Duration) -> RateLimited {
+        RateLimited {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be written now.
+    pub fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, held) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < self.every) {
+            *held += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(held))
+    }
+}
+
+/// Success and a client's own cancellation are routine (debug), a caller's
+/// mistake is worth a note (info), the sidecar's or the database's trouble is
+/// a warning or an error.
 fn level(code: Code) -> Level {
     match code {
-        Code::Ok => Level::DEBUG,
+        Code::Ok | Code::Cancelled => Level::DEBUG,
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => Level::WARN,
         Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => Level::ERROR,
         _ => Level::INFO,
@@ -234,25 +274,98 @@ fn method_label(method: &str) -> &'static str {
 }
 
 /// Tower layer that logs and measures every request; see [`RequestLog`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestLogLayer;
+#[derive(Debug, Clone, Default)]
+pub struct RequestLogLayer {
+    /// The policy's `service`, a field of every call's span.
+    service: Option<Arc<str>>,
+}
+
+impl RequestLogLayer {
+    /// `service` names this sidecar's service (the policy's) in every call's span.
+    pub fn new(service: Option<&str>) -> RequestLogLayer {
+        RequestLogLayer {
+            service: service.map(Arc::from),
+        }
+    }
+}
 
 impl<S> Layer<S> for RequestLogLayer {
     type Service = RequestLog<S>;
 
     fn layer(&self, inner: S) -> RequestLog<S> {
-        RequestLog { inner }
+        RequestLog {
+            inner,
+            service: self.service.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct RequestLog<S> {
     inner: S,
+    service: Option<Arc<str>>,
+}
+
+/// One call's accounting: it logs and counts the call exactly once, when it
+/// finishes or, if the call is dropped first (the client reset its stream),
+/// when it is dropped, as CANCELLED.
+struct Outcome {
+    span: Span,
+    label: &'static str,
+    start: Instant,
+    /// Set when the client reset the call's stream (see [`ResetWatch`]).
+    reset: Arc<AtomicBool>,
+    recorded: bool,
+    _in_flight: metrics::InFlight,
+}
+
+impl Outcome {
+    fn record(&mut self, code: Code, detail: &str) {
+        self.recorded = true;
+        // A stream the client reset ends in whatever error reading its body
+        // gave (INTERNAL for a NO_ERROR reset): it is the client's cancellation.
+        let code = if code != Code::Ok && self.reset.load(Ordering::Relaxed) {
+            Code::Cancelled
+        } else {
+            code
+        };
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let latency_ms = elapsed * 1000.0;
+        let code_name = code_name(code);
+        metrics::request(self.label, code_name, elapsed);
+        let _entered = self.span.enter();
+        macro_rules! log {
+            ($level:expr) => {
+                if code == Code::Ok {
+                    tracing::event!($level, code = code_name, latency_ms, "request")
+                } else {
+                    tracing::event!($level, code = code_name, latency_ms, detail = %detail, "request")
+                }
+            };
+        }
+        match level(code) {
+            Level::DEBUG => log!(Level::DEBUG),
+            Level::INFO => log!(Level::INFO),
+            Level::WARN => log!(Level::WARN),
+            _ => log!(Level::ERROR),
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(
+                Code::Cancelled,
+                "the client cancelled the call (its stream was reset)",
+            );
+        }
+    }
 }
 
 impl<S, B, RB> Service<http::Request<B>> for RequestLog<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S: Service<http::Request<ResetWatch<B>>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
     S::Error: std::fmt::Display,
 {
@@ -268,50 +381,96 @@ where
         let path = request.uri().path();
         let method = path.rsplit('/').next().unwrap_or(path);
         // Recorded with the span: each field recorded later costs a formatting pass.
-        let service = path
+        let grpc_service = path
             .trim_start_matches('/')
             .split('/')
             .next()
             .unwrap_or_default();
-        let span = tracing::info_span!("rpc", method, service, collection = field::Empty);
-        let label = method_label(method);
-        let start = Instant::now();
-        let in_flight = metrics::InFlight::start();
+        let span = tracing::info_span!(
+            "rpc",
+            service = self.service.as_deref(),
+            method,
+            grpc_service,
+            collection = field::Empty
+        );
+        let reset = Arc::new(AtomicBool::new(false));
+        let mut outcome = Outcome {
+            span: span.clone(),
+            label: method_label(method),
+            start: Instant::now(),
+            reset: reset.clone(),
+            recorded: false,
+            _in_flight: metrics::InFlight::start(),
+        };
+        let request = request.map(|body| ResetWatch { body, reset });
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
         };
         Box::pin(async move {
-            let result = future.instrument(span.clone()).await;
-            drop(in_flight);
-            let elapsed = start.elapsed().as_secs_f64();
-            let latency_ms = elapsed * 1000.0;
-            let _entered = span.enter();
+            let result = future.instrument(span).await;
             match &result {
                 Ok(response) => {
                     let (code, detail) = response_code(response);
-                    let code_name = code_name(code);
-                    metrics::request(label, code_name, elapsed);
-                    macro_rules! log {
-                        ($level:expr) => {
-                            if code == Code::Ok {
-                                tracing::event!($level, code = code_name, latency_ms, "request")
-                            } else {
-                                tracing::event!($level, code = code_name, latency_ms, detail = %detail, "request")
-                            }
-                        };
-                    }
-                    match level(code) {
-                        Level::DEBUG => log!(Level::DEBUG),
-                        Level::INFO => log!(Level::INFO),
-                        Level::WARN => log!(Level::WARN),
-                        _ => log!(Level::ERROR),
-                    }
+                    outcome.record(code, &detail);
                 }
-                Err(e) => tracing::error!(latency_ms, error = %e, "request failed in transport"),
+                Err(e) => {
+                    outcome.recorded = true;
+                    let _entered = outcome.span.enter();
+                    tracing::error!(error = %e, "request failed in transport");
+                }
             }
             result
         })
+    }
+}
+
+/// A request body that notes whether the client reset the stream while the
+/// server was reading it (an HTTP/2 RST_STREAM from the peer).
+pub struct ResetWatch<B> {
+    body: B,
+    reset: Arc<AtomicBool>,
+}
+
+/// Whether `error` (or one of its causes) is a stream reset sent by the peer.
+fn is_peer_reset(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && h2.is_remote();
+        }
+        cause = e.source();
+    }
+    false
+}
+
+impl<B> http_body::Body for ResetWatch<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: std::error::Error + 'static,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            if is_peer_reset(e) {
+                self.reset.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -394,6 +553,17 @@ mod tests {
         assert_eq!(ours[1]["span"]["bytes"], serde_json::json!([97, 98]));
         assert_eq!(ours[1]["span"]["n"], -3);
         assert_eq!(ours[0]["span"]["debug"], "Some(\"x\")");
+    }
+
+    #[test]
+    fn rate_limited_lines_count_what_they_hold_back() {
+        let limit = RateLimited::new(Duration::from_secs(3600));
+        assert_eq!(limit.allow(), Some(0), "the first line is written");
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        let limit = RateLimited::new(Duration::ZERO);
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), Some(0));
     }
 
     #[test]

@@ -1,25 +1,21 @@
 //! Optional TLS, and mutual TLS, on the gRPC port (rustls with the ring
 //! provider). Certificate, key and client CA files are re-read when they change
 //! (cert-manager or a Secret update renews them), and new connections use the new
-//! ones; established connections keep theirs.
+//! ones; established connections keep theirs. Rejected handshakes are counted
+//! (`docsidecar_tls_handshake_failures_total{reason}`) and logged, rate-limited.
 
 use crate::background::FileWatcher;
+use crate::telemetry::RateLimited;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
-
-/// A client that does not finish its handshake in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The PEM files that make up the server's TLS identity.
 #[derive(Debug, Clone)]
@@ -112,6 +108,8 @@ impl TlsFiles {
 pub struct TlsReloader {
     files: TlsFiles,
     config: RwLock<Arc<ServerConfig>>,
+    /// Rejected handshakes are logged at most this often.
+    failures: RateLimited,
 }
 
 impl TlsReloader {
@@ -121,6 +119,7 @@ impl TlsReloader {
         Ok(TlsReloader {
             files,
             config: RwLock::new(config),
+            failures: RateLimited::new(Duration::from_secs(10)),
         })
     }
 
@@ -159,94 +158,53 @@ impl TlsReloader {
         })
     }
 
-    /// Accepts TCP connections and completes TLS handshakes off the accept loop,
-    /// so that a slow client delays nobody. Ends when the receiver is dropped.
-    pub fn incoming(
-        self: Arc<Self>,
-        listener: TcpListener,
-    ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let reloader = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    accepted = listener.accept() => {
-                        let (tcp, peer) = match accepted {
-                            Ok(a) => a,
-                            Err(e) => {
-                                warn!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
-                        };
-                        let _ = tcp.set_nodelay(true);
-                        let acceptor = tokio_rustls::TlsAcceptor::from(reloader.config());
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                                Ok(Ok(stream)) => {
-                                    let _ = tx.send(Ok(TlsConn(stream))).await;
-                                }
-                                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => debug!(%peer, "TLS handshake timed out"),
-                            }
-                        });
-                    }
-                }
+    /// Completes the TLS handshake of an accepted connection by `deadline`. A
+    /// rejected handshake (no client certificate, one the CA did not sign, not
+    /// TLS at all) is counted by reason and logged at warn with the peer, at
+    /// most one line per 10 s; a client that leaves or stalls is only counted.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.config());
+        let error = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => return Some(stream),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                crate::metrics::tls_handshake_failed("timeout");
+                debug!(%peer, "TLS handshake timed out");
+                return None;
             }
-        });
-        tokio_stream::wrappers::ReceiverStream::new(rx)
+        };
+        let reason = failure_reason(&error);
+        crate::metrics::tls_handshake_failed(reason);
+        if reason == "closed" {
+            // Health checkers and port scanners connect and leave: routine.
+            debug!(%peer, error = %error, "connection closed during the TLS handshake");
+        } else if let Some(suppressed) = self.failures.allow() {
+            warn!(%peer, reason, error = %error, suppressed, "TLS handshake rejected");
+        }
+        None
     }
 }
 
-/// A server-side TLS connection that tonic can serve.
-pub struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
-
-impl Connected for TlsConn {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.0.get_ref().0.connect_info()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+/// Why a TLS handshake failed, as a bounded metric label.
+fn failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented) => "no_client_certificate",
+        Some(E::InvalidCertificate(_)) => "bad_certificate",
+        Some(E::PeerIncompatible(_)) => "incompatible",
+        Some(E::AlertReceived(_)) => "client_alert",
+        Some(E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::PeerMisbehaved(_)) => {
+            "protocol"
+        }
+        Some(_) => "other",
+        None => match e.kind() {
+            std::io::ErrorKind::InvalidData => "protocol",
+            _ => "closed",
+        },
     }
 }

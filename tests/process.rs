@@ -272,7 +272,7 @@ fn a_malformed_policy_stops_start_up_at_its_line() {
 #[tokio::test]
 async fn no_secret_reaches_the_logs_even_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), "tok-s3cret-1\n").unwrap();
+    std::fs::write(dir.path().join("token"), "tok-s3cret-1-aaaaaaaa\n").unwrap();
     std::fs::write(dir.path().join("pass"), "db-s3cret-2\n").unwrap();
     let mut child = Command::new(BIN)
         .args([
@@ -304,7 +304,7 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
         }
     };
     let mut c = client(&addr).await;
-    for token in ["tok-s3cret-1", "wrong-s3cret-3"] {
+    for token in ["tok-s3cret-1-aaaaaaaa", "wrong-s3cret-3-aaaaaaa"] {
         let mut request = tonic::Request::new(save("x", 1.0));
         request
             .metadata_mut()
@@ -329,7 +329,11 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
         all.contains("UNAUTHENTICATED"),
         "the refused call is logged"
     );
-    for secret in ["tok-s3cret-1", "wrong-s3cret-3", "db-s3cret-2"] {
+    for secret in [
+        "tok-s3cret-1-aaaaaaaa",
+        "wrong-s3cret-3-aaaaaaa",
+        "db-s3cret-2",
+    ] {
         assert!(!all.contains(secret), "{secret} leaked into the logs");
     }
 }

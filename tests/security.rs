@@ -40,8 +40,8 @@ fn get(collection: &str, id: &str) -> GetRequest {
 /// A policy with a read-write and a read-only collection, an app client and a
 /// narrower reporting client.
 fn write_policy(dir: &Path) -> String {
-    std::fs::write(dir.join("app-token"), "app-s3cret\n").unwrap();
-    std::fs::write(dir.join("report-token"), "report-s3cret\n").unwrap();
+    std::fs::write(dir.join("app-token"), "app-s3cret-aaaaaaaa\n").unwrap();
+    std::fs::write(dir.join("report-token"), "report-s3cret-aaaaaaa\n").unwrap();
     let policy = format!(
         r#"
 service = "backend-api"
@@ -91,7 +91,7 @@ fn denied<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, cont
 async fn policy_scopes_collections_and_access(backend: Backend) {
     let (t, _dir) = with_policy(backend).await;
     let mut c = t.client.clone();
-    let app = "app-s3cret";
+    let app = "app-s3cret-aaaaaaaa";
     c.save(authed(save("agents", "a1"), app)).await.unwrap();
     c.get(authed(get("agents", "a1"), app)).await.unwrap();
     // Undeclared collection: refused before the database is touched, read or write.
@@ -184,7 +184,7 @@ async fn policy_scopes_collections_and_access(backend: Backend) {
     assert_eq!(listed.collections, ["agents", "catalog"]);
 
     // The reporting client reads agents only.
-    let report = "report-s3cret";
+    let report = "report-s3cret-aaaaaaa";
     c.get(authed(get("agents", "a1"), report)).await.unwrap();
     denied(
         c.save(authed(save("agents", "a9"), report)).await,
@@ -234,11 +234,11 @@ async fn tokens_are_required_and_rotate(backend: Backend) {
 
     // A Secret update rewrites the file: the new token works, the old one stops.
     let tmp = dir.path().join("app-token.new");
-    std::fs::write(&tmp, "app-rotated-s3cret\n").unwrap();
+    std::fs::write(&tmp, "app-rotated-s3cret-aaaa\n").unwrap();
     std::fs::rename(&tmp, dir.path().join("app-token")).unwrap();
     let mut rotated = false;
     for _ in 0..60 {
-        if c.save(authed(save("agents", "r"), "app-rotated-s3cret"))
+        if c.save(authed(save("agents", "r"), "app-rotated-s3cret-aaaa"))
             .await
             .is_ok()
         {
@@ -249,7 +249,8 @@ async fn tokens_are_required_and_rotate(backend: Backend) {
     }
     assert!(rotated, "the rotated token was not accepted within 6 s");
     denied(
-        c.get(authed(get("agents", "r"), "app-s3cret")).await,
+        c.get(authed(get("agents", "r"), "app-s3cret-aaaaaaaa"))
+            .await,
         Code::Unauthenticated,
         "not valid",
     );
@@ -258,7 +259,7 @@ async fn tokens_are_required_and_rotate(backend: Backend) {
 async fn token_file_shorthand_without_policy(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, "only-s3cret").unwrap();
+    std::fs::write(&token, "only-s3cret-aaaaaaaa").unwrap();
     let t = TestServer::start(backend, &["--token-file", token.to_str().unwrap()])
         .await
         .unwrap();
@@ -268,7 +269,7 @@ async fn token_file_shorthand_without_policy(backend: Backend) {
         Code::Unauthenticated,
         "authorization",
     );
-    c.save(authed(save("anything", "a"), "only-s3cret"))
+    c.save(authed(save("anything", "a"), "only-s3cret-aaaaaaaa"))
         .await
         .unwrap();
 }

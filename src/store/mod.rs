@@ -15,7 +15,7 @@ pub mod postgres;
 pub mod sqlite;
 
 pub use memory::MemoryStore;
-pub use postgres::{PgTarget, PostgresStore};
+pub use postgres::{Declared, PgTarget, PgTls, PostgresStore, SslMode};
 pub use sqlite::{SqliteStore, SqliteTarget};
 
 /// The pattern of collection names (and PostgreSQL schema names): the only
@@ -37,6 +37,26 @@ pub fn is_valid_name(name: &str) -> bool {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
         }
         None => false,
+    }
+}
+
+/// What a service's database role may do to a collection's table: resolved
+/// from a policy's access by `config`, so that stores never import the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// SELECT, INSERT, UPDATE, DELETE.
+    ReadWrite,
+    /// SELECT.
+    ReadOnly,
+}
+
+impl Grant {
+    /// The SQL privileges this access needs, in a fixed order.
+    pub fn privileges(self) -> &'static [&'static str] {
+        match self {
+            Grant::ReadWrite => &["SELECT", "INSERT", "UPDATE", "DELETE"],
+            Grant::ReadOnly => &["SELECT"],
+        }
     }
 }
 

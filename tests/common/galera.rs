@@ -91,7 +91,9 @@ pub async fn status_at(opts: Opts) -> Result<NodeStatus, String> {
     };
     Ok(NodeStatus {
         state: get("wsrep_local_state_comment")?,
-        cluster_size: get("wsrep_cluster_size")?.parse().map_err(|e| format!("{e}"))?,
+        cluster_size: get("wsrep_cluster_size")?
+            .parse()
+            .map_err(|e| format!("{e}"))?,
     })
 }
 

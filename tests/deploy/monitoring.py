@@ -63,6 +63,10 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "docsidecar_tls_handshake_failures_total": ("counter", {"reason"}),
     "docsidecar_connections_open": ("gauge", set()),
     "docsidecar_connections_rejected_total": ("counter", set()),
+    "docsidecar_connections_closed_idle_total": ("counter", set()),
+    "docsidecar_accept_errors_total": ("counter", set()),
+    "docsidecar_pool_acquire_timeouts_total": ("counter", set()),
+    "docsidecar_health_checks_total": ("counter", {"result"}),
     "docsidecar_watch_streams_open": ("gauge", set()),
     "docsidecar_watch_events_sent_total": ("counter", set()),
     "docsidecar_watch_lag_seconds": ("gauge", set()),
@@ -83,6 +87,7 @@ LABEL_VALUES = {
     "grpc_code": GRPC_CODES,
     "kind": {"unavailable", "permission_denied", "internal", "disk_full"},
     "certificate": {"server", "client_ca", "database_ca", "database_client"},
+    "result": {"ok", "failed"},
 }
 # What the alerts must cover: description -> metrics one alert must use.
 REQUIRED_ALERTS = {

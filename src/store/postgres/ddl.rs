@@ -20,6 +20,12 @@ pub(super) fn qualified_table(schema: &str, collection: &str) -> StoreResult<Str
     Ok(format!("\"{schema}\".\"{collection}\""))
 }
 
+/// Any identifier in double quotes, embedded quotes doubled: for names the
+/// database itself gave (the current database) or checked ones (roles).
+pub(super) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// The DDL of a collection's table; `docsidecar migrate` uses it too, so that
 /// both create the same columns (the store reads them by position and type).
 pub(super) fn table_ddl(schema: &str, collection: &str) -> StoreResult<String> {

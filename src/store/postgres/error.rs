@@ -57,6 +57,65 @@ pub(super) fn is_insufficient_privilege(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
 }
 
+/// Whether a failure to connect can heal by itself, so that start-up retries
+/// it: refused or timed out (the server is not up yet), starting up or shutting
+/// down, too many clients. A wrong password, an unknown role or database, a
+/// missing CONNECT privilege, a TLS refusal or an unverifiable certificate are
+/// permanent: retrying them only delays the operator's fix.
+pub(super) fn is_transient_connect(e: &tokio_postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        return *code == SqlState::CANNOT_CONNECT_NOW // starting up, in recovery
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || code.code().starts_with("08") // connection exception
+            || code.code().starts_with("53"); // insufficient resources
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause.is::<rustls::Error>() {
+            return false;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            // A certificate the TLS layer refused travels inside an io::Error.
+            return !io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>());
+        }
+        source = cause.source();
+    }
+    // No I/O underneath: configuration, authentication or TLS negotiation
+    // ("server does not support TLS"), none of which heal; a closed
+    // connection (the server went away mid-handshake) may.
+    e.is_closed()
+}
+
+/// A failed readiness probe of the database.
+#[derive(Debug)]
+pub(super) enum ProbeError {
+    Pg(tokio_postgres::Error),
+    TimedOut(std::time::Duration),
+}
+
+impl ProbeError {
+    /// See [`is_transient_connect`]; a slow answer may be faster next time.
+    pub(super) fn is_transient(&self) -> bool {
+        match self {
+            ProbeError::Pg(e) => is_transient_connect(e),
+            ProbeError::TimedOut(_) => true,
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Pg(e) => f.write_str(&describe(e)),
+            ProbeError::TimedOut(limit) => write!(f, "no answer to SELECT 1 within {limit:?}"),
+        }
+    }
+}
+
 /// A tokio-postgres error with its causes; server errors as their message and
 /// SQLSTATE. None of these parts carries the password or the connection string.
 pub(super) fn describe(e: &tokio_postgres::Error) -> String {

@@ -1,25 +1,18 @@
 //! `docsidecar migrate` on PostgreSQL, run with the admin account (an init
 //! container or a Job): the schema, its migration history, the declared
-//! collections' tables, and the runtime role's grants — exactly DML on the
-//! read-write tables and SELECT on the read-only ones, nothing else. The serving
+//! collections' tables, and the runtime role's grants, converged to exactly
+//! the policy: DML on the read-write tables, SELECT on the read-only ones,
+//! nothing on any other table of the schema, each change logged. The serving
 //! sidecar then needs no DDL rights at all.
 
-use super::ddl::table_ddl;
+use super::ddl::{quote_ident, table_ddl};
+use super::error::{describe, is_transient_connect};
 use super::PgTarget;
 use crate::background::Backoff;
-use crate::store::{StoreError, StoreResult};
-use std::collections::BTreeMap;
-use tokio_postgres::NoTls;
+use crate::store::{is_valid_name, Grant, StoreError, StoreResult, NAME_RULE};
+use std::collections::{BTreeMap, BTreeSet};
+use tokio_postgres::Transaction;
 use tracing::{info, warn};
-
-/// What the runtime role may do to a collection's table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
-    /// SELECT, INSERT, UPDATE, DELETE.
-    ReadWrite,
-    /// SELECT.
-    ReadOnly,
-}
 
 /// What to migrate.
 #[derive(Debug, Clone)]
@@ -28,14 +21,21 @@ pub struct MigratePlan {
     pub collections: BTreeMap<String, Grant>,
     /// The runtime role that receives the grants.
     pub grant_to: Option<String>,
+    /// Revoke TEMPORARY on the database from PUBLIC, so that the runtime role
+    /// cannot create temporary tables. Affects every role of the database.
+    pub revoke_public_temp: bool,
 }
 
 /// Versioned changes of the schema itself, recorded in `_migrations` (collection
 /// names cannot start with `_`, so it never collides with a collection).
 const MIGRATIONS: &[(i32, &str)] = &[(1, "schema and migration history")];
 
+/// The rule of [`is_valid_role`], for messages.
+pub const ROLE_RULE: &str =
+    "a plain role name: a letter or `_`, then letters, digits, `_` and `-`, at most 63 in all";
+
 /// Role names are identifiers we quote ourselves: keep them to a plain alphabet.
-fn is_valid_role(role: &str) -> bool {
+pub fn is_valid_role(role: &str) -> bool {
     let bytes = role.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
@@ -48,7 +48,7 @@ fn is_valid_role(role: &str) -> bool {
 fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
     let detail = e
         .as_db_error()
-        .map_or_else(|| e.to_string(), |db| db.message().to_string());
+        .map_or_else(|| describe(&e), |db| db.message().to_string());
     match e.code() {
         Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             StoreError::PermissionDenied(format!(
@@ -60,26 +60,39 @@ fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Connects with the admin account, retrying only what can heal (see
+/// [`is_transient_connect`]): a wrong password or a missing database fails at once.
 async fn connect(target: &PgTarget) -> StoreResult<tokio_postgres::Client> {
+    let mut config = target.config.clone();
+    target.tls.apply(&mut config);
+    let tls = target.tls.connector()?;
     let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
     let (client, connection) = backoff
         .retry(
-            || target.config.connect(NoTls),
-            |_| true,
+            || config.connect(tls.clone()),
+            is_transient_connect,
             |e, attempt, delay| {
-                warn!(%target, attempt, error = %e, "PostgreSQL not reachable for migrate; retrying in {delay:?}");
+                warn!(%target, attempt, error = %describe(e), "PostgreSQL not reachable for migrate; retrying in {delay:?}");
             },
         )
         .await
         .map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot connect to PostgreSQL at {target} after {} attempts: {e}",
-                backoff.attempts_made()
-            ))
+            if is_transient_connect(&e) {
+                StoreError::Unavailable(format!(
+                    "cannot connect to PostgreSQL at {target} after {} attempt(s): {}",
+                    backoff.attempts_made(),
+                    describe(&e)
+                ))
+            } else {
+                StoreError::Unavailable(format!(
+                    "PostgreSQL at {target} refused the connection: {} (not retried: fix the role, password, database or TLS settings)",
+                    describe(&e)
+                ))
+            }
         })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            warn!(error = %e, "migrate connection ended");
+            warn!(error = %describe(&e), "migrate connection ended");
         }
     });
     Ok(client)
@@ -91,11 +104,18 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
     if let Some(role) = &plan.grant_to {
         if !is_valid_role(role) {
             return Err(StoreError::Internal(format!(
-                "--grant-to `{role}` is not a plain role name (letters, digits, `_` and `-`, at most 63)"
+                "--grant-to {} is not {ROLE_RULE}",
+                crate::quote::shown(role)
             )));
         }
     }
-    // table_ddl validates and quotes the schema and collection names.
+    if !is_valid_name(&target.schema) {
+        return Err(StoreError::Internal(format!(
+            "PostgreSQL schema {} is invalid: DOCSIDECAR_SCHEMA {NAME_RULE}",
+            crate::quote::shown(&target.schema)
+        )));
+    }
+    // table_ddl validates and quotes the collection names.
     let ddl = plan
         .collections
         .keys()
@@ -154,44 +174,231 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
     }
 
     if let Some(role) = &plan.grant_to {
-        let exists = tx
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[role])
-            .await
-            .map_err(|e| pg_error("looking up the runtime role", e))?
-            .is_some();
-        if !exists {
-            return Err(StoreError::Internal(format!(
-                "role `{role}` does not exist: create it first (CREATE ROLE \"{role}\" LOGIN PASSWORD '…')"
-            )));
-        }
-        let role_q = format!("\"{role}\"");
-        let mut sql = format!(
-            "GRANT USAGE ON SCHEMA {schema} TO {role_q};
-             REVOKE CREATE ON SCHEMA {schema} FROM {role_q};
-             REVOKE ALL ON {schema}._migrations FROM {role_q};"
-        );
-        for (collection, access) in &plan.collections {
-            let table = format!("{schema}.\"{collection}\"");
-            let privileges = match access {
-                Grant::ReadWrite => "SELECT, INSERT, UPDATE, DELETE",
-                Grant::ReadOnly => "SELECT",
-            };
-            // Revoke first: a collection turned read-only loses its write grants.
-            sql.push_str(&format!(
-                "REVOKE ALL ON {table} FROM {role_q}; GRANT {privileges} ON {table} TO {role_q};"
-            ));
-        }
-        tx.batch_execute(&sql)
-            .await
-            .map_err(|e| pg_error("granting the runtime role", e))?;
-        info!(
-            role,
-            collections = plan.collections.len(),
-            "granted the runtime role"
-        );
+        converge_grants(&tx, &target.schema, role, &plan.collections).await?;
     }
+    temp_tables(&tx, plan).await?;
     tx.commit().await.map_err(|e| pg_error("COMMIT", e))?;
     info!(schema = %target.schema, collections = plan.collections.len(), "PostgreSQL schema migrated");
+    Ok(())
+}
+
+/// A privilege held by the role on an object, as `aclexplode` names it.
+type Held = BTreeMap<String, BTreeSet<String>>;
+
+/// Makes the runtime role's privileges in `schema` exactly the plan's: USAGE on
+/// the schema and nothing more there, the declared access on each declared
+/// collection, nothing on any other table (collections dropped from the policy
+/// lose their grants). Only differences are applied, and each is logged.
+async fn converge_grants(
+    tx: &Transaction<'_>,
+    schema: &str,
+    role: &str,
+    collections: &BTreeMap<String, Grant>,
+) -> StoreResult<()> {
+    let exists = tx
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .map_err(|e| pg_error("looking up the runtime role", e))?
+        .is_some();
+    if !exists {
+        return Err(StoreError::Internal(format!(
+            "role `{role}` does not exist: create it first (CREATE ROLE \"{role}\" LOGIN PASSWORD '…')"
+        )));
+    }
+    let role_q = quote_ident(role);
+    let schema_q = quote_ident(schema);
+    let mut changes = 0;
+
+    // The schema: USAGE, never CREATE.
+    let on_schema: BTreeSet<String> = tx
+        .query(
+            "SELECT a.privilege_type FROM pg_catalog.pg_namespace n, aclexplode(n.nspacl) a
+             WHERE n.nspname = $1 AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = $2)",
+            &[&schema, &role],
+        )
+        .await
+        .map_err(|e| pg_error("reading the schema's grants", e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if !on_schema.contains("USAGE") {
+        apply(
+            tx,
+            &format!("GRANT USAGE ON SCHEMA {schema_q} TO {role_q}"),
+            "granted",
+            "USAGE",
+            &format!("schema {schema}"),
+            role,
+        )
+        .await?;
+        changes += 1;
+    }
+    let extra: Vec<&str> = on_schema
+        .iter()
+        .map(String::as_str)
+        .filter(|p| *p != "USAGE")
+        .collect();
+    if !extra.is_empty() {
+        let privileges = extra.join(", ");
+        apply(
+            tx,
+            &format!("REVOKE {privileges} ON SCHEMA {schema_q} FROM {role_q}"),
+            "revoked",
+            &privileges,
+            &format!("schema {schema}"),
+            role,
+        )
+        .await?;
+        changes += 1;
+    }
+
+    // Every relation of the schema, declared or not.
+    let mut held: Held = BTreeMap::new();
+    let mut sequences = BTreeSet::new();
+    for row in tx
+        .query(
+            "SELECT c.relname::text, c.relkind::text, a.privilege_type
+             FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             CROSS JOIN LATERAL aclexplode(c.relacl) a
+             WHERE n.nspname = $1 AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = $2)",
+            &[&schema, &role],
+        )
+        .await
+        .map_err(|e| pg_error("reading the tables' grants", e))?
+    {
+        let name: String = row.get(0);
+        if row.get::<_, String>(1) == "S" {
+            sequences.insert(name.clone());
+        }
+        held.entry(name).or_default().insert(row.get(2));
+    }
+    for collection in collections.keys() {
+        held.entry(collection.clone()).or_default();
+    }
+    for (relation, has) in &held {
+        let want: BTreeSet<String> = collections
+            .get(relation)
+            .map(|g| g.privileges().iter().map(|p| p.to_string()).collect())
+            .unwrap_or_default();
+        let object = format!("{schema_q}.{}", quote_ident(relation));
+        let shown = format!("{schema}.{relation}");
+        let kind = if sequences.contains(relation) {
+            "SEQUENCE"
+        } else {
+            "TABLE"
+        };
+        let revoke: Vec<&str> = has.difference(&want).map(String::as_str).collect();
+        if !revoke.is_empty() {
+            let privileges = revoke.join(", ");
+            apply(
+                tx,
+                &format!("REVOKE {privileges} ON {kind} {object} FROM {role_q}"),
+                "revoked",
+                &privileges,
+                &shown,
+                role,
+            )
+            .await?;
+            changes += 1;
+        }
+        let grant: Vec<&str> = want.difference(has).map(String::as_str).collect();
+        if !grant.is_empty() {
+            let privileges = grant.join(", ");
+            apply(
+                tx,
+                &format!("GRANT {privileges} ON TABLE {object} TO {role_q}"),
+                "granted",
+                &privileges,
+                &shown,
+                role,
+            )
+            .await?;
+            changes += 1;
+        }
+    }
+    info!(
+        role,
+        collections = collections.len(),
+        changes,
+        "the runtime role's grants match the policy"
+    );
+    Ok(())
+}
+
+/// Runs one GRANT or REVOKE and reports it.
+async fn apply(
+    tx: &Transaction<'_>,
+    sql: &str,
+    what: &'static str,
+    privileges: &str,
+    on: &str,
+    role: &str,
+) -> StoreResult<()> {
+    tx.batch_execute(sql)
+        .await
+        .map_err(|e| pg_error(&format!("{what} {privileges} on {on}"), e))?;
+    info!(
+        role,
+        privileges, on, "{what} {privileges} on {on} (role {role})"
+    );
+    Ok(())
+}
+
+/// PUBLIC holds TEMPORARY on every database by default, so any role, the
+/// runtime role included, can create temporary tables; revoking it from one
+/// role does nothing. With the plan's option, revoke it from PUBLIC (and from
+/// the runtime role itself); without it, say that it is held.
+async fn temp_tables(tx: &Transaction<'_>, plan: &MigratePlan) -> StoreResult<()> {
+    if plan.grant_to.is_none() && !plan.revoke_public_temp {
+        return Ok(());
+    }
+    let row = tx
+        .query_one(
+            "SELECT current_database()::text,
+                    EXISTS (SELECT 1 FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+                            WHERE a.grantee = 0 AND a.privilege_type = 'TEMPORARY'),
+                    EXISTS (SELECT 1 FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+                            WHERE a.grantee = (SELECT oid FROM pg_roles WHERE rolname = $1)
+                              AND a.privilege_type = 'TEMPORARY')
+             FROM pg_catalog.pg_database d WHERE d.datname = current_database()",
+            &[&plan.grant_to],
+        )
+        .await
+        .map_err(|e| pg_error("reading the database's grants", e))?;
+    let database: String = row.get(0);
+    let (public, role_has) = (row.get::<_, bool>(1), row.get::<_, bool>(2));
+    let db_q = quote_ident(&database);
+    if plan.revoke_public_temp {
+        if public {
+            tx.batch_execute(&format!("REVOKE TEMPORARY ON DATABASE {db_q} FROM PUBLIC"))
+                .await
+                .map_err(|e| pg_error("revoking TEMPORARY from PUBLIC", e))?;
+            warn!(
+                database,
+                "revoked TEMPORARY on database {database} from PUBLIC: no role there can create temporary tables any more unless granted TEMPORARY itself (this affects every role of the database)"
+            );
+        }
+        if let (Some(role), true) = (&plan.grant_to, role_has) {
+            apply(
+                tx,
+                &format!(
+                    "REVOKE TEMPORARY ON DATABASE {db_q} FROM {}",
+                    quote_ident(role)
+                ),
+                "revoked",
+                "TEMPORARY",
+                &format!("database {database}"),
+                role,
+            )
+            .await?;
+        }
+    } else if public && plan.grant_to.is_some() {
+        warn!(
+            database,
+            "PUBLIC holds TEMPORARY on database {database}, so the runtime role can create temporary tables; `docsidecar migrate --revoke-public-temp` revokes it from PUBLIC (affects every role of the database)"
+        );
+    }
     Ok(())
 }
 

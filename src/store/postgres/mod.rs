@@ -10,18 +10,26 @@
 //! - [`error`]: PostgreSQL errors in a caller's terms;
 //! - [`ddl`]: tables, the schema, table creation on first write;
 //! - [`write`]: saves, deletes and atomic writes;
-//! - [`migrate`]: `docsidecar migrate` (tables and grants, admin account).
+//! - [`migrate`]: `docsidecar migrate` (tables and grants, admin account);
+//! - [`tls`]: TLS to the server, with libpq's `sslmode` semantics;
+//! - [`verify`]: the start-up check of the declared collections' tables and
+//!   the runtime role's privileges.
 
 mod ddl;
 mod error;
 pub mod migrate;
 mod pool;
+pub mod tls;
+mod verify;
 mod write;
+
+pub use tls::{PgTls, SslMode};
 
 use super::*;
 use crate::background::{Backoff, Tasks};
 use error::map_pg_error;
 use pool::Pools;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,6 +60,20 @@ pub struct PgTarget {
     /// Create the schema and the collections' tables on demand. Off in production,
     /// where `docsidecar migrate` creates them and the runtime role has no DDL rights.
     pub auto_create: bool,
+    /// TLS to the server.
+    pub tls: PgTls,
+    /// The collections a policy declares and what each needs: start-up checks
+    /// that their tables exist and that the role holds those privileges.
+    pub declared: Declared,
+}
+
+/// The collections a PostgreSQL store is expected to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Declared {
+    /// No policy (development): any collection, tables made on first write.
+    Any,
+    /// These collections, with the privileges each needs.
+    Only(BTreeMap<String, Grant>),
 }
 
 impl PgTarget {
@@ -66,6 +88,8 @@ impl PgTarget {
             max_retries: 10,
             retry_delay: Duration::from_secs(1),
             auto_create: true,
+            tls: PgTls::default(),
+            declared: Declared::Any,
         }
     }
 }
@@ -93,7 +117,11 @@ impl fmt::Display for PgTarget {
 
 impl fmt::Debug for PgTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PgTarget({self}, schema {})", self.schema)
+        write!(
+            f,
+            "PgTarget({self}, schema {}, sslmode {})",
+            self.schema, self.tls.mode
+        )
     }
 }
 
@@ -136,11 +164,15 @@ impl PostgresStore {
         let tables = ddl::Tables::new(target.schema.clone())?;
         let name = target.to_string();
         let pool_size = target.pool_size.max(1);
+        let mut config = target.config.clone();
+        target.tls.apply(&mut config);
         let pools = Pools::new(
-            target.config.clone(),
+            config,
+            target.tls.connector()?,
             pool_size,
             target.acquire_timeout,
             name.clone(),
+            tasks,
         )?;
         if let Some(file) = &target.password_file {
             pools.watch_password(file.clone(), tasks);
@@ -154,8 +186,8 @@ impl PostgresStore {
         let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
         backoff
             .retry(
-                || store.ping(),
-                |_| true,
+                || store.pools.probe(),
+                |error| error.is_transient(),
                 |error, attempt, delay| {
                     tracing::warn!(
                         target_db = %store.target,
@@ -168,11 +200,19 @@ impl PostgresStore {
             )
             .await
             .map_err(|error| {
-                StoreError::Unavailable(format!(
-                    "PostgreSQL at {} did not answer after {} attempt(s): {error}",
-                    store.target,
-                    backoff.attempts_made()
-                ))
+                if error.is_transient() {
+                    StoreError::Unavailable(format!(
+                        "PostgreSQL at {} did not answer after {} attempt(s): {error}",
+                        store.target,
+                        backoff.attempts_made()
+                    ))
+                } else {
+                    // Retrying cannot fix a wrong password or a missing database.
+                    StoreError::Unavailable(format!(
+                        "PostgreSQL at {} refused the connection: {error} (not retried: fix the role, password, database or TLS settings)",
+                        store.target
+                    ))
+                }
             })?;
         if store.auto_create {
             let conn = store.pools.acquire().await?;
@@ -180,11 +220,24 @@ impl PostgresStore {
             conn.release();
             result?;
         }
+        if let Declared::Only(declared) = &target.declared {
+            let conn = store.pools.acquire().await?;
+            let result = verify::declared(&*conn, &store.tables, declared, store.auto_create).await;
+            conn.release();
+            let missing = result.map_err(|e| store.pg(e))?;
+            if let Some(problem) = missing.problem(&store.tables.schema) {
+                return Err(problem);
+            }
+            store
+                .tables
+                .remember(missing.present.iter().map(String::as_str));
+        }
         tracing::info!(
             target_db = %store.target,
             schema = %store.tables.schema,
             pool_size,
             auto_create = store.auto_create,
+            sslmode = %target.tls.mode,
             "connected to PostgreSQL"
         );
         Ok(store)
@@ -350,8 +403,15 @@ impl DocumentStore for PostgresStore {
         Ok(names)
     }
 
+    /// On the health connection, never a pooled one: a pool held by slow
+    /// calls is busy, not down (saturation shows in the pool metrics).
     async fn ping(&self) -> StoreResult<()> {
-        self.select("SELECT 1", &[]).await.map(drop)
+        self.pools.probe().await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "PostgreSQL at {} does not answer: {e}; retry",
+                self.target
+            ))
+        })
     }
 
     fn pool_stats(&self) -> PoolStats {

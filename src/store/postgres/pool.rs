@@ -1,7 +1,8 @@
-//! The connection pool, password rotation, and the connection guard that
-//! cancels an abandoned call's query.
+//! The connection pool, password rotation, the health connection, and the
+//! connection guard that cancels an abandoned call's query.
 
-use super::error::describe;
+use super::error::{describe, ProbeError};
+use super::tls::Connector;
 use crate::background::{FileWatcher, Tasks};
 use crate::metrics;
 use crate::store::{PoolStats, StoreError, StoreResult};
@@ -12,24 +13,35 @@ use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
 
 /// The current pool. A rotated password gets a new pool; the old one is only
 /// dropped, never closed, so calls holding or awaiting its connections finish on
 /// them, and those connections close as they come back.
 pub(super) struct Pools {
     pool: RwLock<Pool>,
-    cfg: tokio_postgres::Config,
+    /// The connection settings with the current password.
+    cfg: RwLock<tokio_postgres::Config>,
+    tls: Connector,
     size: usize,
     acquire_timeout: Duration,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,
+    /// Readiness probes run on this connection, outside the pool, so that calls
+    /// holding every pooled connection cannot make a live database look dead.
+    health: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Owns the health connection's driver task.
+    tasks: Tasks,
 }
 
-fn build(cfg: tokio_postgres::Config, size: usize, acquire_timeout: Duration) -> StoreResult<Pool> {
+fn build(
+    cfg: tokio_postgres::Config,
+    tls: Connector,
+    size: usize,
+    acquire_timeout: Duration,
+) -> StoreResult<Pool> {
     let manager = Manager::from_config(
         cfg,
-        NoTls,
+        tls,
         ManagerConfig {
             // Fast: `is_closed` catches dead connections without a round trip.
             recycling_method: RecyclingMethod::Fast,
@@ -48,21 +60,68 @@ fn build(cfg: tokio_postgres::Config, size: usize, acquire_timeout: Duration) ->
 impl Pools {
     pub(super) fn new(
         cfg: tokio_postgres::Config,
+        tls: Connector,
         size: usize,
         acquire_timeout: Duration,
         target: String,
+        tasks: &Tasks,
     ) -> StoreResult<Arc<Pools>> {
         Ok(Arc::new(Pools {
-            pool: RwLock::new(build(cfg.clone(), size, acquire_timeout)?),
-            cfg,
+            pool: RwLock::new(build(cfg.clone(), tls.clone(), size, acquire_timeout)?),
+            cfg: RwLock::new(cfg),
+            tls,
             size,
             acquire_timeout,
             target,
+            health: tokio::sync::Mutex::new(None),
+            tasks: tasks.clone(),
         }))
     }
 
     fn current(&self) -> Pool {
         self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn config(&self) -> tokio_postgres::Config {
+        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the database answers `SELECT 1`, asked on the health connection
+    /// (opened again when it broke) within the acquire timeout. A probe
+    /// abandoned half-way (its caller gave up) leaves no connection behind: the
+    /// next one opens a fresh connection rather than queue behind a lost answer.
+    pub(super) async fn probe(&self) -> Result<(), ProbeError> {
+        let mut slot = self.health.lock().await;
+        let limit = self.acquire_timeout.max(Duration::from_secs(1));
+        let answered = tokio::time::timeout(limit, async {
+            let client = match slot.take() {
+                Some(client) if !client.is_closed() => client,
+                _ => self.connect_direct().await?,
+            };
+            client.simple_query("SELECT 1").await?;
+            Ok::<_, tokio_postgres::Error>(client)
+        })
+        .await;
+        match answered {
+            Ok(Ok(client)) => {
+                *slot = Some(client);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(ProbeError::Pg(e)),
+            Err(_) => Err(ProbeError::TimedOut(limit)),
+        }
+    }
+
+    /// A connection outside the pool, with the current password; its driver
+    /// runs in the store's tasks and ends when the client is dropped.
+    async fn connect_direct(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = self.config().connect(self.tls.clone()).await?;
+        self.tasks.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %describe(&e), "the health connection ended");
+            }
+        });
+        Ok(client)
     }
 
     /// Watches the password file in `tasks`; stops when the pools are gone.
@@ -83,9 +142,14 @@ impl Pools {
     /// Switches to `password` once a connection with it succeeds; until then the
     /// old pool keeps serving.
     async fn rotate(&self, password: &str) -> bool {
-        let mut cfg = self.cfg.clone();
+        let mut cfg = self.config();
         cfg.password(password);
-        let Ok(pool) = build(cfg, self.size, self.acquire_timeout) else {
+        let Ok(pool) = build(
+            cfg.clone(),
+            self.tls.clone(),
+            self.size,
+            self.acquire_timeout,
+        ) else {
             return false;
         };
         if let Err(e) = pool.get().await {
@@ -97,6 +161,10 @@ impl Pools {
             return false;
         }
         *self.pool.write().unwrap_or_else(|e| e.into_inner()) = pool;
+        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        // The health connection retires too: the next probe opens one with the
+        // new password (so that it, too, is known to work).
+        self.health.lock().await.take();
         tracing::info!(
             target_db = %self.target,
             "database password rotated: new connections use it, the old ones retire as their calls finish"
@@ -112,13 +180,17 @@ impl Pools {
         let acquired = tokio::time::timeout(self.acquire_timeout, pool.get()).await;
         metrics::pool_acquired(started);
         match acquired {
-            Ok(Ok(object)) => Ok(Conn(Some(object))),
+            Ok(Ok(object)) => Ok(Conn {
+                object: Some(object),
+                tls: self.tls.clone(),
+            }),
             Ok(Err(e)) => Err(self.pool_error(e)),
             Err(_) => Err(self.busy()),
         }
     }
 
     fn busy(&self) -> StoreError {
+        metrics::pool_timeout();
         StoreError::Unavailable(format!(
             "no PostgreSQL connection became free within {:?} (pool size {}); retry, or raise DB_POOL_SIZE or DB_ACQUIRE_TIMEOUT",
             self.acquire_timeout, self.size
@@ -132,8 +204,8 @@ impl Pools {
                 "PostgreSQL at {} did not accept a connection within {:?}; retry",
                 self.target, self.acquire_timeout
             )),
-            // Wrong password, unknown database, refused port: the sidecar cannot
-            // serve until the database or its settings are fixed.
+            // Refused port, wrong password (a rotation not yet picked up): the
+            // sidecar cannot serve until the database or its settings are fixed.
             PoolError::Backend(e) => StoreError::Unavailable(format!(
                 "cannot connect to PostgreSQL at {}: {}; retry",
                 self.target,
@@ -160,18 +232,25 @@ impl Pools {
 
     pub(super) fn close(&self) {
         self.current().close();
+        if let Ok(mut health) = self.health.try_lock() {
+            health.take();
+        }
     }
 }
 
 /// A pooled connection that cancels its query if dropped before
 /// [`Conn::release`]: dropping a call's future (the client's deadline) must not
 /// leave the query running on the server.
-pub(super) struct Conn(Option<Object>);
+pub(super) struct Conn {
+    object: Option<Object>,
+    /// Cancel requests travel as the connection did (TLS or not).
+    tls: Connector,
+}
 
 impl Conn {
     /// The call finished, with or without an error: back to the pool.
     pub(super) fn release(mut self) {
-        drop(self.0.take());
+        drop(self.object.take());
     }
 }
 
@@ -180,28 +259,29 @@ impl Deref for Conn {
 
     fn deref(&self) -> &Object {
         // Present from acquire until `release` consumes the guard or it drops.
-        self.0.as_ref().expect("a connection until released")
+        self.object.as_ref().expect("a connection until released")
     }
 }
 
 impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut Object {
-        self.0.as_mut().expect("a connection until released")
+        self.object.as_mut().expect("a connection until released")
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        let Some(object) = self.0.take() else {
+        let Some(object) = self.object.take() else {
             return;
         };
         // Abandoned mid-call. The connection leaves the pool for good: a cancel
         // request that arrives late must not hit the next caller's query.
         let token = object.cancel_token();
         let client = Object::take(object);
+        let tls = self.tls.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                match token.cancel_query(NoTls).await {
+                match token.cancel_query(tls).await {
                     Ok(()) => tracing::debug!("cancelled the query of an abandoned call"),
                     Err(e) => tracing::debug!(error = %describe(&e), "could not cancel the query of an abandoned call"),
                 }

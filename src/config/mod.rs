@@ -1,0 +1,389 @@
+//! Command line and environment: every setting is a flag with an environment
+//! variable (see `docsidecar --help`), checked against its allowed range when
+//! parsed, and resolved once into the lower layers' types.
+//!
+//! - [`db`]: the database settings (URL or `DB_*`, TLS, pool, retries);
+//! - [`values`]: the ranged value parsers;
+//! - [`cli`]: parsing the command line, with errors that name the environment
+//!   variable a bad value came from.
+
+pub mod cli;
+pub mod db;
+pub mod values;
+
+pub use cli::parse;
+pub use db::{DbArgs, DbType, MigrateDbArgs, ServeDbArgs, DEFAULT_SQLITE_FILE};
+
+use crate::policy::{self, Access, Policy, PolicyError};
+use crate::secret::SecretError;
+use crate::store::{Declared, Grant, Target};
+use crate::tls::TlsFiles;
+use crate::transport;
+use clap::{Args, Parser, Subcommand};
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+use values::{count, seconds};
+
+/// The sidecar's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "docsidecar",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Serving settings, for `docsidecar` without a subcommand.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the DocumentService (the default).
+    Serve(ServeArgs),
+    /// Apply the database schema with the admin credentials, then exit.
+    Migrate(MigrateArgs),
+    /// Wait until a sidecar is SERVING (for start-up ordering), then exit 0.
+    Wait(WaitArgs),
+    /// Ask a sidecar on this host to shut down (for Jobs whose work is done).
+    Shutdown(ShutdownArgs),
+    /// Check the configuration and the database connection, then exit.
+    Check(ServeArgs),
+}
+
+/// Settings of `docsidecar wait`.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// The sidecar's gRPC address: HOST:PORT or unix:/path/to.sock.
+    #[arg(long, env = "DOCSIDECAR_LISTEN", default_value = "127.0.0.1:50051")]
+    pub address: ListenAddr,
+    /// Give up after this many seconds (exit 1); 0.1 to 86400.
+    #[arg(long, default_value = "60", value_parser = seconds(0.1, 86_400.0))]
+    pub timeout: Duration,
+}
+
+/// Settings of `docsidecar shutdown`.
+#[derive(Debug, Clone, Args)]
+pub struct ShutdownArgs {
+    /// The sidecar's admin address (HOST:PORT); shutdown is accepted from loopback only.
+    #[arg(
+        long,
+        env = "DOCSIDECAR_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin: String,
+}
+
+/// Settings of `docsidecar serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on: HOST:PORT, or unix:/path/to.sock for a Unix socket.
+    #[arg(long, env = "DOCSIDECAR_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: ListenAddr,
+
+    #[command(flatten)]
+    pub db: ServeDbArgs,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
+
+    /// A client token file: one client with the service's whole scope (shorthand
+    /// for a [[clients]] entry). Without tokens, calls need no authentication.
+    /// Tokens are at least 16 bytes.
+    #[arg(long, env = "DOCSIDECAR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM certificate chain: serve gRPC over TLS (re-read when the file changes).
+    #[arg(long, env = "DOCSIDECAR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the TLS certificate.
+    #[arg(long, env = "DOCSIDECAR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "DOCSIDECAR_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Largest document accepted, in bytes of its JSON encoding; 16 to 67108864.
+    #[arg(long, env = "DOCSIDECAR_MAX_DOCUMENT_BYTES", default_value_t = 1024 * 1024,
+          value_parser = count(16usize, 64 << 20, "bytes"))]
+    pub max_document_bytes: usize,
+
+    /// Address of the HTTP admin listener (/livez, /readyz, /startupz, /metrics):
+    /// HOST:PORT, off when unset. Kubernetes manifests bind it on the pod IP, e.g. 0.0.0.0:9090.
+    #[arg(long, env = "DOCSIDECAR_ADMIN_LISTEN", value_parser = values::tcp_address)]
+    pub admin_listen: Option<String>,
+
+    /// Seconds new calls are still served after SIGTERM, while the endpoints
+    /// controller stops routing to the pod (readiness is false from the signal on);
+    /// 0 to 3600.
+    #[arg(long, env = "DOCSIDECAR_SHUTDOWN_DELAY", default_value = "5", value_parser = seconds(0.0, 3600.0))]
+    pub shutdown_delay: Duration,
+
+    /// Largest gRPC request accepted, in bytes (a Write carries many documents);
+    /// 4096 to 1073741824. A larger request is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DOCSIDECAR_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024,
+          value_parser = count(4096usize, 1 << 30, "bytes"))]
+    pub max_message_bytes: usize,
+
+    /// Seconds between database health checks (the gRPC health service and
+    /// /readyz follow them); 0.1 to 3600.
+    #[arg(long, env = "DOCSIDECAR_HEALTH_INTERVAL", default_value = "2", value_parser = seconds(0.1, 3600.0))]
+    pub health_interval: Duration,
+
+    /// Seconds that in-flight calls get to finish once the server stops accepting
+    /// (after the shutdown delay); 0 to 3600.
+    #[arg(long, env = "DOCSIDECAR_SHUTDOWN_GRACE", default_value = "25", value_parser = seconds(0.0, 3600.0))]
+    pub shutdown_grace: Duration,
+}
+
+/// Limits of the gRPC port's connections (HTTP/2).
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionArgs {
+    /// Client connections open at once, 1 to 100000; a connection beyond is closed
+    /// at once (docsidecar_connections_rejected_total) while the others keep working.
+    #[arg(long, env = "DOCSIDECAR_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = count(1usize, 100_000, "connections"))]
+    pub max_connections: usize,
+
+    /// Calls in flight on one connection (HTTP/2 concurrent streams), 1 to 10000;
+    /// clients queue the others.
+    #[arg(long, env = "DOCSIDECAR_MAX_CONCURRENT_STREAMS", default_value_t = 100,
+          value_parser = count(1u32, 10_000, "streams"))]
+    pub max_concurrent_streams: u32,
+
+    /// Seconds between HTTP/2 pings on each connection, to find dead peers; 1 to 86400.
+    #[arg(long, env = "DOCSIDECAR_KEEPALIVE_INTERVAL", default_value = "60", value_parser = seconds(1.0, 86_400.0))]
+    pub keepalive_interval: Duration,
+
+    /// Seconds a ping may go unanswered before its connection is closed; 1 to 3600.
+    #[arg(long, env = "DOCSIDECAR_KEEPALIVE_TIMEOUT", default_value = "20", value_parser = seconds(1.0, 3600.0))]
+    pub keepalive_timeout: Duration,
+
+    /// Seconds a new connection has to finish its TLS handshake and send the HTTP/2
+    /// preface before it is closed; 0.1 to 600.
+    #[arg(long, env = "DOCSIDECAR_HANDSHAKE_TIMEOUT", default_value = "10", value_parser = seconds(0.1, 600.0))]
+    pub handshake_timeout: Duration,
+
+    /// Seconds a connection may stay open with no call in flight before it is
+    /// closed with a GOAWAY (clients reconnect on their next call); 1 to 86400.
+    #[arg(long, env = "DOCSIDECAR_IDLE_TIMEOUT", default_value = "300", value_parser = seconds(1.0, 86_400.0))]
+    pub idle_timeout: Duration,
+
+    /// Largest request headers (metadata), in bytes as HTTP/2 counts them (names,
+    /// values and 32 per field); 1024 to 1048576. Larger headers, up to four
+    /// times this, are answered RESOURCE_EXHAUSTED on a connection that stays
+    /// open; see the README for beyond.
+    #[arg(long, env = "DOCSIDECAR_MAX_HEADER_BYTES", default_value_t = 16 * 1024,
+          value_parser = count(1024usize, 1 << 20, "bytes"))]
+    pub max_header_bytes: usize,
+}
+
+impl From<ConnectionArgs> for transport::Limits {
+    fn from(a: ConnectionArgs) -> transport::Limits {
+        transport::Limits {
+            max_connections: a.max_connections,
+            max_concurrent_streams: a.max_concurrent_streams,
+            keepalive_interval: a.keepalive_interval,
+            keepalive_timeout: a.keepalive_timeout,
+            handshake_timeout: a.handshake_timeout,
+            idle_timeout: a.idle_timeout,
+            max_header_bytes: a.max_header_bytes,
+        }
+    }
+}
+
+/// Serving settings, resolved: the store to open, the policy, TLS files; what
+/// [`crate::server::Server::bind`] needs and nothing it must interpret again.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: ListenAddr,
+    pub target: Target,
+    pub policy: Option<Policy>,
+    pub token_file: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+    pub max_document_bytes: usize,
+    pub admin_listen: Option<String>,
+    pub shutdown_delay: Duration,
+    pub max_message_bytes: usize,
+    pub health_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub connections: transport::Limits,
+}
+
+/// A setting that cannot be used, or a policy file that cannot.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+impl ServeArgs {
+    /// Reads the policy and resolves the database settings.
+    pub fn resolve(self) -> Result<ServeConfig, ResolveError> {
+        let policy = policy::load(self.common.policy.as_deref())?;
+        // Without a policy (development) tables appear on first write; with one,
+        // only if the policy says so.
+        let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
+        let db: DbArgs = self.db.into();
+        let target = db.target(&self.common.schema, auto_create, declared(policy.as_ref()))?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            _ => None,
+        };
+        Ok(ServeConfig {
+            listen: self.listen,
+            target,
+            policy,
+            token_file: self.token_file,
+            tls,
+            max_document_bytes: self.max_document_bytes,
+            admin_listen: self.admin_listen,
+            shutdown_delay: self.shutdown_delay,
+            max_message_bytes: self.max_message_bytes,
+            health_interval: self.health_interval,
+            shutdown_grace: self.shutdown_grace,
+            connections: self.connections.into(),
+        })
+    }
+}
+
+/// The collections a policy declares, with what their access needs from the
+/// database; any collection without a policy.
+pub fn declared(policy: Option<&Policy>) -> Declared {
+    match policy {
+        None => Declared::Any,
+        Some(p) => Declared::Only(
+            p.collections
+                .iter()
+                .map(|(name, access)| {
+                    let grant = match access {
+                        Access::ReadWrite => Grant::ReadWrite,
+                        Access::ReadOnly => Grant::ReadOnly,
+                    };
+                    (name.clone(), grant)
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Settings of `docsidecar migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: MigrateDbArgs,
+
+    /// PostgreSQL role that serves at run time: its privileges in the schema become
+    /// exactly the policy's: SELECT, INSERT, UPDATE and DELETE on the read-write
+    /// collections, SELECT on the read-only ones, nothing on any other table
+    /// (a collection removed from the policy loses its grants). Each change is logged.
+    #[arg(long, env = "DOCSIDECAR_GRANT_TO", value_parser = values::role)]
+    pub grant_to: Option<String>,
+
+    /// Also revoke TEMPORARY on the database from PUBLIC, so that the runtime role
+    /// cannot create temporary tables. This affects EVERY role of the database:
+    /// roles that need temporary tables must then be granted TEMPORARY themselves.
+    #[arg(long, env = "DOCSIDECAR_REVOKE_PUBLIC_TEMP")]
+    pub revoke_public_temp: bool,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Settings shared by every command.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Log format: text for people, json for log collectors. Levels come from RUST_LOG.
+    #[arg(long, env = "DOCSIDECAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Policy file (TOML): the service's collections and their access, and its
+    /// clients' tokens. Without one the sidecar runs open (development).
+    #[arg(long, env = "DOCSIDECAR_POLICY")]
+    pub policy: Option<PathBuf>,
+
+    /// PostgreSQL schema that holds one table per collection (lowercase letters,
+    /// digits and `_`, starting with a letter, at most 63).
+    #[arg(long, env = "DOCSIDECAR_SCHEMA", default_value = "docsidecar", value_parser = values::schema)]
+    pub schema: String,
+}
+
+pub use crate::telemetry::LogFormat;
+
+/// Where to listen: a TCP socket address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("a Unix socket address needs a path: unix:/path/to.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if s.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "`{s}` is not HOST:PORT (for example 127.0.0.1:50051) or unix:/path/to.sock"
+            ));
+        }
+        Ok(ListenAddr::Tcp(s.to_string()))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => f.write_str(addr),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A configuration problem, stated so that an operator can fix it. Never holds a
+/// credential.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "unix:/tmp/s.sock".parse::<ListenAddr>(),
+            Ok(ListenAddr::Unix("/tmp/s.sock".into()))
+        );
+        assert!("[::1]:50051".parse::<ListenAddr>().is_ok());
+        assert!("localhost".parse::<ListenAddr>().is_err());
+    }
+}

@@ -1,0 +1,187 @@
+//! Request size limits answered as gRPC statuses that name their setting:
+//! headers over `DOCSIDECAR_MAX_HEADER_BYTES` and messages over
+//! `DOCSIDECAR_MAX_MESSAGE_BYTES` are RESOURCE_EXHAUSTED, and the connection
+//! carries on.
+//!
+//! Headers: HTTP/2 itself is configured to accept four times the budget (see
+//! [`crate::transport::Limits::http2_header_list_size`]) so that oversized
+//! headers reach this layer instead of hyper's bare HTTP 431. Messages: tonic
+//! refuses an oversized message as OUT_OF_RANGE "decoded message length too
+//! large"; this layer gives that refusal its proper code and an actionable text.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+/// The start of tonic's message for a message over the decoding limit.
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// The size of a request's headers as HTTP/2 counts it (RFC 9113 §6.5.2):
+/// each field's name and value plus 32, the pseudo-headers included.
+pub fn header_list_size<B>(request: &http::Request<B>) -> usize {
+    let field = |name: usize, value: usize| name + value + 32;
+    let uri = request.uri();
+    let pseudo = field(":method".len(), request.method().as_str().len())
+        + field(
+            ":path".len(),
+            uri.path_and_query().map_or(1, |p| p.as_str().len()),
+        )
+        + field(":scheme".len(), uri.scheme_str().map_or(4, str::len))
+        + uri
+            .authority()
+            .map_or(0, |a| field(":authority".len(), a.as_str().len()));
+    pseudo
+        + request
+            .headers()
+            .iter()
+            .map(|(name, value)| field(name.as_str().len(), value.len()))
+            .sum::<usize>()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimitsLayer {
+    max_header_bytes: usize,
+    max_message_bytes: usize,
+}
+
+impl RequestLimitsLayer {
+    pub fn new(max_header_bytes: usize, max_message_bytes: usize) -> Self {
+        RequestLimitsLayer {
+            max_header_bytes,
+            max_message_bytes,
+        }
+    }
+}
+
+impl<S> Layer<S> for RequestLimitsLayer {
+    type Service = RequestLimits<S>;
+
+    fn layer(&self, inner: S) -> RequestLimits<S> {
+        RequestLimits {
+            inner,
+            limits: *self,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestLimits<S> {
+    inner: S,
+    limits: RequestLimitsLayer,
+}
+
+impl<S, B> Service<http::Request<B>> for RequestLimits<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let RequestLimitsLayer {
+            max_header_bytes,
+            max_message_bytes,
+        } = self.limits;
+        let size = header_list_size(&request);
+        if size > max_header_bytes {
+            let status = Status::resource_exhausted(format!(
+                "the request's headers (metadata) are {size} bytes, over the sidecar's limit of {max_header_bytes} (DOCSIDECAR_MAX_HEADER_BYTES): send less metadata"
+            ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            if is_too_large(&response) {
+                return Ok(Status::resource_exhausted(format!(
+                    "the request message is larger than the sidecar accepts ({max_message_bytes} bytes, DOCSIDECAR_MAX_MESSAGE_BYTES): send fewer or smaller documents per call"
+                ))
+                .into_http());
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// tonic's refusal of a message over the decoding limit (a trailers-only
+/// response: its status is in the headers).
+fn is_too_large<B>(response: &http::Response<B>) -> bool {
+    let headers = response.headers();
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32);
+    code == Some(Code::OutOfRange)
+        && headers.get("grpc-message").is_some_and(|m| {
+            percent_encoding::percent_decode(m.as_bytes())
+                .decode_utf8_lossy()
+                .starts_with(TONIC_TOO_LARGE)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    #[test]
+    fn header_size_counts_as_http2_does() {
+        let request = http::Request::builder()
+            .uri("http://localhost:50051/docsidecar.v1.DocumentService/Get")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let expected = (7 + 3 + 32)
+            + (5 + "/docsidecar.v1.DocumentService/Get".len() + 32)
+            + (7 + 4 + 32)
+            + (10 + "localhost:50051".len() + 32)
+            + (2 + 8 + 32);
+        assert_eq!(header_list_size(&request), expected);
+    }
+
+    #[tokio::test]
+    async fn oversized_headers_and_messages_are_resource_exhausted() {
+        let inner = tower::service_fn(|request: http::Request<()>| async move {
+            let status = if request.uri().path() == "/too-large" {
+                Status::out_of_range(format!(
+                    "{TONIC_TOO_LARGE}: found 99 bytes, the limit is: 10 bytes"
+                ))
+            } else {
+                Status::not_found("absent")
+            };
+            Ok::<_, std::convert::Infallible>(status.into_http())
+        });
+        let service = RequestLimitsLayer::new(1024, 4096).layer(inner);
+        let status_of = |response: http::Response<Body>| {
+            Status::from_header_map(response.headers()).expect("a status")
+        };
+
+        let big = http::Request::builder()
+            .uri("/x")
+            .header("x-big", "a".repeat(2000))
+            .body(())
+            .unwrap();
+        let status = status_of(service.clone().oneshot(big).await.unwrap());
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("DOCSIDECAR_MAX_HEADER_BYTES"));
+
+        let request = http::Request::builder().uri("/too-large").body(()).unwrap();
+        let status = status_of(service.clone().oneshot(request).await.unwrap());
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("DOCSIDECAR_MAX_MESSAGE_BYTES"));
+
+        let request = http::Request::builder().uri("/other").body(()).unwrap();
+        let status = status_of(service.oneshot(request).await.unwrap());
+        assert_eq!(status.code(), Code::NotFound, "other statuses pass through");
+    }
+}

@@ -1,0 +1,147 @@
+//! The start-up check of a policy's collections: each has its table, and the
+//! runtime role holds the privileges its access needs. Without it a missing
+//! `docsidecar migrate` shows up as the first call's PERMISSION_DENIED.
+
+use super::ddl::Tables;
+use crate::store::{Grant, StoreError};
+use deadpool_postgres::GenericClient;
+use std::collections::BTreeMap;
+
+/// What the database says about the declared collections.
+#[derive(Debug, Default)]
+pub(super) struct Verified {
+    /// The database role the store connects as.
+    role: String,
+    /// Collections whose table exists.
+    pub(super) present: Vec<String>,
+    /// Collections without a table.
+    missing_tables: Vec<String>,
+    /// Collections whose table the role may not use as declared, with the
+    /// privileges it lacks.
+    missing_privileges: Vec<(String, Vec<&'static str>)>,
+    /// Whether a missing table is made on the first write (development).
+    auto_create: bool,
+}
+
+/// Looks up the tables of `declared` and the privileges of the current role
+/// on them, in one statement.
+pub(super) async fn declared(
+    client: &impl GenericClient,
+    tables: &Tables,
+    declared: &BTreeMap<String, Grant>,
+    auto_create: bool,
+) -> Result<Verified, tokio_postgres::Error> {
+    let names: Vec<&str> = declared.keys().map(String::as_str).collect();
+    let rows = client
+        .query(
+            "SELECT d.name, c.oid IS NOT NULL, current_user::text,
+                    coalesce(has_table_privilege(c.oid, 'SELECT'), false),
+                    coalesce(has_table_privilege(c.oid, 'INSERT'), false),
+                    coalesce(has_table_privilege(c.oid, 'UPDATE'), false),
+                    coalesce(has_table_privilege(c.oid, 'DELETE'), false)
+             FROM unnest($2::text[]) AS d(name)
+             LEFT JOIN pg_catalog.pg_class c
+               ON c.relname = d.name AND c.relkind IN ('r', 'p')
+              AND c.relnamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1)
+             ORDER BY d.name",
+            &[&tables.schema, &names],
+        )
+        .await?;
+    let mut verified = Verified {
+        auto_create,
+        ..Verified::default()
+    };
+    for row in rows {
+        let name: String = row.try_get(0)?;
+        verified.role = row.try_get(2)?;
+        if !row.try_get::<_, bool>(1)? {
+            verified.missing_tables.push(name);
+            continue;
+        }
+        let held = [
+            ("SELECT", row.try_get::<_, bool>(3)?),
+            ("INSERT", row.try_get(4)?),
+            ("UPDATE", row.try_get(5)?),
+            ("DELETE", row.try_get(6)?),
+        ];
+        let lacking: Vec<&'static str> = declared[&name]
+            .privileges()
+            .iter()
+            .filter(|p| held.iter().any(|(name, has)| name == *p && !has))
+            .copied()
+            .collect();
+        if !lacking.is_empty() {
+            verified.missing_privileges.push((name.clone(), lacking));
+        }
+        verified.present.push(name);
+    }
+    Ok(verified)
+}
+
+impl Verified {
+    /// Why the store cannot serve the declared collections, if it cannot.
+    pub(super) fn problem(&self, schema: &str) -> Option<StoreError> {
+        let mut problems = Vec::new();
+        if !self.missing_tables.is_empty() && !self.auto_create {
+            problems.push(format!(
+                "the policy declares {} but schema `{schema}` has no table for {}: run `docsidecar migrate` with the admin account (it creates them and grants the runtime role)",
+                list(&self.missing_tables),
+                if self.missing_tables.len() == 1 { "it" } else { "them" },
+            ));
+        }
+        if !self.missing_privileges.is_empty() {
+            let lacking: Vec<String> = self
+                .missing_privileges
+                .iter()
+                .map(|(table, privileges)| format!("{} on `{table}`", privileges.join(", ")))
+                .collect();
+            problems.push(format!(
+                "the database role `{}` lacks {} that the policy's access needs: run `docsidecar migrate --grant-to {}`",
+                self.role,
+                lacking.join("; "),
+                self.role
+            ));
+        }
+        (!problems.is_empty()).then(|| StoreError::PermissionDenied(problems.join("; ")))
+    }
+}
+
+fn list(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.len() {
+        1 => format!("collection {}", quoted[0]),
+        _ => format!("collections {}", quoted.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_name_the_collections_and_the_fix() {
+        let verified = Verified {
+            role: "app".into(),
+            present: vec!["orders".into()],
+            missing_tables: vec!["audit".into(), "carts".into()],
+            missing_privileges: vec![("orders".into(), vec!["INSERT", "DELETE"])],
+            auto_create: false,
+        };
+        let message = verified.problem("docsidecar").unwrap().to_string();
+        assert!(
+            message.contains("collections `audit`, `carts`"),
+            "{message}"
+        );
+        assert!(message.contains("run `docsidecar migrate`"), "{message}");
+        assert!(message.contains("INSERT, DELETE on `orders`"), "{message}");
+        assert!(message.contains("--grant-to app"), "{message}");
+
+        // Development: missing tables appear on the first write.
+        let dev = Verified {
+            missing_tables: vec!["audit".into()],
+            auto_create: true,
+            ..Verified::default()
+        };
+        assert!(dev.problem("docsidecar").is_none());
+    }
+}
