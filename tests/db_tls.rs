@@ -37,7 +37,10 @@ async fn pg_tls_connect(
         .map_err(|e| format!("{e:?}"))?;
     tokio::spawn(conn);
     let ssl: bool = client
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .map_err(pg_error)?
         .get(0);
@@ -111,7 +114,10 @@ async fn postgres_tls_optional_still_accepts_plain_connections() {
         .unwrap();
     tokio::spawn(conn);
     let ssl: bool = client
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -187,8 +193,8 @@ async fn mariadb_verify_full_with_the_test_ca_and_secure_transport_required() {
     assert!(err.contains("not valid for name"), "{err}");
     // The chain itself is fine: checked against the name in the certificate
     // (`tls_hostname_override`), it passes.
-    let as_named = mariadb::ssl_opts(&ca_file)
-        .with_danger_tls_hostname_override(Some(pki::WRONG_NAME));
+    let as_named =
+        mariadb::ssl_opts(&ca_file).with_danger_tls_hostname_override(Some(pki::WRONG_NAME));
     let version = mysql_tls_version(opts_for("127.0.0.1", Some(as_named)))
         .await
         .unwrap();
@@ -202,7 +208,9 @@ async fn mariadb_verify_full_with_the_test_ca_and_secure_transport_required() {
     let verify_ca = mariadb::ssl_opts(&ca_file).with_danger_skip_domain_validation(true);
     let still = mysql_tls_version(opts_for("127.0.0.1", Some(verify_ca))).await;
     assert!(
-        still.as_ref().is_err_and(|e| e.contains("not valid for name")),
+        still
+            .as_ref()
+            .is_err_and(|e| e.contains("not valid for name")),
         "skip_domain_validation works now ({still:?}): mysql_async#404 is fixed, update this test"
     );
 }

@@ -36,8 +36,13 @@ async fn writes_replicate_and_a_killed_node_rejoins_in_sync() {
         .await
         .unwrap();
     let mut c2 = conn_to(&g, 2, &db).await;
-    c2.query_drop("SET SESSION wsrep_sync_wait = 1").await.unwrap();
-    let v: Option<String> = c2.query_first("SELECT v FROM t WHERE id = 0").await.unwrap();
+    c2.query_drop("SET SESSION wsrep_sync_wait = 1")
+        .await
+        .unwrap();
+    let v: Option<String> = c2
+        .query_first("SELECT v FROM t WHERE id = 0")
+        .await
+        .unwrap();
     assert_eq!(v.as_deref(), Some("zero"));
 
     // A writer on node 0 records every acknowledged id.
@@ -66,9 +71,11 @@ async fn writes_replicate_and_a_killed_node_rejoins_in_sync() {
         })
     };
     let count = || acked.lock().unwrap().len();
-    procs::poll("writes before the kill", Duration::from_secs(30), || async {
-        (count() >= 20).then_some(()).ok_or("too few".to_string())
-    })
+    procs::poll(
+        "writes before the kill",
+        Duration::from_secs(30),
+        || async { (count() >= 20).then_some(()).ok_or("too few".to_string()) },
+    )
     .await
     .unwrap();
 
@@ -82,22 +89,30 @@ async fn writes_replicate_and_a_killed_node_rejoins_in_sync() {
     .unwrap();
     eprintln!("node 1 evicted {:.1?} after SIGKILL", killed.elapsed());
     let at_eviction = count();
-    procs::poll("writes with node 1 down", Duration::from_secs(30), || async {
-        (count() >= at_eviction + 20)
-            .then_some(())
-            .ok_or("too few".to_string())
-    })
+    procs::poll(
+        "writes with node 1 down",
+        Duration::from_secs(30),
+        || async {
+            (count() >= at_eviction + 20)
+                .then_some(())
+                .ok_or("too few".to_string())
+        },
+    )
     .await
     .unwrap();
 
     let took = g.restart(1).await;
     eprintln!("node 1 restarted and synced in {took:.1?}");
     let before_stop = count();
-    procs::poll("writes after the rejoin", Duration::from_secs(30), || async {
-        (count() >= before_stop + 20)
-            .then_some(())
-            .ok_or("too few".to_string())
-    })
+    procs::poll(
+        "writes after the rejoin",
+        Duration::from_secs(30),
+        || async {
+            (count() >= before_stop + 20)
+                .then_some(())
+                .ok_or("too few".to_string())
+        },
+    )
     .await
     .unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -114,7 +129,9 @@ async fn writes_replicate_and_a_killed_node_rejoins_in_sync() {
     assert_eq!(g.cluster_size().await, 3);
     // Every acknowledged write is on the rejoined node.
     let mut c1 = conn_to(&g, 1, &db).await;
-    c1.query_drop("SET SESSION wsrep_sync_wait = 1").await.unwrap();
+    c1.query_drop("SET SESSION wsrep_sync_wait = 1")
+        .await
+        .unwrap();
     let ids: Vec<i64> = c1.query("SELECT id FROM t WHERE id > 0").await.unwrap();
     let ids: std::collections::BTreeSet<i64> = ids.into_iter().collect();
     let missing: Vec<i64> = acked
@@ -124,8 +141,15 @@ async fn writes_replicate_and_a_killed_node_rejoins_in_sync() {
         .filter(|id| !ids.contains(id))
         .copied()
         .collect();
-    assert!(missing.is_empty(), "acknowledged but missing on node 1: {missing:?}");
-    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
+    assert!(
+        missing.is_empty(),
+        "acknowledged but missing on node 1: {missing:?}"
+    );
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
     c1.disconnect().await.unwrap();
     c2.disconnect().await.unwrap();
 }
@@ -146,7 +170,9 @@ async fn every_node_accepts_writes() {
         .await
         .unwrap();
     for (i, c) in conns.iter_mut().enumerate() {
-        c.query_drop("SET SESSION wsrep_sync_wait = 1").await.unwrap();
+        c.query_drop("SET SESSION wsrep_sync_wait = 1")
+            .await
+            .unwrap();
         c.exec_drop("INSERT INTO t (node) VALUES (?)", (i,))
             .await
             .unwrap();

@@ -39,16 +39,20 @@ async fn the_standby_follows_and_takes_over_when_promoted() {
     // Asynchronous replication: the row shows up on the standby soon.
     let standby_port = p.standby().port;
     let standby = pg_connect(&p.standby_url("postgres")).await;
-    procs::poll("the row on the standby", Duration::from_secs(30), || async {
-        match standby
-            .query_opt(&format!("SELECT v FROM {t} WHERE id = 1"), &[])
-            .await
-        {
-            Ok(Some(row)) => Ok(row.get::<_, String>(0)),
-            Ok(None) => Err("no row yet".to_string()),
-            Err(e) => Err(pg_error(e)),
-        }
-    })
+    procs::poll(
+        "the row on the standby",
+        Duration::from_secs(30),
+        || async {
+            match standby
+                .query_opt(&format!("SELECT v FROM {t} WHERE id = 1"), &[])
+                .await
+            {
+                Ok(Some(row)) => Ok(row.get::<_, String>(0)),
+                Ok(None) => Err("no row yet".to_string()),
+                Err(e) => Err(pg_error(e)),
+            }
+        },
+    )
     .await
     .unwrap();
     let recovering: bool = standby
@@ -96,17 +100,26 @@ async fn after_a_failover_the_old_primary_is_rebuilt_as_a_standby() {
     let t = table();
     let primary = pg_connect(&p.primary_url("postgres")).await;
     primary
-        .batch_execute(&format!("CREATE TABLE {t} (id int); INSERT INTO {t} VALUES (1);"))
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id int); INSERT INTO {t} VALUES (1);"
+        ))
         .await
         .unwrap();
     let standby = pg_connect(&p.standby_url("postgres")).await;
-    procs::poll("the row on the rebuilt standby", Duration::from_secs(30), || async {
-        match standby.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await {
-            Ok(row) if row.get::<_, i64>(0) == 1 => Ok(()),
-            Ok(_) => Err("no row yet".to_string()),
-            Err(e) => Err(pg_error(e)),
-        }
-    })
+    procs::poll(
+        "the row on the rebuilt standby",
+        Duration::from_secs(30),
+        || async {
+            match standby
+                .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+                .await
+            {
+                Ok(row) if row.get::<_, i64>(0) == 1 => Ok(()),
+                Ok(_) => Err("no row yet".to_string()),
+                Err(e) => Err(pg_error(e)),
+            }
+        },
+    )
     .await
     .unwrap();
 }
@@ -150,6 +163,9 @@ async fn a_synchronous_commit_is_applied_on_the_standby_before_the_ack() {
             .query_opt(&format!("SELECT id FROM {t} WHERE id = $1"), &[&id])
             .await
             .unwrap();
-        assert!(seen.is_some(), "row {id} acknowledged but not on the standby");
+        assert!(
+            seen.is_some(),
+            "row {id} acknowledged but not on the standby"
+        );
     }
 }

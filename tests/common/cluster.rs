@@ -312,8 +312,11 @@ impl Cluster {
             node.configure(
                 "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n",
             );
-            std::fs::write(node.data.join("pg_hba.conf"), pg_hba(&opts.auth, t.required))
-                .unwrap();
+            std::fs::write(
+                node.data.join("pg_hba.conf"),
+                pg_hba(&opts.auth, t.required),
+            )
+            .unwrap();
         }
         tools.own(dir.path());
         node.start(&tools);
@@ -369,19 +372,23 @@ impl Cluster {
             .get(0);
         self.tls().present(cert);
         self.node.reload(&self.tools);
-        procs::poll("the reloaded configuration", Duration::from_secs(30), || async {
-            let admin = self.node.admin().await?;
-            let now: std::time::SystemTime = admin
-                .query_one("SELECT pg_conf_load_time()", &[])
-                .await
-                .map_err(super::pg_pair::pg_error)?
-                .get(0);
-            if now > before {
-                Ok(())
-            } else {
-                Err("not reloaded yet".to_string())
-            }
-        })
+        procs::poll(
+            "the reloaded configuration",
+            Duration::from_secs(30),
+            || async {
+                let admin = self.node.admin().await?;
+                let now: std::time::SystemTime = admin
+                    .query_one("SELECT pg_conf_load_time()", &[])
+                    .await
+                    .map_err(super::pg_pair::pg_error)?
+                    .get(0);
+                if now > before {
+                    Ok(())
+                } else {
+                    Err("not reloaded yet".to_string())
+                }
+            },
+        )
         .await
         .unwrap();
     }

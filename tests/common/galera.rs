@@ -91,7 +91,9 @@ pub async fn status_at(opts: Opts) -> Result<NodeStatus, String> {
     };
     Ok(NodeStatus {
         state: get("wsrep_local_state_comment")?,
-        cluster_size: get("wsrep_cluster_size")?.parse().map_err(|e| format!("{e}"))?,
+        cluster_size: get("wsrep_cluster_size")?
+            .parse()
+            .map_err(|e| format!("{e}"))?,
     })
 }
 
@@ -125,7 +127,7 @@ fn recovered_position(log: &str) -> Option<String> {
     let pos = log
         .lines()
         .filter_map(|l| l.split("WSREP: Recovered position: ").nth(1))
-        .last()?
+        .next_back()?
         .trim()
         .to_string();
     let seqno: i64 = pos.rsplit(':').next()?.parse().ok()?;
@@ -196,8 +198,8 @@ impl Galera {
         for node in &mut nodes[1..] {
             node.spawn(&tools, &[]);
         }
-        for i in 1..NODES {
-            wait_synced(&mut nodes[i], NODES as u32).await?;
+        for node in &mut nodes[1..] {
+            wait_synced(node, NODES as u32).await?;
         }
         let formed_in = started.elapsed();
         eprintln!("Galera cluster of {NODES} formed in {formed_in:.1?}");

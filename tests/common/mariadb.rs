@@ -31,9 +31,7 @@ pub async fn mariadb_url() -> Option<String> {
 /// `opts` as the harness uses them: TCP only (mysql_async would otherwise
 /// switch to the server's unix socket, bypassing TLS), short connect timeout.
 fn plain(opts: Opts) -> Opts {
-    OptsBuilder::from_opts(opts)
-        .prefer_socket(false)
-        .into()
+    OptsBuilder::from_opts(opts).prefer_socket(false).into()
 }
 
 /// Connects with a 10 s limit.
@@ -46,7 +44,10 @@ pub async fn connect(opts: Opts) -> Result<Conn, String> {
 
 async fn ping(opts: Opts) -> Result<(), String> {
     let mut conn = connect(opts).await?;
-    let one: Option<i64> = conn.query_first("SELECT 1").await.map_err(|e| e.to_string())?;
+    let one: Option<i64> = conn
+        .query_first("SELECT 1")
+        .await
+        .map_err(|e| e.to_string())?;
     let _ = conn.disconnect().await;
     if one == Some(1) {
         Ok(())
@@ -175,12 +176,16 @@ impl MariaTools {
         let Some(mariadbd) = find_exe(&["mariadbd", "mysqld"], &sbin) else {
             return procs::skip("no mariadbd (install mariadb-server)");
         };
-        let Some(install_db) = find_exe(&["mariadb-install-db", "mysql_install_db"], &sbin)
-        else {
+        let Some(install_db) = find_exe(&["mariadb-install-db", "mysql_install_db"], &sbin) else {
             return procs::skip("no mariadb-install-db (install mariadb-server)");
         };
         let as_mysql = procs::is_root();
-        if as_mysql && !Command::new("id").arg("mysql").output().is_ok_and(|o| o.status.success()) {
+        if as_mysql
+            && !Command::new("id")
+                .arg("mysql")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
             return procs::skip("running as root, but there is no `mysql` user");
         }
         Some(MariaTools {
@@ -307,7 +312,11 @@ impl MariaNode {
 
     /// Starts the server (under its watchdog), with extra arguments.
     pub fn spawn(&mut self, tools: &MariaTools, extra: &[String]) {
-        assert!(!self.running(), "the node on port {} runs already", self.port);
+        assert!(
+            !self.running(),
+            "the node on port {} runs already",
+            self.port
+        );
         let args = self.args(tools, extra);
         self.proc = Some(Guarded::spawn(
             &tools.mariadbd,
@@ -478,7 +487,9 @@ impl MariaServer {
 
     /// The TLS files; panics when the server was started without TLS.
     pub fn tls(&self) -> &TlsFiles {
-        self.tls.as_ref().expect("a MariaDB server started with TLS")
+        self.tls
+            .as_ref()
+            .expect("a MariaDB server started with TLS")
     }
 
     /// The CA certificate's path.

@@ -1,10 +1,10 @@
 //! A throwaway certificate authority for database TLS tests (rcgen), and the
 //! rustls client configurations that trust it.
 
+use super::procs;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use super::procs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -56,7 +56,9 @@ impl TestCa {
         let key = KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, &names[0]);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, &names[0]);
         let cert = params.signed_by(&key, &self.0).unwrap();
         (cert.pem(), key.serialize_pem())
     }
@@ -107,7 +109,13 @@ impl TlsFiles {
             std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         if let Some(user) = user {
-            for f in ["root.crt", "localhost.crt", "localhost.key", "wrong.crt", "wrong.key"] {
+            for f in [
+                "root.crt",
+                "localhost.crt",
+                "localhost.key",
+                "wrong.crt",
+                "wrong.key",
+            ] {
                 procs::chown_r(user, &data.join(f));
             }
         }
@@ -160,12 +168,10 @@ pub fn client_config_verify_ca(ca_pem: &str) -> rustls::ClientConfig {
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        ring(),
-    )
-    .build()
-    .unwrap();
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), ring())
+            .build()
+            .unwrap();
     config
         .dangerous()
         .set_certificate_verifier(Arc::new(AnyName(inner)));
@@ -186,13 +192,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyName {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 NotValidForName | NotValidForNameContext { .. },
             )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
