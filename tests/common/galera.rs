@@ -342,8 +342,10 @@ impl Galera {
         let took = started.elapsed();
         let log = std::fs::read(&log_path).unwrap_or_default();
         let log = String::from_utf8_lossy(log.get(log_before..).unwrap_or_default());
-        let how = if log.contains("SST received") {
-            "SST"
+        // MariaDB logs "SST received" for an IST too (the SST script runs in
+        // bypass mode); the rsync script says which one it did.
+        let how = if log.contains("rsync SST completed") {
+            "SST (full copy)"
         } else if log.contains("IST received") {
             "IST"
         } else {
