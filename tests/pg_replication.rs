@@ -5,7 +5,7 @@
 mod common;
 
 use common::pg_connect;
-use common::pg_pair::{pg_error, PgPair};
+use common::pg_pair::{pg_error, PgPair, PgPairOptions};
 use common::procs;
 use std::time::Duration;
 
@@ -166,6 +166,51 @@ async fn a_synchronous_commit_is_applied_on_the_standby_before_the_ack() {
         assert!(
             seen.is_some(),
             "row {id} acknowledged but not on the standby"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_pair_with_passwords_replicates_and_is_gone_after_drop() {
+    let Some(pair) = PgPair::start(PgPairOptions {
+        auth: "scram-sha-256".into(),
+        ..PgPairOptions::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let ports = [pair.primary().port, pair.standby().port];
+    let primary = pg_connect(&pair.primary_url("postgres")).await;
+    primary
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
+        .await
+        .unwrap();
+    let standby = pg_connect(&pair.standby_url("postgres")).await;
+    procs::poll(
+        "the row on the standby",
+        Duration::from_secs(30),
+        || async {
+            match standby.query_one("SELECT count(*) FROM t", &[]).await {
+                Ok(row) if row.get::<_, i64>(0) == 1 => Ok(()),
+                Ok(_) => Err("no row yet".to_string()),
+                Err(e) => Err(pg_error(e)),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // Password authentication is on for TCP.
+    let wrong = format!("postgres://postgres:wrong@127.0.0.1:{}/postgres", ports[0]);
+    assert!(tokio_postgres::connect(&wrong, tokio_postgres::NoTls)
+        .await
+        .is_err());
+    drop((primary, standby));
+    drop(pair);
+    for port in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still answers"
         );
     }
 }

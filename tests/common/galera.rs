@@ -127,7 +127,7 @@ fn recovered_position(log: &str) -> Option<String> {
     let pos = log
         .lines()
         .filter_map(|l| l.split("WSREP: Recovered position: ").nth(1))
-        .last()?
+        .next_back()?
         .trim()
         .to_string();
     let seqno: i64 = pos.rsplit(':').next()?.parse().ok()?;
@@ -198,8 +198,8 @@ impl Galera {
         for node in &mut nodes[1..] {
             node.spawn(&tools, &[]);
         }
-        for i in 1..NODES {
-            wait_synced(&mut nodes[i], NODES as u32).await?;
+        for node in &mut nodes[1..] {
+            wait_synced(node, NODES as u32).await?;
         }
         let formed_in = started.elapsed();
         eprintln!("Galera cluster of {NODES} formed in {formed_in:.1?}");
@@ -342,8 +342,10 @@ impl Galera {
         let took = started.elapsed();
         let log = std::fs::read(&log_path).unwrap_or_default();
         let log = String::from_utf8_lossy(log.get(log_before..).unwrap_or_default());
-        let how = if log.contains("SST received") {
-            "SST"
+        // MariaDB logs "SST received" for an IST too (the SST script runs in
+        // bypass mode); the rsync script says which one it did.
+        let how = if log.contains("rsync SST completed") {
+            "SST (full copy)"
         } else if log.contains("IST received") {
             "IST"
         } else {

@@ -82,20 +82,21 @@ pub fn sh_quote(s: &str) -> String {
 
 /// Runs `script` (sh) once this test process has exited, whatever the way it
 /// exits (normal end, panic, SIGKILL): the usual cleanup of a harness
-/// directory. The reaper is detached, with its stdio on /dev/null so that it
+/// directory. The reaper is a background subshell of a shell that exits at
+/// once (so it is nobody's zombie), with its stdio on /dev/null so that it
 /// never holds a pipe of the caller (`cargo test | tee`) open.
 pub fn reap_on_exit(script: &str) {
     let me = std::process::id();
-    Command::new("sh")
+    let reaper = format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; {script}");
+    let ok = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 1; done; {script}"
-        ))
+        .arg(format!("( {reaper} ) >/dev/null 2>&1 </dev/null &"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
+        .status()
         .expect("sh starts");
+    assert!(ok.success(), "the reaper did not start");
 }
 
 /// A server process started under a watchdog shell.
