@@ -113,7 +113,8 @@ impl TestServer {
         }
         args.extend(extra);
         let cli = Cli::try_parse_from(args).expect("test flags parse");
-        let server = Server::bind(cli.serve).await.expect("server starts");
+        let config = cli.serve.resolve().expect("test settings resolve");
+        let server = Server::bind(config).await.expect("server starts");
         let addr = format!("http://{}", server.local_addr());
         let admin = server.admin_addr().map(|a| a.to_string());
         let (stop, stopped) = oneshot::channel::<()>();
