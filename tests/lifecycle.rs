@@ -3,12 +3,11 @@
 
 mod common;
 
-use common::sidecar::{http, Sidecar, BIN};
+use common::sidecar::{http, parse_metrics, Sidecar, BIN};
 use common::*;
 use docsidecar::proto::{
     mutation::Op, DeleteRequest, GetRequest, Mutation, SaveRequest, WriteRequest,
 };
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic_health::pb::{
@@ -30,27 +29,6 @@ fn get(id: &str) -> GetRequest {
         id: id.into(),
         ..Default::default()
     }
-}
-
-/// Samples of the Prometheus exposition: `name{sorted labels}` → value.
-fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
-        let (series, value) = line.rsplit_once(' ').expect("sample line");
-        let key = match series.split_once('{') {
-            Some((name, labels)) => {
-                let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
-                labels.sort();
-                format!("{name}{{{}}}", labels.join(","))
-            }
-            None => series.to_string(),
-        };
-        out.insert(key, value.parse().expect("numeric sample"));
-    }
-    out
 }
 
 #[tokio::test]

@@ -337,3 +337,114 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
         assert!(!all.contains(secret), "{secret} leaked into the logs");
     }
 }
+
+/// A channel to a sidecar's Unix socket.
+async fn unix_client(socket: &std::path::Path) -> Client {
+    let path = socket.to_path_buf();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let channel: Channel = Endpoint::try_from("http://[::1]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    Client::new(channel)
+}
+
+#[tokio::test]
+async fn a_live_unix_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docsidecar.sock");
+    let listen = format!("unix:{}", socket.display());
+    let args = ["--listen", listen.as_str(), "--database-url", "memory://"];
+    let mut first = Sidecar::spawn(&args, dir.path());
+    first.listening();
+    unix_client(&socket)
+        .await
+        .save(save("first", 1.0))
+        .await
+        .unwrap();
+
+    // A second instance on the same path refuses to start.
+    let second = Sidecar::spawn(&args, dir.path());
+    let (status, logs) = second.wait().await;
+    assert_ne!(status.code(), Some(0));
+    let logs = logs.join("\n");
+    assert!(
+        logs.contains("another process is serving on this socket"),
+        "{logs}"
+    );
+    // The first still serves on it.
+    unix_client(&socket)
+        .await
+        .get(GetRequest {
+            collection: "notes".into(),
+            id: "first".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // Killed, the first leaves its socket file behind; a new instance replaces it.
+    first.signal("KILL");
+    let _ = first.wait().await;
+    assert!(socket.exists(), "a killed process leaves its socket file");
+    let mut third = Sidecar::spawn(&args, dir.path());
+    third.listening();
+    unix_client(&socket)
+        .await
+        .save(save("third", 3.0))
+        .await
+        .unwrap();
+    third.signal("TERM");
+    assert_eq!(third.wait().await.0.code(), Some(0));
+}
+
+#[tokio::test]
+async fn the_policy_s_service_names_every_call_in_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "service = \"backend-api\"\nauto_create = true\n[collections.notes]\naccess = \"read-write\"\n",
+    )
+    .unwrap();
+    let mut sidecar = Sidecar::spawn_with(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "memory://",
+            "--policy",
+            "policy.toml",
+        ],
+        dir.path(),
+        &[("RUST_LOG", "docsidecar=debug")],
+    );
+    let addr = sidecar.listening();
+    let mut c = client(&addr).await;
+    c.save(save("a", 1.0)).await.unwrap();
+    let _ = c
+        .get(GetRequest {
+            collection: "other".into(),
+            id: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    for method in ["Save", "Get"] {
+        let line = sidecar.wait_for_log(&format!("for {method}"), |v| {
+            v["message"] == "request" && v["span"]["method"] == method
+        });
+        assert_eq!(line["span"]["service"], "backend-api", "{line}");
+        assert_eq!(
+            line["span"]["grpc_service"], "docsidecar.v1.DocumentService",
+            "{line}"
+        );
+    }
+}

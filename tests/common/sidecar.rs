@@ -80,6 +80,33 @@ impl Sidecar {
         }
     }
 
+    /// Waits for a log line that `matches` (JSON-parsed) and returns it; the
+    /// lines before it are kept in `logs`.
+    pub fn wait_for_log(
+        &mut self,
+        what: &str,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no log line {what}; logs so far: {:#?}", self.logs));
+            self.logs.push(line.clone());
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if matches(&v) {
+                    return v;
+                }
+            }
+        }
+    }
+
+    /// The log lines written so far.
+    pub fn drain_logs(&mut self) -> &[String] {
+        self.logs.extend(self.lines.try_iter());
+        &self.logs
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
@@ -136,4 +163,38 @@ pub async fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Samples of the Prometheus exposition: `name{sorted labels}` → value.
+pub fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        let key = match series.split_once('{') {
+            Some((name, labels)) => {
+                let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                labels.sort();
+                format!("{name}{{{}}}", labels.join(","))
+            }
+            None => series.to_string(),
+        };
+        out.insert(key, value.parse().expect("numeric sample"));
+    }
+    out
+}
+
+/// The admin listener's metrics, parsed.
+pub async fn metrics(admin: &str) -> std::collections::BTreeMap<String, f64> {
+    let (status, body) = http(admin, "GET", "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    parse_metrics(&body)
+}
+
+/// One sample (0 when absent), e.g. `docsidecar_connections_open` or
+/// `docsidecar_requests_total{code="OK",method="Get"}` with labels sorted.
+pub fn sample(metrics: &std::collections::BTreeMap<String, f64>, series: &str) -> f64 {
+    metrics.get(series).copied().unwrap_or(0.0)
 }
