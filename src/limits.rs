@@ -1,7 +1,8 @@
-//! Request size limits answered as gRPC statuses that name their setting:
-//! headers over `DOCSIDECAR_MAX_HEADER_BYTES` and messages over
-//! `DOCSIDECAR_MAX_MESSAGE_BYTES` are RESOURCE_EXHAUSTED, and the connection
-//! carries on.
+//! Requests that cannot be served as sent, answered with the status that says
+//! why: headers over `DOCSIDECAR_MAX_HEADER_BYTES` and messages over
+//! `DOCSIDECAR_MAX_MESSAGE_BYTES` are RESOURCE_EXHAUSTED naming the setting
+//! (the connection carries on), and a request the client abandoned before
+//! sending a whole message is CANCELLED, not INTERNAL.
 //!
 //! Headers: HTTP/2 itself is configured to accept four times the budget (see
 //! [`crate::transport::Limits::http2_header_list_size`]) so that oversized
@@ -18,6 +19,12 @@ use tower::{Layer, Service};
 
 /// The start of tonic's message for a message over the decoding limit.
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// tonic's messages (INTERNAL) for a request body that ended before one whole
+/// message. hyper ends the body so when the client resets the stream (a
+/// cancelled call, the rapid-reset pattern): the client's doing, and counting
+/// it as INTERNAL would let any client fire server-fault alerts.
+const TONIC_EARLY_EOF: [&str; 2] = ["Missing request message", "Unexpected EOF decoding stream"];
 
 /// The size of a request's headers as HTTP/2 counts it (RFC 9113 §6.5.2):
 /// each field's name and value plus 32, the pseudo-headers included.
@@ -101,32 +108,48 @@ where
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await?;
-            if is_too_large(&response) {
-                return Ok(Status::resource_exhausted(format!(
+            Ok(match refusal(&response) {
+                Some(Refusal::TooLarge) => Status::resource_exhausted(format!(
                     "the request message is larger than the sidecar accepts ({max_message_bytes} bytes, DOCSIDECAR_MAX_MESSAGE_BYTES): send fewer or smaller documents per call"
                 ))
-                .into_http());
-            }
-            Ok(response)
+                .into_http(),
+                Some(Refusal::Abandoned) => Status::cancelled(
+                    "the request ended before a whole message arrived: the client cancelled the call or reset its stream",
+                )
+                .into_http(),
+                None => response,
+            })
         })
     }
 }
 
-/// tonic's refusal of a message over the decoding limit (a trailers-only
-/// response: its status is in the headers).
-fn is_too_large<B>(response: &http::Response<B>) -> bool {
+/// A request tonic refused while decoding it.
+enum Refusal {
+    TooLarge,
+    Abandoned,
+}
+
+/// tonic's refusals while decoding a request, told by their status and text
+/// (trailers-only responses: the status is in the headers).
+fn refusal<B>(response: &http::Response<B>) -> Option<Refusal> {
     let headers = response.headers();
     let code = headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
-        .map(Code::from_i32);
-    code == Some(Code::OutOfRange)
-        && headers.get("grpc-message").is_some_and(|m| {
-            percent_encoding::percent_decode(m.as_bytes())
-                .decode_utf8_lossy()
-                .starts_with(TONIC_TOO_LARGE)
-        })
+        .map(Code::from_i32)?;
+    let message = headers.get("grpc-message").map(|m| {
+        percent_encoding::percent_decode(m.as_bytes())
+            .decode_utf8_lossy()
+            .into_owned()
+    })?;
+    match code {
+        Code::OutOfRange if message.starts_with(TONIC_TOO_LARGE) => Some(Refusal::TooLarge),
+        Code::Internal if TONIC_EARLY_EOF.iter().any(|m| message.starts_with(m)) => {
+            Some(Refusal::Abandoned)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -152,12 +175,12 @@ mod tests {
     #[tokio::test]
     async fn oversized_headers_and_messages_are_resource_exhausted() {
         let inner = tower::service_fn(|request: http::Request<()>| async move {
-            let status = if request.uri().path() == "/too-large" {
-                Status::out_of_range(format!(
+            let status = match request.uri().path() {
+                "/too-large" => Status::out_of_range(format!(
                     "{TONIC_TOO_LARGE}: found 99 bytes, the limit is: 10 bytes"
-                ))
-            } else {
-                Status::not_found("absent")
+                )),
+                "/reset" => Status::internal("Missing request message."),
+                _ => Status::not_found("absent"),
             };
             Ok::<_, std::convert::Infallible>(status.into_http())
         });
@@ -179,6 +202,10 @@ mod tests {
         let status = status_of(service.clone().oneshot(request).await.unwrap());
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(status.message().contains("DOCSIDECAR_MAX_MESSAGE_BYTES"));
+
+        let request = http::Request::builder().uri("/reset").body(()).unwrap();
+        let status = status_of(service.clone().oneshot(request).await.unwrap());
+        assert_eq!(status.code(), Code::Cancelled);
 
         let request = http::Request::builder().uri("/other").body(()).unwrap();
         let status = status_of(service.oneshot(request).await.unwrap());

@@ -6,7 +6,6 @@ use crate::metrics;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -307,14 +306,12 @@ pub struct RequestLog<S> {
 }
 
 /// One call's accounting: it logs and counts the call exactly once, when it
-/// finishes or, if the call is dropped first (the client reset its stream),
-/// when it is dropped, as CANCELLED.
+/// finishes or, if the call is dropped first (the client reset its stream
+/// while the handler ran), when it is dropped, as CANCELLED.
 struct Outcome {
     span: Span,
     label: &'static str,
     start: Instant,
-    /// Set when the client reset the call's stream (see [`ResetWatch`]).
-    reset: Arc<AtomicBool>,
     recorded: bool,
     _in_flight: metrics::InFlight,
 }
@@ -322,13 +319,6 @@ struct Outcome {
 impl Outcome {
     fn record(&mut self, code: Code, detail: &str) {
         self.recorded = true;
-        // A stream the client reset ends in whatever error reading its body
-        // gave (INTERNAL for a NO_ERROR reset): it is the client's cancellation.
-        let code = if code != Code::Ok && self.reset.load(Ordering::Relaxed) {
-            Code::Cancelled
-        } else {
-            code
-        };
         let elapsed = self.start.elapsed().as_secs_f64();
         let latency_ms = elapsed * 1000.0;
         let code_name = code_name(code);
@@ -365,7 +355,7 @@ impl Drop for Outcome {
 
 impl<S, B, RB> Service<http::Request<B>> for RequestLog<S>
 where
-    S: Service<http::Request<ResetWatch<B>>, Response = http::Response<RB>>,
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
     S::Error: std::fmt::Display,
 {
@@ -393,16 +383,13 @@ where
             grpc_service,
             collection = field::Empty
         );
-        let reset = Arc::new(AtomicBool::new(false));
         let mut outcome = Outcome {
             span: span.clone(),
             label: method_label(method),
             start: Instant::now(),
-            reset: reset.clone(),
             recorded: false,
             _in_flight: metrics::InFlight::start(),
         };
-        let request = request.map(|body| ResetWatch { body, reset });
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -422,55 +409,6 @@ where
             }
             result
         })
-    }
-}
-
-/// A request body that notes whether the client reset the stream while the
-/// server was reading it (an HTTP/2 RST_STREAM from the peer).
-pub struct ResetWatch<B> {
-    body: B,
-    reset: Arc<AtomicBool>,
-}
-
-/// Whether `error` (or one of its causes) is a stream reset sent by the peer.
-fn is_peer_reset(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_reset() && h2.is_remote();
-        }
-        cause = e.source();
-    }
-    false
-}
-
-impl<B> http_body::Body for ResetWatch<B>
-where
-    B: http_body::Body + Unpin,
-    B::Error: std::error::Error + 'static,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            if is_peer_reset(e) {
-                self.reset.store(true, Ordering::Relaxed);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

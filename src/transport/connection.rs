@@ -93,6 +93,9 @@ impl Connection {
         tokio::pin!(conn);
         let mut prefaced = false;
         let mut closing = false;
+        // An idle connection asked to close gets this long to answer the
+        // GOAWAY's PING; one that does not is dropped (nothing is in flight).
+        let mut close_by: Option<Instant> = None;
         loop {
             tokio::select! {
                 result = conn.as_mut() => {
@@ -111,9 +114,14 @@ impl Connection {
                 }
                 () = activity.idle(limits.idle_timeout), if !closing => {
                     closing = true;
+                    close_by = Some(Instant::now() + limits.keepalive_timeout);
                     metrics::connection_closed_idle();
                     debug!(%peer, "closing a connection idle for the idle timeout (GOAWAY)");
                     conn.as_mut().graceful_shutdown();
+                }
+                () = tokio::time::sleep_until(close_by.unwrap_or(handshake_deadline)), if close_by.is_some() => {
+                    debug!(%peer, "an idle connection did not acknowledge its GOAWAY in time: closed");
+                    return;
                 }
                 _ = draining.wait_for(|d| *d), if !closing => {
                     closing = true;
