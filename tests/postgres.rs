@@ -491,3 +491,217 @@ async fn shutdown_lets_in_flight_calls_finish_within_the_grace_period() {
         .await
         .unwrap();
 }
+
+/// Drops a test's schema when the test ends, also when it fails.
+struct DropSchema {
+    url: String,
+    schema: String,
+}
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    if let Ok((client, conn)) =
+                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                    {
+                        tokio::spawn(conn);
+                        let _ = client
+                            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                            .await;
+                    }
+                });
+        })
+        .join();
+    }
+}
+
+/// Waits until `n` of the sidecar's queries wait for a lock in `schema`.
+async fn lock_waiters(probe: &tokio_postgres::Client, schema: &str, n: i64) {
+    let schema = schema.to_string();
+    eventually(
+        "queries waiting for the lock",
+        Duration::from_secs(30),
+        || {
+            let schema = schema.clone();
+            async move {
+                let waiting: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'docsidecar' \
+                     AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
+                    &[&schema],
+                )
+                .await
+                .unwrap()
+                .get(0);
+                waiting == n
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_pool_leaves_the_sidecar_ready_and_shows_in_metrics() {
+    use common::sidecar::{http, metrics, sample, Sidecar};
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let _drop = DropSchema {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut sidecar = Sidecar::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &url,
+            "--schema",
+            &schema,
+            "--db-pool-size",
+            "2",
+            "--db-acquire-timeout",
+            "0.3",
+            "--health-interval",
+            "0.1",
+        ],
+        dir.path(),
+    );
+    let addr = sidecar.listening();
+    let admin_addr = sidecar.admin.clone().unwrap();
+    let c = Client::connect(format!("http://{addr}")).await.unwrap();
+    c.clone().save(save("slow", "a")).await.unwrap();
+
+    // Two slow calls hold both pooled connections: they wait on a lock.
+    let mut admin = pg_connect(&url).await;
+    let probe = pg_connect(&url).await;
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{schema}\".slow IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.get(get("slow", "a")).await })
+        })
+        .collect();
+    lock_waiters(&probe, &schema, 2).await;
+
+    // Saturated: a third call gives up waiting for a connection.
+    let status = c.clone().get(get("slow", "a")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Health checks keep succeeding while the pool stays held.
+    let before = metrics(&admin_addr).await;
+    let ok = |m: &std::collections::BTreeMap<String, f64>| {
+        sample(m, r#"docsidecar_health_checks_total{result="ok"}"#)
+    };
+    let started = Instant::now();
+    let after = loop {
+        let m = metrics(&admin_addr).await;
+        if ok(&m) >= ok(&before) + 3.0 {
+            break m;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{m:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    lock_waiters(&probe, &schema, 2).await;
+    assert_eq!(
+        sample(&after, r#"docsidecar_health_checks_total{result="failed"}"#),
+        0.0,
+        "{after:#?}"
+    );
+    assert!(sample(&after, "docsidecar_pool_acquire_timeouts_total") >= 1.0);
+    let (status, body) = http(&admin_addr, "GET", "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let mut health = HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let serving = health
+        .check(HealthCheckRequest {
+            service: "docsidecar.v1.DocumentService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(serving, ServingStatus::Serving);
+
+    tx.rollback().await.unwrap();
+    for call in slow {
+        call.await.unwrap().expect("the slow calls complete");
+    }
+    sidecar.signal("TERM");
+    assert_eq!(sidecar.wait().await.0.code(), Some(0));
+}
+
+#[tokio::test]
+async fn permanent_start_up_errors_fail_at_once_and_transient_ones_are_retried() {
+    use common::sidecar::Sidecar;
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let cfg: tokio_postgres::Config = url.parse().unwrap();
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let u = &uuid::Uuid::now_v7().simple().to_string()[20..];
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            format!("postgres://no_such_role_{u}@127.0.0.1:{port}/test"),
+            format!("role \\\"no_such_role_{u}\\\" does not exist"),
+        ),
+        (
+            format!("postgres://postgres@127.0.0.1:{port}/no_such_db_{u}"),
+            format!("database \\\"no_such_db_{u}\\\" does not exist"),
+        ),
+    ];
+    // (The reasons as the JSON log lines quote them.)
+    for (database_url, reason) in cases {
+        // A retry would wait an hour: only failing at once passes.
+        let sidecar = Sidecar::spawn_with(
+            &["--listen", "127.0.0.1:0"],
+            dir.path(),
+            &[
+                ("DATABASE_URL", &database_url),
+                ("DB_MAX_RETRIES", "20"),
+                ("DB_RETRY_DELAY", "3600"),
+            ],
+        );
+        let (status, logs) = sidecar.wait().await;
+        let logs = logs.join("\n");
+        assert_ne!(status.code(), Some(0), "{logs}");
+        assert!(logs.contains(&reason), "{logs}");
+        assert!(logs.contains("not retried"), "{logs}");
+        assert!(!logs.contains("retrying"), "{logs}");
+    }
+    // A refused port can heal: retried, then given up after the attempts.
+    let sidecar = Sidecar::spawn_with(
+        &["--listen", "127.0.0.1:0"],
+        dir.path(),
+        &[
+            ("DATABASE_URL", "postgres://app@127.0.0.1:1/app"),
+            ("DB_MAX_RETRIES", "2"),
+            ("DB_RETRY_DELAY", "0.01"),
+        ],
+    );
+    let (status, logs) = sidecar.wait().await;
+    let logs = logs.join("\n");
+    assert_ne!(status.code(), Some(0), "{logs}");
+    assert!(logs.contains("not reachable yet; retrying"), "{logs}");
+    assert!(logs.contains("after 2 attempt(s)"), "{logs}");
+}

@@ -41,14 +41,48 @@ fn migrate(
     policy: &std::path::Path,
     role: &str,
 ) -> std::process::Output {
+    migrate_with(admin_url, schema, policy, &["--grant-to", role])
+}
+
+fn migrate_with(
+    admin_url: &str,
+    schema: &str,
+    policy: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
     Command::new(BIN)
-        .args(["migrate", "--grant-to", role])
+        .arg("migrate")
+        .args(args)
         .env_clear()
         .env("MIGRATE_DATABASE_URL", admin_url)
         .env("DOCSIDECAR_SCHEMA", schema)
         .env("DOCSIDECAR_POLICY", policy)
         .output()
         .unwrap()
+}
+
+/// Runs a command to its end; (success, stdout + stderr).
+fn outcome(out: std::process::Output) -> (bool, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `url` with another database.
+fn url_of_database(url: &str, database: &str) -> String {
+    let cfg: tokio_postgres::Config = url.parse().unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}@{host}:{port}/{database}",
+        cfg.get_user().unwrap_or("postgres")
+    )
 }
 
 struct Fixture {
@@ -295,5 +329,230 @@ async fn each_service_role_is_confined_to_its_tables_by_the_database() {
     assert_eq!(grants, expected);
 
     t.stop().await;
+    fx.cleanup().await;
+}
+
+/// The privileges `role` holds on `table` (of those a collection may need).
+async fn privileges(admin: &tokio_postgres::Client, role: &str, table: &str) -> Vec<String> {
+    let mut held = Vec::new();
+    for privilege in ["SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE"] {
+        let has: bool = admin
+            .query_one(
+                "SELECT has_table_privilege($1, $2, $3)",
+                &[&role, &table, &privilege],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if has {
+            held.push(privilege.to_string());
+        }
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_converges_grants_to_the_policy_and_can_revoke_temp_from_public() {
+    let Some(server_url) = postgres_url().await else {
+        return;
+    };
+    let u = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
+    let (database, role) = (format!("mig_{u}"), format!("rt_{u}"));
+    let server = pg_connect(&server_url).await;
+    // A database of its own: revoking TEMP from PUBLIC touches the whole database.
+    for sql in [
+        format!("CREATE DATABASE \"{database}\""),
+        format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'"),
+    ] {
+        server.batch_execute(&sql).await.unwrap();
+    }
+    let url = url_of_database(&server_url, &database);
+    let role_url = url_as(&url, &role, "pw");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let schema = "docsidecar";
+    let run = |policy_text: &str, args: &[&str]| {
+        std::fs::write(&policy, policy_text).unwrap();
+        let mut all = vec!["--grant-to", role.as_str()];
+        all.extend(args);
+        outcome(migrate_with(&url, schema, &policy, &all))
+    };
+    let v1 = "service = \"s\"\n[collections.orders]\naccess = \"read-write\"\n[collections.catalog]\naccess = \"read-only\"\n";
+    let v2 = "service = \"s\"\n[collections.orders]\naccess = \"read-only\"\n";
+    let (ok, out) = run(v1, &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("granted DELETE, INSERT, SELECT, UPDATE on docsidecar.orders"),
+        "{out}"
+    );
+    assert!(
+        out.contains("granted SELECT on docsidecar.catalog"),
+        "{out}"
+    );
+    let admin = pg_connect(&url).await;
+    assert_eq!(
+        privileges(&admin, &role, "docsidecar.orders").await,
+        ["SELECT", "INSERT", "UPDATE", "DELETE"]
+    );
+    // Drift: a table outside the policy, and grants nobody declared.
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE docsidecar.legacy (x int);
+             GRANT SELECT, INSERT ON docsidecar.legacy TO \"{role}\";
+             GRANT TRUNCATE ON docsidecar.orders TO \"{role}\";
+             GRANT CREATE ON SCHEMA docsidecar TO \"{role}\";"
+        ))
+        .await
+        .unwrap();
+
+    // The policy drops `catalog` and makes `orders` read-only: migrate
+    // converges to exactly that and reports each change.
+    let (ok, out) = run(v2, &[]);
+    assert!(ok, "{out}");
+    for change in [
+        "revoked CREATE on schema docsidecar",
+        "revoked SELECT on docsidecar.catalog",
+        "revoked INSERT, SELECT on docsidecar.legacy",
+        "revoked DELETE, INSERT, TRUNCATE, UPDATE on docsidecar.orders",
+    ] {
+        assert!(out.contains(change), "{change}: {out}");
+    }
+    assert_eq!(
+        privileges(&admin, &role, "docsidecar.orders").await,
+        ["SELECT"]
+    );
+    assert!(privileges(&admin, &role, "docsidecar.catalog")
+        .await
+        .is_empty());
+    assert!(privileges(&admin, &role, "docsidecar.legacy")
+        .await
+        .is_empty());
+    let can_create: bool = admin
+        .query_one(
+            "SELECT has_schema_privilege($1, 'docsidecar', 'CREATE')",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!can_create);
+    // PUBLIC holds TEMPORARY: the runtime role can create temporary tables,
+    // which migrate points out.
+    assert!(out.contains("PUBLIC holds TEMPORARY"), "{out}");
+    let as_role = pg_connect(&role_url).await;
+    as_role
+        .batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .expect("TEMP through PUBLIC");
+    drop(as_role);
+
+    // With the option, TEMP is revoked from PUBLIC, said to affect every role.
+    let (ok, out) = run(v2, &["--revoke-public-temp"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("revoked TEMPORARY on database"), "{out}");
+    assert!(out.contains("affects every role"), "{out}");
+    assert!(
+        !out.contains("revoked SELECT"),
+        "nothing else changed: {out}"
+    );
+    let as_role = pg_connect(&role_url).await;
+    let err = as_role
+        .batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .expect_err("no TEMP any more");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{err}"
+    );
+    drop(as_role);
+    // Converged: another run changes nothing.
+    let (ok, out) = run(v2, &["--revoke-public-temp"]);
+    assert!(ok, "{out}");
+    assert!(
+        !out.contains("revoked") && !out.contains("granted "),
+        "{out}"
+    );
+
+    drop(admin);
+    for sql in [
+        format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+        ),
+        format!("DROP DATABASE \"{database}\""),
+        format!("DROP ROLE \"{role}\""),
+    ] {
+        let _ = server.batch_execute(&sql).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_start_up_refuse_missing_tables_and_privileges_and_say_to_migrate() {
+    let Some(admin_url) = postgres_url().await else {
+        return;
+    };
+    let u = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
+    let (schema, role) = (format!("chk_{u}"), format!("rt_{u}"));
+    let fx = Fixture {
+        admin: pg_connect(&admin_url).await,
+        schema: schema.clone(),
+        roles: vec![role.clone()],
+    };
+    fx.admin
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "service = \"s\"\n[collections.orders]\naccess = \"read-write\"\n[collections.catalog]\naccess = \"read-only\"\n",
+    )
+    .unwrap();
+    let role_url = url_as(&admin_url, &role, "pw");
+    let sidecar = |command: &[&str]| {
+        outcome(
+            Command::new(BIN)
+                .args(command)
+                .args(["--listen", "127.0.0.1:0"])
+                .env_clear()
+                .env("DATABASE_URL", &role_url)
+                .env("DOCSIDECAR_SCHEMA", &schema)
+                .env("DOCSIDECAR_POLICY", &policy)
+                .env("DB_MAX_RETRIES", "1")
+                .output()
+                .unwrap(),
+        )
+    };
+
+    // `migrate` never ran: no tables. `check` fails, and so does start-up
+    // (the process exits instead of serving).
+    for command in [&["check"][..], &["serve"][..]] {
+        let (ok, out) = sidecar(command);
+        assert!(!ok, "{command:?}: {out}");
+        assert!(out.contains("collections `catalog`, `orders`"), "{out}");
+        assert!(out.contains("run `docsidecar migrate`"), "{out}");
+    }
+    // Tables, but no grants for the runtime role.
+    let (ok, out) = outcome(migrate_with(&admin_url, &schema, &policy, &[]));
+    assert!(ok, "{out}");
+    let (ok, out) = sidecar(&["check"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("role `{role}` lacks USAGE on schema")),
+        "{out}"
+    );
+    assert!(out.contains("SELECT on `catalog`"), "{out}");
+    assert!(
+        out.contains("SELECT, INSERT, UPDATE, DELETE on `orders`"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("--grant-to {role}")), "{out}");
+    // Granted: check passes.
+    let (ok, out) = outcome(migrate(&admin_url, &schema, &policy, &role));
+    assert!(ok, "{out}");
+    let (ok, out) = sidecar(&["check"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("configuration and database OK"), "{out}");
     fx.cleanup().await;
 }

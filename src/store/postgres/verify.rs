@@ -19,6 +19,8 @@ pub(super) struct Verified {
     /// Collections whose table the role may not use as declared, with the
     /// privileges it lacks.
     missing_privileges: Vec<(String, Vec<&'static str>)>,
+    /// The schema exists but the role may not use it (no USAGE).
+    no_schema_usage: bool,
     /// Whether a missing table is made on the first write (development).
     auto_create: bool,
 }
@@ -32,6 +34,15 @@ pub(super) async fn declared(
     auto_create: bool,
 ) -> Result<Verified, tokio_postgres::Error> {
     let names: Vec<&str> = declared.keys().map(String::as_str).collect();
+    let no_schema_usage: bool = client
+        .query_one(
+            "SELECT coalesce(NOT has_schema_privilege(n.oid, 'USAGE'), false)
+             FROM (SELECT 1) AS one
+             LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = $1",
+            &[&tables.schema],
+        )
+        .await?
+        .try_get(0)?;
     let rows = client
         .query(
             "SELECT d.name, c.oid IS NOT NULL, current_user::text,
@@ -49,6 +60,7 @@ pub(super) async fn declared(
         .await?;
     let mut verified = Verified {
         auto_create,
+        no_schema_usage,
         ..Verified::default()
     };
     for row in rows {
@@ -89,12 +101,15 @@ impl Verified {
                 if self.missing_tables.len() == 1 { "it" } else { "them" },
             ));
         }
-        if !self.missing_privileges.is_empty() {
-            let lacking: Vec<String> = self
+        if !self.missing_privileges.is_empty() || self.no_schema_usage {
+            let mut lacking: Vec<String> = self
                 .missing_privileges
                 .iter()
                 .map(|(table, privileges)| format!("{} on `{table}`", privileges.join(", ")))
                 .collect();
+            if self.no_schema_usage {
+                lacking.insert(0, format!("USAGE on schema `{schema}`"));
+            }
             problems.push(format!(
                 "the database role `{}` lacks {} that the policy's access needs: run `docsidecar migrate --grant-to {}`",
                 self.role,
@@ -125,6 +140,7 @@ mod tests {
             present: vec!["orders".into()],
             missing_tables: vec!["audit".into(), "carts".into()],
             missing_privileges: vec![("orders".into(), vec!["INSERT", "DELETE"])],
+            no_schema_usage: true,
             auto_create: false,
         };
         let message = verified.problem("docsidecar").unwrap().to_string();
@@ -134,6 +150,10 @@ mod tests {
         );
         assert!(message.contains("run `docsidecar migrate`"), "{message}");
         assert!(message.contains("INSERT, DELETE on `orders`"), "{message}");
+        assert!(
+            message.contains("USAGE on schema `docsidecar`"),
+            "{message}"
+        );
         assert!(message.contains("--grant-to app"), "{message}");
 
         // Development: missing tables appear on the first write.
