@@ -186,3 +186,89 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         "a client certificate from another CA"
     );
 }
+
+#[tokio::test]
+async fn rejected_handshakes_are_logged_with_the_peer_and_counted_by_reason() {
+    use common::sidecar::{metrics, sample, Sidecar};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test ca");
+    write_server_files(dir.path(), &ca);
+    let client_ca = Ca::new("client ca");
+    std::fs::write(dir.path().join("client-ca.crt"), client_ca.pem()).unwrap();
+    let mut sidecar = Sidecar::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "memory://",
+            "--tls-cert",
+            "tls.crt",
+            "--tls-key",
+            "tls.key",
+            "--tls-client-ca",
+            "client-ca.crt",
+        ],
+        dir.path(),
+    );
+    let addr = sidecar.listening();
+    let admin = sidecar.admin.clone().unwrap();
+
+    // No client certificate: refused, logged at warn with the peer and reason.
+    assert!(!works(tls_channel(&addr, &ca.pem(), None)).await);
+    let line = sidecar.wait_for_log("for the rejected handshake", |v| {
+        v["message"] == "TLS handshake rejected"
+    });
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["reason"], "no_client_certificate", "{line}");
+    assert!(
+        line["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{line}"
+    );
+    // A certificate from another CA, many times: counted each time, logged
+    // once in a while.
+    let stranger = Ca::new("stranger");
+    for _ in 0..5 {
+        assert!(
+            !works(tls_channel(
+                &addr,
+                &ca.pem(),
+                Some(stranger.issue(&["app"]))
+            ))
+            .await
+        );
+    }
+    let started = std::time::Instant::now();
+    let m = loop {
+        let m = metrics(&admin).await;
+        if sample(
+            &m,
+            r#"docsidecar_tls_handshake_failures_total{reason="bad_certificate"}"#,
+        ) >= 5.0
+        {
+            break m;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{m:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        sample(
+            &m,
+            r#"docsidecar_tls_handshake_failures_total{reason="no_client_certificate"}"#
+        ) >= 1.0,
+        "{m:#?}"
+    );
+    sidecar.signal("TERM");
+    let (_, logs) = sidecar.wait().await;
+    let warned = logs
+        .iter()
+        .filter(|l| l.contains("TLS handshake rejected"))
+        .count();
+    assert!(
+        (1..6).contains(&warned),
+        "six rejections, rate-limited lines: {warned}"
+    );
+}
