@@ -4,7 +4,7 @@
 //! (the connection carries on), and a request the client abandoned before
 //! sending a whole message is CANCELLED, not INTERNAL.
 //!
-//! Headers: HTTP/2 itself is configured to accept four times the budget (see
+//! Headers: HTTP/2 itself is configured to accept sixteen times the budget (see
 //! [`crate::transport::Limits::http2_header_list_size`]) so that oversized
 //! headers reach this layer instead of hyper's bare HTTP 431. Messages: tonic
 //! refuses an oversized message as OUT_OF_RANGE "decoded message length too

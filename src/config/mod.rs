@@ -180,7 +180,7 @@ pub struct ConnectionArgs {
     pub idle_timeout: Duration,
 
     /// Largest request headers (metadata), in bytes as HTTP/2 counts them (names,
-    /// values and 32 per field); 1024 to 1048576. Larger headers, up to four
+    /// values and 32 per field); 1024 to 1048576. Larger headers, up to sixteen
     /// times this, are answered RESOURCE_EXHAUSTED on a connection that stays
     /// open; see the README for beyond.
     #[arg(long, env = "DOCSIDECAR_MAX_HEADER_BYTES", default_value_t = 16 * 1024,

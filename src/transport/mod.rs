@@ -60,12 +60,13 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// What HTTP/2 itself accepts: four times the budget, so that headers over
-    /// the budget still reach the sidecar, which answers them with a gRPC
-    /// status. Above this the HTTP/2 library answers HTTP 431 itself, and above
-    /// four times this it closes the connection (its abuse limit).
+    /// What HTTP/2 itself accepts: sixteen times the budget, so that headers
+    /// over the budget still reach the sidecar, which answers them with a gRPC
+    /// status. Above this the HTTP/2 library (h2) answers HTTP 431 itself, and a
+    /// header block of more than about 1.25 times this in encoded frames, or
+    /// four times this decoded, is abuse to it: it closes the connection.
     pub fn http2_header_list_size(&self) -> u32 {
-        u32::try_from(self.max_header_bytes.saturating_mul(4)).unwrap_or(u32::MAX)
+        u32::try_from(self.max_header_bytes.saturating_mul(16)).unwrap_or(u32::MAX)
     }
 }
 
