@@ -79,8 +79,12 @@ fn url_of_database(url: &str, database: &str) -> String {
         tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
     };
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let password = cfg
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
     format!(
-        "postgres://{}@{host}:{port}/{database}",
+        "postgres://{}{password}@{host}:{port}/{database}",
         cfg.get_user().unwrap_or("postgres")
     )
 }

@@ -201,6 +201,10 @@ impl SidecarSpec<'_> {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("DOCSIDECAR_LISTEN", listen)
             .env("DATABASE_URL", &self.database_url)
+            // The raw driver it is compared with talks plain TCP; the sidecar's
+            // default (`prefer`) would negotiate TLS where the server offers it.
+            // A URL's own `sslmode` still wins.
+            .env("DB_SSLMODE", "disable")
             .env("DOCSIDECAR_SCHEMA", self.schema)
             .env("DB_POOL_SIZE", self.pool_size.to_string())
             .env("DOCSIDECAR_LOG_FORMAT", "json")
