@@ -40,8 +40,6 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]

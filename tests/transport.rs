@@ -411,7 +411,10 @@ async fn oversized_headers_are_resource_exhausted_and_the_connection_stays() {
     let status = c.get(big_metadata(get("a"), 300 * 1024)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unknown, "{status:?}");
     assert!(status.message().contains("431"), "{status:?}");
-    let status = c.get(big_metadata(get("a"), 1100 * 1024)).await.unwrap_err();
+    let status = c
+        .get(big_metadata(get("a"), 1100 * 1024))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("h2 protocol error"), "{status:?}");
     assert_eq!(c.get(get("a")).await.unwrap_err().code(), Code::NotFound);

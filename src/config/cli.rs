@@ -129,13 +129,17 @@ fn explain(error: clap::Error, args: &[OsString], is_set: &impl Fn(&str) -> bool
         return error;
     }
     let rendered = error.render().to_string();
-    let message = rendered.trim_start_matches("error: ").replacen(
+    // The first paragraph says it all; clap's own help hint follows it.
+    let first = rendered.split("\n\n").next().unwrap_or_default();
+    let message = first.trim_start_matches("error: ").replacen(
         &format!("'{invalid}'"),
         &format!("{env} (the environment variable of '{invalid}')"),
         1,
     );
-    let mut command = Cli::command();
-    command.error(ErrorKind::ValueValidation, message.trim_end())
+    clap::Error::raw(
+        ErrorKind::ValueValidation,
+        format!("{}\n", message.trim_end()),
+    )
 }
 
 #[cfg(test)]

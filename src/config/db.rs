@@ -34,7 +34,7 @@ macro_rules! db_args {
             #[arg(long, env = concat!($prefix, "DB_HOST"))]
             pub db_host: Option<String>,
             /// Database port (PostgreSQL), 1 to 65535.
-            #[arg(long, env = concat!($prefix, "DB_PORT"), value_parser = count(1u16, u16::MAX, "port"))]
+            #[arg(long, env = concat!($prefix, "DB_PORT"), value_parser = count(1u16, u16::MAX, "a port number"))]
             pub db_port: Option<u16>,
             /// Database name (PostgreSQL), or the SQLite file path.
             #[arg(long, env = concat!($prefix, "DB_NAME"))]
@@ -64,7 +64,7 @@ macro_rules! db_args {
             pub db_sslkey: Option<PathBuf>,
             /// Database connections to keep, 1 to 1000 (SQLite: reader connections).
             /// Default: 2 x cores + 1. PostgreSQL also holds one more, for health checks.
-            #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"), value_parser = count(1usize, 1000, "connections"))]
+            #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"), value_parser = count(1usize, 1000, "a number of connections"))]
             pub db_pool_size: Option<usize>,
             /// Connection attempts at start-up before giving up (0: retry forever).
             /// Only failures that can heal are retried (refused, timed out, starting up).

@@ -20,9 +20,7 @@ use crate::store::{Declared, Grant, Target};
 use crate::tls::TlsFiles;
 use crate::transport;
 use clap::{Args, Parser, Subcommand};
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 use values::{count, seconds};
 
@@ -115,7 +113,7 @@ pub struct ServeArgs {
 
     /// Largest document accepted, in bytes of its JSON encoding; 16 to 67108864.
     #[arg(long, env = "DOCSIDECAR_MAX_DOCUMENT_BYTES", default_value_t = 1024 * 1024,
-          value_parser = count(16usize, 64 << 20, "bytes"))]
+          value_parser = count(16usize, 64 << 20, "a number of bytes"))]
     pub max_document_bytes: usize,
 
     /// Address of the HTTP admin listener (/livez, /readyz, /startupz, /metrics):
@@ -132,7 +130,7 @@ pub struct ServeArgs {
     /// Largest gRPC request accepted, in bytes (a Write carries many documents);
     /// 4096 to 1073741824. A larger request is RESOURCE_EXHAUSTED.
     #[arg(long, env = "DOCSIDECAR_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024,
-          value_parser = count(4096usize, 1 << 30, "bytes"))]
+          value_parser = count(4096usize, 1 << 30, "a number of bytes"))]
     pub max_message_bytes: usize,
 
     /// Seconds between database health checks (the gRPC health service and
@@ -152,13 +150,13 @@ pub struct ConnectionArgs {
     /// Client connections open at once, 1 to 100000; a connection beyond is closed
     /// at once (docsidecar_connections_rejected_total) while the others keep working.
     #[arg(long, env = "DOCSIDECAR_MAX_CONNECTIONS", default_value_t = 1024,
-          value_parser = count(1usize, 100_000, "connections"))]
+          value_parser = count(1usize, 100_000, "a number of connections"))]
     pub max_connections: usize,
 
     /// Calls in flight on one connection (HTTP/2 concurrent streams), 1 to 10000;
     /// clients queue the others.
     #[arg(long, env = "DOCSIDECAR_MAX_CONCURRENT_STREAMS", default_value_t = 100,
-          value_parser = count(1u32, 10_000, "streams"))]
+          value_parser = count(1u32, 10_000, "a number of streams"))]
     pub max_concurrent_streams: u32,
 
     /// Seconds between HTTP/2 pings on each connection, to find dead peers; 1 to 86400.
@@ -184,7 +182,7 @@ pub struct ConnectionArgs {
     /// times this, are answered RESOURCE_EXHAUSTED on a connection that stays
     /// open; see the README for beyond.
     #[arg(long, env = "DOCSIDECAR_MAX_HEADER_BYTES", default_value_t = 16 * 1024,
-          value_parser = count(1024usize, 1 << 20, "bytes"))]
+          value_parser = count(1024usize, 1 << 20, "a number of bytes"))]
     pub max_header_bytes: usize,
 }
 
@@ -325,43 +323,7 @@ pub struct CommonArgs {
 }
 
 pub use crate::telemetry::LogFormat;
-
-/// Where to listen: a TCP socket address or a Unix socket path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl FromStr for ListenAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("a Unix socket address needs a path: unix:/path/to.sock".into());
-            }
-            return Ok(ListenAddr::Unix(PathBuf::from(path)));
-        }
-        if s.rsplit_once(':')
-            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-        {
-            return Err(format!(
-                "`{s}` is not HOST:PORT (for example 127.0.0.1:50051) or unix:/path/to.sock"
-            ));
-        }
-        Ok(ListenAddr::Tcp(s.to_string()))
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Tcp(addr) => f.write_str(addr),
-            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
+pub use crate::transport::ListenAddr;
 
 /// A configuration problem, stated so that an operator can fix it. Never holds a
 /// credential.
@@ -371,19 +333,4 @@ pub enum ConfigError {
     Invalid(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            "unix:/tmp/s.sock".parse::<ListenAddr>(),
-            Ok(ListenAddr::Unix("/tmp/s.sock".into()))
-        );
-        assert!("[::1]:50051".parse::<ListenAddr>().is_ok());
-        assert!("localhost".parse::<ListenAddr>().is_err());
-    }
 }

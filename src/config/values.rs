@@ -30,17 +30,18 @@ pub fn seconds(
     }
 }
 
-/// A whole number within `min..=max`; `unit` names what it counts in messages.
+/// A whole number within `min..=max`; `what` names it in messages ("a number
+/// of bytes", "a port number").
 pub fn count<T>(
     min: T,
     max: T,
-    unit: &'static str,
+    what: &'static str,
 ) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
 where
     T: FromStr + PartialOrd + Display + Copy + Send + Sync + 'static,
 {
     move |s: &str| {
-        let range = format!("a whole number of {unit} from {min} to {max}");
+        let range = format!("{what} from {min} to {max}");
         let n: T = s
             .trim()
             .parse()
@@ -104,7 +105,7 @@ mod tests {
 
     #[test]
     fn counts_state_their_range() {
-        let parse = count(1usize, 1000, "connections");
+        let parse = count(1usize, 1000, "a number of connections");
         assert_eq!(parse("10").unwrap(), 10);
         for bad in ["0", "1001", "-3", "ten", "1.5"] {
             let err = parse(bad).unwrap_err();

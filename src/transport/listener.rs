@@ -1,13 +1,51 @@
 //! The gRPC port's socket: TCP (optionally with TLS) or a Unix socket.
 
-use crate::config::ListenAddr;
 use crate::tls::TlsReloader;
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tracing::info;
+
+/// Where to listen: a TCP socket address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("a Unix socket address needs a path: unix:/path/to.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if s.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "`{s}` is not HOST:PORT (for example 127.0.0.1:50051) or unix:/path/to.sock"
+            ));
+        }
+        Ok(ListenAddr::Tcp(s.to_string()))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => f.write_str(addr),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
 
 /// A bound gRPC socket.
 pub enum Listener {
@@ -123,6 +161,16 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "unix:/tmp/s.sock".parse::<ListenAddr>(),
+            Ok(ListenAddr::Unix("/tmp/s.sock".into()))
+        );
+        assert!("[::1]:50051".parse::<ListenAddr>().is_ok());
+        assert!("localhost".parse::<ListenAddr>().is_err());
+    }
 
     #[tokio::test]
     async fn a_live_socket_is_refused_and_a_stale_one_replaced() {

@@ -11,7 +11,7 @@
 mod connection;
 pub mod listener;
 
-pub use listener::{bind, Listener};
+pub use listener::{bind, ListenAddr, Listener};
 
 use crate::metrics;
 use crate::telemetry::RateLimited;
