@@ -71,7 +71,10 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
             }
             // Opening an embedded store applies its pending migrations.
             let tasks = Tasks::new();
-            store::open(&target, &tasks).await?.close().await;
+            store::open(&target, &tasks, store::Clock::default())
+                .await?
+                .close()
+                .await;
             tasks.stop().await;
             info!("migrations applied");
         }

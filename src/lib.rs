@@ -23,6 +23,7 @@
 //! - [`telemetry`]: logging setup and the per-request log layer; [`metrics`]:
 //!   every metric's name, declared once.
 //! - [`secret`]: secrets mounted as files; [`quote`]: untrusted input in messages.
+//! - [`status`]: gRPC statuses with the standard error details, for every layer.
 //! - [`deadline`]: the layer that answers DEADLINE_EXCEEDED when a client's
 //!   deadline passes.
 //! - [`proto`]: the generated protobuf types, server and client.
@@ -40,6 +41,7 @@ pub mod policy;
 pub mod quote;
 pub mod secret;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -76,10 +76,24 @@ pub struct Scope {
     collections: Option<BTreeMap<String, Access>>,
 }
 
+/// Why a call is outside the caller's scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyKind {
+    /// The collection is not declared for this caller.
+    CollectionNotAllowed,
+    /// The collection is read-only for this caller.
+    CollectionReadOnly,
+    /// The row scope asked for is not this caller's.
+    ScopeNotAllowed,
+}
+
 /// A refusal, with a message that says what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Denied(pub String);
+#[error("{message}")]
+pub struct Denied {
+    pub kind: DenyKind,
+    pub message: String,
+}
 
 impl Scope {
     /// Everything: the development default without a policy.
@@ -99,13 +113,17 @@ impl Scope {
             return Ok(());
         };
         match (collections.get(collection), need) {
-            (None, _) => Err(Denied(format!(
-                "collection `{collection}` is not in this caller's scope (allowed: {})",
-                names(collections)
-            ))),
-            (Some(Access::ReadOnly), Need::Write) => Err(Denied(format!(
-                "collection `{collection}` is read-only for this caller"
-            ))),
+            (None, _) => Err(Denied {
+                kind: DenyKind::CollectionNotAllowed,
+                message: format!(
+                    "collection `{collection}` is not in this caller's scope (allowed: {})",
+                    names(collections)
+                ),
+            }),
+            (Some(Access::ReadOnly), Need::Write) => Err(Denied {
+                kind: DenyKind::CollectionReadOnly,
+                message: format!("collection `{collection}` is read-only for this caller"),
+            }),
             (Some(_), _) => Ok(()),
         }
     }
@@ -271,12 +289,12 @@ access = "read-only"
         assert!(app
             .check("reports", Need::Write)
             .unwrap_err()
-            .0
+            .message
             .contains("read-only"));
         assert!(app
             .check("other", Need::Read)
             .unwrap_err()
-            .0
+            .message
             .contains("not in this caller's scope"));
         let reporting = &p.clients[1].scope;
         assert!(reporting.check("agents", Need::Read).is_ok());

@@ -12,7 +12,7 @@ use crate::config::{ConfigError, ListenAddr, ServeConfig};
 use crate::deadline::DeadlineLayer;
 use crate::policy::{ClientSpec, PolicyError, Scope};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
-use crate::store::{self, DocumentStore, StoreError};
+use crate::store::{self, Clock, DocumentStore, StoreError};
 use crate::telemetry::RequestLogLayer;
 use crate::tls::{TlsError, TlsReloader};
 use std::future::Future;
@@ -121,6 +121,7 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     /// Every background task: watchers, health checks, the admin listener.
     tasks: Tasks,
+    clock: Clock,
     config: ServeConfig,
 }
 
@@ -167,7 +168,8 @@ impl Server {
             Some(addr) => Some(start_admin(addr, &lifecycle, &tasks).await?),
             None => None,
         };
-        let store = store::open(&config.target, &tasks).await?;
+        let clock = Clock::default();
+        let store = store::open(&config.target, &tasks, clock.clone()).await?;
         let stats = store.clone();
         lifecycle.set_pool_stats(Box::new(move || stats.pool_stats()));
         Ok(Server {
@@ -178,8 +180,14 @@ impl Server {
             lifecycle,
             admin_addr,
             tasks,
+            clock,
             config,
         })
+    }
+
+    /// The stores' clock: tests move it to cross an expiry without waiting.
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
     }
 
     /// Pings the database and closes the store, for `docsidecar check`.
@@ -221,6 +229,7 @@ impl Server {
             lifecycle,
             admin_addr: _,
             tasks,
+            clock: _,
             config,
         } = self;
         tasks.spawn(auth.clone().watch());

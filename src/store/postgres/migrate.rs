@@ -4,7 +4,7 @@
 //! read-write tables and SELECT on the read-only ones, nothing else. The serving
 //! sidecar then needs no DDL rights at all.
 
-use super::ddl::table_ddl;
+use super::ddl::{history_ddl, record_versions, table_ddl, upgrade_ddl, Tables, SCHEMA_VERSION};
 use super::PgTarget;
 use crate::background::Backoff;
 use crate::store::{StoreError, StoreResult};
@@ -30,10 +30,6 @@ pub struct MigratePlan {
     pub grant_to: Option<String>,
 }
 
-/// Versioned changes of the schema itself, recorded in `_migrations` (collection
-/// names cannot start with `_`, so it never collides with a collection).
-const MIGRATIONS: &[(i32, &str)] = &[(1, "schema and migration history")];
-
 /// Role names are identifiers we quote ourselves: keep them to a plain alphabet.
 fn is_valid_role(role: &str) -> bool {
     let bytes = role.as_bytes();
@@ -55,7 +51,7 @@ fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
                 "{context}: {detail} (migrate needs the admin account)"
             ))
         }
-        _ if e.as_db_error().is_none() => StoreError::Unavailable(format!("{context}: {detail}")),
+        _ if e.as_db_error().is_none() => StoreError::unavailable(format!("{context}: {detail}")),
         _ => StoreError::Internal(format!("{context}: {detail}")),
     }
 }
@@ -72,7 +68,7 @@ async fn connect(target: &PgTarget) -> StoreResult<tokio_postgres::Client> {
         )
         .await
         .map_err(|e| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "cannot connect to PostgreSQL at {target} after {} attempts: {e}",
                 backoff.attempts_made()
             ))
@@ -114,38 +110,36 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
     )
     .await
     .map_err(|e| pg_error("taking the migration lock", e))?;
-    tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
-         CREATE TABLE IF NOT EXISTS {schema}._migrations (
-             version     integer PRIMARY KEY,
-             description text NOT NULL,
-             applied_at  timestamptz NOT NULL DEFAULT now()
-         );"
-    ))
-    .await
-    .map_err(|e| pg_error("creating the schema", e))?;
-    let current: i32 = tx
-        .query_one(
-            &format!("SELECT coalesce(max(version), 0) FROM {schema}._migrations"),
-            &[],
-        )
+    // `_migrations` records the schema version (collection names cannot
+    // start with `_`, so it never collides with a collection).
+    tx.batch_execute(&history_ddl(&target.schema))
+        .await
+        .map_err(|e| pg_error("creating the schema", e))?;
+    let tables = Tables::new(target.schema.clone())?;
+    let current = tables
+        .version(&tx)
         .await
         .map_err(|e| pg_error("reading the migration history", e))?
-        .get(0);
-    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
-    if current > latest {
+        .unwrap_or(0);
+    if current > SCHEMA_VERSION {
         return Err(StoreError::Internal(format!(
-            "schema {schema} is at version {current}, newer than this docsidecar supports ({latest}): run a newer docsidecar"
+            "schema {schema} is at version {current}, newer than this docsidecar supports ({SCHEMA_VERSION}): run a newer docsidecar"
         )));
     }
-    for (version, description) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-        tx.execute(
-            &format!("INSERT INTO {schema}._migrations (version, description) VALUES ($1, $2)"),
-            &[version, description],
-        )
-        .await
-        .map_err(|e| pg_error("recording a migration", e))?;
-        info!(version, description, "applied PostgreSQL migration");
+    if current < SCHEMA_VERSION {
+        // Expand: tables of earlier releases gain the new columns.
+        for collection in tables
+            .collections(&tx)
+            .await
+            .map_err(|e| pg_error("listing the collections", e))?
+        {
+            tx.batch_execute(&upgrade_ddl(&target.schema, &collection)?)
+                .await
+                .map_err(|e| pg_error(&format!("upgrading the table of `{collection}`"), e))?;
+        }
+        record_versions(&tx, &target.schema, current)
+            .await
+            .map_err(|e| pg_error("recording a migration", e))?;
     }
     for (collection, sql) in &ddl {
         tx.batch_execute(sql)
@@ -168,7 +162,8 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
         let mut sql = format!(
             "GRANT USAGE ON SCHEMA {schema} TO {role_q};
              REVOKE CREATE ON SCHEMA {schema} FROM {role_q};
-             REVOKE ALL ON {schema}._migrations FROM {role_q};"
+             REVOKE ALL ON {schema}._migrations FROM {role_q};
+             GRANT SELECT ON {schema}._migrations TO {role_q};"
         );
         for (collection, access) in &plan.collections {
             let table = format!("{schema}.\"{collection}\"");

@@ -119,7 +119,7 @@ impl Pools {
     }
 
     fn busy(&self) -> StoreError {
-        StoreError::Unavailable(format!(
+        StoreError::pool_exhausted(format!(
             "no PostgreSQL connection became free within {:?} (pool size {}); retry, or raise DB_POOL_SIZE or DB_ACQUIRE_TIMEOUT",
             self.acquire_timeout, self.size
         ))
@@ -128,19 +128,19 @@ impl Pools {
     fn pool_error(&self, e: PoolError) -> StoreError {
         match e {
             PoolError::Timeout(TimeoutType::Wait) => self.busy(),
-            PoolError::Timeout(_) => StoreError::Unavailable(format!(
+            PoolError::Timeout(_) => StoreError::unavailable(format!(
                 "PostgreSQL at {} did not accept a connection within {:?}; retry",
                 self.target, self.acquire_timeout
             )),
             // Wrong password, unknown database, refused port: the sidecar cannot
             // serve until the database or its settings are fixed.
-            PoolError::Backend(e) => StoreError::Unavailable(format!(
+            PoolError::Backend(e) => StoreError::unavailable(format!(
                 "cannot connect to PostgreSQL at {}: {}; retry",
                 self.target,
                 describe(&e)
             )),
             PoolError::Closed => {
-                StoreError::Unavailable("the PostgreSQL store is closed (shutting down)".into())
+                StoreError::shutting_down("the PostgreSQL store is closed (shutting down)")
             }
             PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
                 StoreError::Internal(format!("PostgreSQL pool: {e}"))
