@@ -2,6 +2,7 @@
 //! variable (see `docsidecar --help`), resolved once into typed values.
 
 use crate::policy::{self, Policy, PolicyError};
+use crate::reaper::Reaping;
 use crate::secret::{self, SecretError};
 use crate::store::sqlite::SqlitePath;
 use crate::store::{PgTarget, SqliteTarget, Target};
@@ -113,6 +114,16 @@ pub struct ServeArgs {
     #[arg(long, env = "DOCSIDECAR_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Seconds between rounds of the expiry reaper, which deletes expired
+    /// documents (reads never return them either way).
+    #[arg(long, env = "DOCSIDECAR_REAP_INTERVAL", default_value = "1", value_parser = parse_seconds)]
+    pub reap_interval: Duration,
+
+    /// Expired documents the reaper deletes per transaction (short transactions,
+    /// no long locks).
+    #[arg(long, env = "DOCSIDECAR_REAP_BATCH", default_value_t = 500)]
+    pub reap_batch: usize,
+
     /// Seconds between database health checks (the gRPC health service follows them).
     #[arg(long, env = "DOCSIDECAR_HEALTH_INTERVAL", default_value = "2", value_parser = parse_seconds)]
     pub health_interval: Duration,
@@ -138,6 +149,7 @@ pub struct ServeConfig {
     pub max_message_bytes: usize,
     pub health_interval: Duration,
     pub shutdown_grace: Duration,
+    pub reaping: Reaping,
 }
 
 /// A setting that cannot be used, or a policy file that cannot.
@@ -178,6 +190,10 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             health_interval: self.health_interval,
             shutdown_grace: self.shutdown_grace,
+            reaping: Reaping {
+                every: self.reap_interval,
+                batch: self.reap_batch.max(1),
+            },
         })
     }
 }

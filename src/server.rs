@@ -245,6 +245,8 @@ impl Server {
             config.health_interval,
         ));
 
+        tasks.spawn(crate::reaper::run(store.clone(), config.reaping));
+
         let api = DocumentApi::new(
             store.clone(),
             Limits {

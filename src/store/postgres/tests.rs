@@ -491,6 +491,18 @@ async fn without_auto_create_the_schema_and_tables_come_from_migrate() {
     assert_eq!(s.list_collections().await.unwrap(), ["docs"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_reaps() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    crate::store::conformance::the_reaper_deletes_expired_rows_in_batches(
+        &ctx.store,
+        &ctx.store.clock,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_without_leaking_the_password() {
     let cfg: tokio_postgres::Config = "postgres://app:hunter2@127.0.0.1:1/db".parse().unwrap();

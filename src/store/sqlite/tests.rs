@@ -126,3 +126,13 @@ fn list_pages_are_range_scans_of_an_index() {
     assert!(all.contains("(collection=? AND (id,scope)>(?,?))"), "{all}");
     assert!(!all.contains("TEMP B-TREE"), "no sort step: {all}");
 }
+
+#[tokio::test]
+async fn the_sqlite_store_reaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::default();
+    let store = SqliteStore::open(&target(dir.path().join("reap.db")), clock.clone())
+        .await
+        .unwrap();
+    crate::store::conformance::the_reaper_deletes_expired_rows_in_batches(&store, &clock).await;
+}
