@@ -46,7 +46,7 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
     let db: DbArgs = args.db.into();
     let policy = policy::load(args.common.policy.as_deref())?;
-    match db.target(&args.common.schema, true)? {
+    match db.target(&args.common.schema, policy.as_ref())? {
         Target::Postgres(target) => {
             let collections = policy.map(|p| p.collections).unwrap_or_default();
             let plan = MigratePlan {

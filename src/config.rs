@@ -165,11 +165,8 @@ impl ServeArgs {
     /// Reads the policy and resolves the database settings.
     pub fn resolve(self) -> Result<ServeConfig, ResolveError> {
         let policy = policy::load(self.common.policy.as_deref())?;
-        // Without a policy (development) tables appear on first write; with one,
-        // only if the policy says so.
-        let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
         let db: DbArgs = self.db.into();
-        let target = db.target(&self.common.schema, auto_create)?;
+        let target = db.target(&self.common.schema, policy.as_ref())?;
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -410,13 +407,18 @@ fn default_pool_size() -> usize {
 impl DbArgs {
     /// Resolves the URL or the discrete settings into the store to open.
     /// `schema` and `auto_create` come from the common settings and the policy.
-    pub fn target(&self, schema: &str, auto_create: bool) -> Result<Target, ConfigError> {
+    pub fn target(&self, schema: &str, policy: Option<&Policy>) -> Result<Target, ConfigError> {
+        // Without a policy (development) tables and indexes appear on first
+        // use; with one, only if the policy says so.
+        let auto_create = policy.is_none_or(|p| p.auto_create);
         let pool_size = self.db_pool_size.unwrap_or_else(default_pool_size).max(1);
         let sqlite = |path| {
             Target::Sqlite(SqliteTarget {
                 path,
                 readers: pool_size,
                 acquire_timeout: self.db_acquire_timeout,
+                indexes: policy.map(|p| p.indexes.clone()).unwrap_or_default(),
+                auto_index: policy.is_none(),
             })
         };
         let p = self.var_prefix;
@@ -549,7 +551,7 @@ mod tests {
 
     impl DbArgs {
         fn database(&self) -> Result<Target, ConfigError> {
-            self.target("docsidecar", true)
+            self.target("docsidecar", None)
         }
     }
 

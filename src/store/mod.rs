@@ -9,6 +9,8 @@
 //!
 //! - [`path`]: field paths; [`value`]: the value rules (order, equality);
 //!   [`update`]: merge patches and transforms; [`plan`]: the write planner;
+//!   [`key`]: order-preserving keys of values; [`query`]: queries and the
+//!   index rule;
 //! - [`memory`], [`sqlite`], [`postgres`]: the backends.
 
 use async_trait::async_trait;
@@ -17,10 +19,13 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod error;
+pub mod key;
 pub mod memory;
 pub mod path;
 pub mod plan;
 pub mod postgres;
+pub mod query;
+pub mod sql;
 pub mod sqlite;
 pub mod update;
 pub mod value;
@@ -437,6 +442,14 @@ pub trait DocumentStore: Send + Sync + 'static {
 
     /// The live documents among `op.ids`, looked up in order until the budget.
     async fn batch_get(&self, op: &BatchGetOp, budget: Budget) -> StoreResult<Batch>;
+
+    /// Live documents that match the query's filters, in its order, after its
+    /// cursor, up to the limit and the budget.
+    async fn query(&self, query: &query::Query, budget: Budget) -> StoreResult<Page>;
+
+    /// How many live documents match the query's filters (order and limit
+    /// are ignored).
+    async fn count(&self, query: &query::Query) -> StoreResult<u64>;
 
     /// Deletes up to `limit` expired documents; how many it deleted. The one
     /// place that removes expired rows (besides a write over one).

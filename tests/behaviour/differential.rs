@@ -11,10 +11,10 @@ use docsidecar::proto::{
 use prost_types::{ListValue, Struct};
 
 /// A tiny deterministic generator: the same operations for both stores.
-struct Lcg(u64);
+pub struct Lcg(pub u64);
 
 impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)

@@ -10,6 +10,7 @@ mod documents;
 mod errors;
 mod expiry;
 mod limits;
+mod queries;
 mod support;
 mod updates;
 mod writes;
@@ -19,6 +20,7 @@ use documents::*;
 use errors::*;
 use expiry::*;
 use limits::*;
+use queries::*;
 use updates::*;
 use writes::*;
 
@@ -80,5 +82,9 @@ suite!(
         errors_carry_reasons_and_details,
         expected_rev_is_validated_and_never_echoed_whole,
         batch_get_stays_within_the_budget,
+        queries_filter_with_typed_comparisons,
+        queries_order_across_types,
+        query_requests_are_validated,
+        queries_agree_with_the_memory_store,
     ]
 );

@@ -16,6 +16,7 @@ mod ddl;
 mod error;
 pub mod migrate;
 mod pool;
+mod queries;
 mod write;
 
 use super::*;
@@ -111,6 +112,8 @@ pub struct PostgresStore {
     tables: ddl::Tables,
     auto_create: bool,
     clock: Clock,
+    /// Indexes created on first use (no policy), so each is created once.
+    indexed: std::sync::Mutex<std::collections::HashSet<String>>,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,
 }
@@ -171,6 +174,7 @@ impl PostgresStore {
             tables,
             auto_create: target.auto_create,
             clock,
+            indexed: Default::default(),
             target: name,
         };
         let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
@@ -291,7 +295,11 @@ impl PostgresStore {
     /// one statement: rows other sidecars' reapers hold are skipped, a table
     /// locked longer than the lock timeout waits for the next round.
     async fn reap_with(&self, client: &tokio_postgres::Client, limit: usize) -> StoreResult<usize> {
-        let collections = self.tables.collections(client).await.map_err(|e| self.pg(e))?;
+        let collections = self
+            .tables
+            .collections(client)
+            .await
+            .map_err(|e| self.pg(e))?;
         let mut reaped = 0;
         for collection in collections {
             if reaped >= limit {
@@ -307,7 +315,9 @@ impl PostgresStore {
             let batch = i64::try_from(limit - reaped).unwrap_or(i64::MAX);
             match client.execute(&sql, &[&self.clock.offset(), &batch]).await {
                 Ok(n) => reaped += n as usize,
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                {
                     tracing::debug!(collection, "reaper skipped a locked table");
                 }
                 Err(e) if error::is_missing_table(&e) => {}
@@ -402,6 +412,14 @@ impl DocumentStore for PostgresStore {
         })
         .await?;
         Ok(batch)
+    }
+
+    async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
+        self.run_query(q, budget).await
+    }
+
+    async fn count(&self, q: &query::Query) -> StoreResult<u64> {
+        self.run_count(q).await
     }
 
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {

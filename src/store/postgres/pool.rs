@@ -65,11 +65,19 @@ impl Pools {
     }
 
     fn current(&self) -> Pool {
-        self.pool.read().unwrap_or_else(|e| e.into_inner()).0.clone()
+        self.pool
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
     }
 
     fn config(&self) -> tokio_postgres::Config {
-        self.pool.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+        self.pool
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
     }
 
     /// Which password generation connections made now belong to.
@@ -82,7 +90,10 @@ impl Pools {
     /// reaper). `lock_timeout` keeps it from queueing behind DDL.
     pub(super) async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
         let mut cfg = self.config();
-        let name = format!("{} (reaper)", cfg.get_application_name().unwrap_or("docsidecar"));
+        let name = format!(
+            "{} (reaper)",
+            cfg.get_application_name().unwrap_or("docsidecar")
+        );
         cfg.application_name(&name);
         cfg.options("-c lock_timeout=200 -c statement_timeout=30000");
         let (client, connection) = cfg.connect(NoTls).await.map_err(|e| {
