@@ -9,6 +9,7 @@ use crate::background::FileWatcher;
 use crate::policy::{ClientSpec, Scope};
 use crate::proto::document_service_server::SERVICE_NAME;
 use crate::secret::{self, SecretError};
+use crate::status::{status, Reason};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -119,12 +120,14 @@ impl Authenticator {
             return Ok(self.service_scope.clone());
         }
         let Some(header) = authorization else {
-            return Err(Status::unauthenticated(
+            return Err(status(
+                Reason::Unauthenticated,
                 "missing `authorization` metadata: send `authorization: Bearer <token>`",
             ));
         };
         let Some(presented) = strip_bearer(header) else {
-            return Err(Status::unauthenticated(
+            return Err(status(
+                Reason::Unauthenticated,
                 "the `authorization` metadata must be `Bearer <token>`",
             ));
         };
@@ -137,7 +140,10 @@ impl Authenticator {
             }
         }
         found.ok_or_else(|| {
-            Status::unauthenticated("the bearer token is not valid for this sidecar")
+            status(
+                Reason::Unauthenticated,
+                "the bearer token is not valid for this sidecar",
+            )
         })
     }
 }

@@ -47,10 +47,15 @@ impl<U: prost::Message + Default> Decoder for ProtoDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|status| {
-            Status::invalid_argument(format!(
-                "the message could not be decoded as protobuf ({}); documents may nest at most 20 levels",
-                status.message()
-            ))
+            crate::status::Failure::new(
+                crate::status::Reason::InvalidArgument,
+                format!(
+                    "the message could not be decoded as protobuf ({}); documents may nest at most 20 levels",
+                    status.message()
+                ),
+            )
+            .field("request")
+            .into_status()
         })
     }
 

@@ -55,7 +55,7 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
         .into());
     }
     let policy = policy::load(args.common.policy.as_deref())?;
-    match db.target(&args.common.schema, true, Declared::Any)? {
+    match db.target(&args.common.schema, policy.as_ref())? {
         Target::Postgres(target) => {
             let collections = match config::declared(policy.as_ref()) {
                 Declared::Only(collections) => collections,
@@ -75,7 +75,10 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
             }
             // Opening an embedded store applies its pending migrations.
             let tasks = Tasks::new();
-            store::open(&target, &tasks).await?.close().await;
+            store::open(&target, &tasks, store::Clock::default())
+                .await?
+                .close()
+                .await;
             tasks.stop().await;
             info!("migrations applied");
         }

@@ -7,6 +7,7 @@
 //! spec names. Ending a call drops the handler's future: the store's work is
 //! abandoned (a PostgreSQL query is cancelled on the server).
 
+use crate::status::{status, Reason};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -105,11 +106,12 @@ where
             tokio::select! {
                 biased;
                 result = future => result,
-                timeout = expired => Ok(tonic::Status::deadline_exceeded(format!(
+                timeout = expired => Ok(status(Reason::DeadlineExceeded, format!(
                     "the call's deadline of {timeout:?} passed before it completed; its work was abandoned"
                 ))
                 .into_http()),
-                _ = abandon.wait_for(|over| *over) => Ok(tonic::Status::unavailable(
+                _ = abandon.wait_for(|over| *over) => Ok(status(
+                    Reason::ShuttingDown,
                     "the sidecar shut down before this call completed; it was abandoned, retry",
                 )
                 .into_http()),

@@ -13,6 +13,7 @@
 //! - [`transport`]: the gRPC port: accepting connections within limits, HTTP/2
 //!   with timeouts, the drain; [`limits`]: oversized requests as statuses.
 //! - [`admin`]: the HTTP admin listener: probes, metrics, shutdown requests.
+//! - [`reaper`]: deletes expired documents in the background.
 //! - [`background`]: the server's background tasks (one owner, one way to
 //!   stop), the file watcher for rotated secrets, start-up retries.
 //! - [`api`]: the gRPC layer: validates requests, converts protobuf to store
@@ -25,6 +26,7 @@
 //! - [`telemetry`]: logging setup and the per-request log layer; [`metrics`]:
 //!   every metric's name, declared once.
 //! - [`secret`]: secrets mounted as files; [`quote`]: untrusted input in messages.
+//! - [`status`]: gRPC statuses with the standard error details, for every layer.
 //! - [`deadline`]: the layer that answers DEADLINE_EXCEEDED when a client's
 //!   deadline passes.
 //! - [`proto`]: the generated protobuf types, server and client.
@@ -41,8 +43,10 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod quote;
+pub mod reaper;
 pub mod secret;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

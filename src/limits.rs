@@ -10,6 +10,7 @@
 //! refuses an oversized message as OUT_OF_RANGE "decoded message length too
 //! large"; this layer gives that refusal its proper code and an actionable text.
 
+use crate::status::{Failure, Reason};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -100,19 +101,33 @@ where
         } = self.limits;
         let size = header_list_size(&request);
         if size > max_header_bytes {
-            let status = Status::resource_exhausted(format!(
-                "the request's headers (metadata) are {size} bytes, over the sidecar's limit of {max_header_bytes} (DOCSIDECAR_MAX_HEADER_BYTES): send less metadata"
-            ));
+            let status = Failure::new(
+                Reason::MessageTooLarge,
+                format!(
+                    "the request's headers (metadata) are {size} bytes, over the sidecar's limit of {max_header_bytes} (DOCSIDECAR_MAX_HEADER_BYTES): send less metadata"
+                ),
+            )
+            .with("setting", "DOCSIDECAR_MAX_HEADER_BYTES")
+            .with("limit", max_header_bytes.to_string())
+            .into_status();
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await?;
             Ok(match refusal(&response) {
-                Some(Refusal::TooLarge) => Status::resource_exhausted(format!(
-                    "the request message is larger than the sidecar accepts ({max_message_bytes} bytes, DOCSIDECAR_MAX_MESSAGE_BYTES): send fewer or smaller documents per call"
-                ))
+                Some(Refusal::TooLarge) => Failure::new(
+                    Reason::MessageTooLarge,
+                    format!(
+                        "the request message is larger than the sidecar accepts ({max_message_bytes} bytes, DOCSIDECAR_MAX_MESSAGE_BYTES): send fewer or smaller documents per call"
+                    ),
+                )
+                .with("setting", "DOCSIDECAR_MAX_MESSAGE_BYTES")
+                .with("limit", max_message_bytes.to_string())
+                .into_status()
                 .into_http(),
+                // No reason in the contract's list names a cancellation (nobody
+                // is left to read it when the stream was reset): a bare status.
                 Some(Refusal::Abandoned) => Status::cancelled(
                     "the request ended before a whole message arrived: the client cancelled the call or reset its stream",
                 )
@@ -197,6 +212,10 @@ mod tests {
         let status = status_of(service.clone().oneshot(big).await.unwrap());
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(status.message().contains("DOCSIDECAR_MAX_HEADER_BYTES"));
+        use tonic_types::StatusExt;
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "MESSAGE_TOO_LARGE");
+        assert_eq!(info.metadata["setting"], "DOCSIDECAR_MAX_HEADER_BYTES");
 
         let request = http::Request::builder().uri("/too-large").body(()).unwrap();
         let status = status_of(service.clone().oneshot(request).await.unwrap());

@@ -16,6 +16,7 @@ pub const POOL_WAITING: &str = "docsidecar_pool_waiting";
 pub const DATABASE_ERRORS_TOTAL: &str = "docsidecar_database_errors_total";
 pub const DOCUMENTS_WRITTEN_TOTAL: &str = "docsidecar_documents_written_total";
 pub const DOCUMENTS_DELETED_TOTAL: &str = "docsidecar_documents_deleted_total";
+pub const DOCUMENTS_EXPIRED_TOTAL: &str = "docsidecar_documents_expired_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
 pub const POOL_ACQUIRE_TIMEOUTS_TOTAL: &str = "docsidecar_pool_acquire_timeouts_total";
 pub const HEALTH_CHECKS_TOTAL: &str = "docsidecar_health_checks_total";
@@ -73,6 +74,13 @@ pub fn documents_changed(saved: u64, deleted: u64) {
     }
     if deleted > 0 {
         metrics::counter!(DOCUMENTS_DELETED_TOTAL).increment(deleted);
+    }
+}
+
+/// Expired documents the reaper deleted.
+pub fn documents_expired(n: u64) {
+    if n > 0 {
+        metrics::counter!(DOCUMENTS_EXPIRED_TOTAL).increment(n);
     }
 }
 

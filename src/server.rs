@@ -5,7 +5,7 @@
 //! [`Server::run_until`] serves until asked to stop, then drains.
 
 use crate::admin::{self, Lifecycle};
-use crate::api::{DocumentApi, Limits};
+use crate::api::{DocumentApi, Indexes, Limits};
 use crate::auth::{AuthError, AuthLayer, Authenticator};
 use crate::background::Tasks;
 use crate::config::{ConfigError, ListenAddr, ServeConfig};
@@ -13,7 +13,7 @@ use crate::deadline::DeadlineLayer;
 use crate::limits::RequestLimitsLayer;
 use crate::policy::{ClientSpec, PolicyError, Scope};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
-use crate::store::{self, DocumentStore, StoreError};
+use crate::store::{self, Clock, DocumentStore, StoreError};
 use crate::telemetry::RequestLogLayer;
 use crate::tls::{TlsError, TlsReloader};
 use crate::transport::{self, Listener};
@@ -112,6 +112,7 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     /// Every background task: watchers, health checks, the admin listener.
     tasks: Tasks,
+    clock: Clock,
     config: ServeConfig,
 }
 
@@ -162,7 +163,8 @@ impl Server {
             Some(addr) => Some(start_admin(addr, &lifecycle, &tasks).await?),
             None => None,
         };
-        let store = store::open(&config.target, &tasks).await?;
+        let clock = Clock::default();
+        let store = store::open(&config.target, &tasks, clock.clone()).await?;
         let stats = store.clone();
         lifecycle.set_pool_stats(Box::new(move || stats.pool_stats()));
         Ok(Server {
@@ -173,8 +175,14 @@ impl Server {
             lifecycle,
             admin_addr,
             tasks,
+            clock,
             config,
         })
+    }
+
+    /// The stores' clock: tests move it to cross an expiry without waiting.
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
     }
 
     /// Pings the database and closes the store, for `docsidecar check`.
@@ -210,6 +218,7 @@ impl Server {
             lifecycle,
             admin_addr: _,
             tasks,
+            clock: _,
             config,
         } = self;
         tasks.spawn(auth.clone().watch());
@@ -225,11 +234,22 @@ impl Server {
             config.health_interval,
         ));
 
+        tasks.spawn(crate::reaper::run(store.clone(), config.reaping));
+
+        let indexes = Indexes {
+            declared: config.policy.as_ref().map(|p| p.indexes.clone()),
+            allow_scans: config
+                .policy
+                .as_ref()
+                .map(|p| p.allow_scans.clone())
+                .unwrap_or_default(),
+        };
         let api = DocumentApi::new(
             store.clone(),
             Limits {
                 max_document_bytes: config.max_document_bytes,
             },
+            indexes,
             scope,
         );
         let documents = DocumentServiceServer::new(api)

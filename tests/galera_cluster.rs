@@ -4,7 +4,7 @@
 mod common;
 
 use common::galera::Galera;
-use common::mariadb::{connect, MariaDb};
+use common::mariadb::{connect_retry, MariaDb};
 use common::procs;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, OptsBuilder};
@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 async fn conn_to(galera: &Galera, node: usize, db: &MariaDb) -> Conn {
     let opts = OptsBuilder::from_opts(galera.node_opts(node)).db_name(Some(&db.name));
-    connect(opts.into()).await.unwrap()
+    // Retried (and logged): a node may refuse briefly around a view change.
+    connect_retry(opts.into(), Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,9 +3,12 @@
 
 use super::{json, validate, ApiError, Limits};
 use crate::policy::{Need, Scope};
-use crate::proto::{self, mutation::Op};
-use crate::store::{self, Micros, StoreError};
+use crate::proto::{self, field_transform, mutation::Op};
+use crate::store::{
+    self, Expiry, FieldPath, Key, Micros, Protected, StoreError, Transform, TransformOp,
+};
 use prost_types::Timestamp;
+use std::sync::Arc;
 
 /// A request as the API accepts it: the collection it names (for the log span,
 /// before anything is checked) and its validated form.
@@ -17,29 +20,99 @@ pub(super) trait Accept: Sized {
     fn accept(self, limits: &Limits) -> Result<Self::Valid, ApiError>;
 }
 
-/// A validated point read.
-pub(super) struct Get {
-    pub collection: String,
-    pub id: String,
+/// The key of a document named by a request.
+fn key(collection: String, scope: String, id: String) -> Result<Key, ApiError> {
+    validate::collection(&collection)?;
+    validate::id(&id, "id")?;
+    validate::no_scope(&collection, &scope)?;
+    Ok(Key::new(collection, scope, id))
 }
 
 impl Accept for proto::GetRequest {
-    type Valid = Get;
+    type Valid = Key;
 
     fn collection(&self) -> &str {
         &self.collection
     }
 
-    fn accept(self, _: &Limits) -> Result<Get, ApiError> {
+    fn accept(self, _: &Limits) -> Result<Key, ApiError> {
         let proto::GetRequest {
             collection,
             id,
             scope,
         } = self;
-        validate::collection(&collection)?;
-        validate::id(&id, "id")?;
-        validate::no_scope(&collection, &scope)?;
-        Ok(Get { collection, id })
+        key(collection, scope, id)
+    }
+}
+
+/// An optional rev condition, validated like an id (it is echoed in messages).
+fn expected_rev(rev: String) -> Result<Option<String>, ApiError> {
+    if rev.is_empty() {
+        return Ok(None);
+    }
+    validate::id(&rev, "expected_rev")?;
+    Ok(Some(rev))
+}
+
+/// Microseconds of a Timestamp, rounded up (an expiry never comes early).
+fn timestamp_micros(ts: &Timestamp, field: &str) -> Result<Micros, ApiError> {
+    // The protobuf range: 0001-01-01 to 9999-12-31.
+    const MIN: i64 = -62_135_596_800;
+    const MAX: i64 = 253_402_300_799;
+    if !(MIN..=MAX).contains(&ts.seconds) || !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(ApiError::invalid(field, format!(
+            "{field} is not a valid Timestamp: seconds must lie in 0001-01-01..9999-12-31 and nanos in 0..999999999"
+        )));
+    }
+    Ok(ts.seconds * 1_000_000 + (i64::from(ts.nanos) + 999) / 1000)
+}
+
+/// The expiry a request sets; `unset` is what no expiration means.
+fn expiry<E: Into<Expiration>>(expiration: Option<E>, unset: Expiry) -> Result<Expiry, ApiError> {
+    /// The longest TTL: a century.
+    const MAX_TTL: i64 = 100 * 366 * 24 * 3600;
+    match expiration.map(Into::into) {
+        None => Ok(unset),
+        Some(Expiration::At(ts)) => Ok(Expiry::At(timestamp_micros(&ts, "expire_time")?)),
+        Some(Expiration::Ttl(d)) => {
+            let positive = d.seconds > 0 || (d.seconds == 0 && d.nanos > 0);
+            if !positive || d.nanos < 0 || d.seconds > MAX_TTL {
+                return Err(ApiError::invalid(
+                    "ttl",
+                    format!(
+                    "ttl must be positive and at most {MAX_TTL} seconds (a century); got {}s {}ns",
+                    d.seconds, d.nanos
+                ),
+                ));
+            }
+            Ok(Expiry::After(
+                d.seconds * 1_000_000 + (i64::from(d.nanos) + 999) / 1000,
+            ))
+        }
+    }
+}
+
+/// Both requests' `expiration` oneofs, as one.
+enum Expiration {
+    At(Timestamp),
+    Ttl(prost_types::Duration),
+}
+
+impl From<proto::save_request::Expiration> for Expiration {
+    fn from(e: proto::save_request::Expiration) -> Self {
+        match e {
+            proto::save_request::Expiration::ExpireTime(t) => Expiration::At(t),
+            proto::save_request::Expiration::Ttl(d) => Expiration::Ttl(d),
+        }
+    }
+}
+
+impl From<proto::update_request::Expiration> for Expiration {
+    fn from(e: proto::update_request::Expiration) -> Self {
+        match e {
+            proto::update_request::Expiration::ExpireTime(t) => Expiration::At(t),
+            proto::update_request::Expiration::Ttl(d) => Expiration::Ttl(d),
+        }
     }
 }
 
@@ -56,45 +129,154 @@ impl Accept for proto::SaveRequest {
             collection,
             id,
             data,
-            expected_rev,
+            expected_rev: rev,
             create_only,
             scope,
             expiration,
         } = self;
-        validate::collection(&collection)?;
-        validate::no_scope(&collection, &scope)?;
-        if expiration.is_some() {
-            return Err(ApiError::unimplemented("expiry (expire_time, ttl)"));
-        }
-        let id = if id.is_empty() {
-            store::new_id()
-        } else {
-            validate::id(&id, "id")?;
-            id
-        };
-        if create_only && !expected_rev.is_empty() {
+        let id = if id.is_empty() { store::new_id() } else { id };
+        let key = key(collection, scope, id)?;
+        if create_only && !rev.is_empty() {
             return Err(ApiError::invalid(
+                "create_only",
                 "create_only and expected_rev exclude each other: create_only requires that the document does not exist, expected_rev that it does",
             ));
         }
+        let expected_rev = expected_rev(rev)?;
         let data = data.ok_or_else(|| {
-            ApiError::invalid("data is required: give the document as a JSON object (Struct)")
+            ApiError::invalid(
+                "data",
+                "data is required: give the document as a JSON object (Struct)",
+            )
         })?;
-        json::validate(&data).map_err(ApiError::invalid)?;
+        json::validate(&data).map_err(|m| ApiError::invalid("data", m))?;
         let data = json::to_json(&data);
         if data.len() > limits.max_document_bytes {
-            return Err(ApiError::invalid(format!(
-                "data is {} bytes as JSON, over the limit of {} bytes per document",
-                data.len(),
-                limits.max_document_bytes
-            )));
+            return Err(ApiError::invalid(
+                "data",
+                format!(
+                    "data is {} bytes as JSON, over the limit of {} bytes per document",
+                    data.len(),
+                    limits.max_document_bytes
+                ),
+            ));
         }
         Ok(store::SaveOp {
+            key,
+            data,
+            expected_rev,
+            create_only,
+            expiry: expiry(expiration, Expiry::Never)?,
+            protected: Arc::new(Protected::default()),
+        })
+    }
+}
+
+/// A transform's operand: a finite number.
+fn number(value: Option<prost_types::Value>, field: &str) -> Result<f64, ApiError> {
+    match value.and_then(|v| v.kind) {
+        Some(prost_types::value::Kind::NumberValue(n)) if n.is_finite() => Ok(n),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{field} must hold a finite number"),
+        )),
+    }
+}
+
+/// A transform's list operand, each value validated.
+fn values(list: prost_types::ListValue, field: &str) -> Result<Vec<serde_json::Value>, ApiError> {
+    list.values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            json::validate_value(v, &format!("{field}[{i}]"))
+                .map_err(|m| ApiError::invalid(field, m))?;
+            Ok(json::to_json_value(v))
+        })
+        .collect()
+}
+
+fn transform(t: proto::FieldTransform, index: usize) -> Result<Transform, ApiError> {
+    let proto::FieldTransform { field: path, op } = t;
+    let at = |what: &str| format!("transforms[{index}].{what}");
+    let field = FieldPath::parse(&path)
+        .map_err(|e| ApiError::invalid(at("field"), format!("{}: {e}", at("field"))))?;
+    if field.is_id() {
+        return Err(ApiError::invalid(
+            at("field"),
+            format!(
+                "{}: __id__ is the document id, not a field that can be transformed",
+                at("field")
+            ),
+        ));
+    }
+    use field_transform::Op as P;
+    let op = match op {
+        Some(P::Increment(v)) => TransformOp::Increment(number(Some(v), &at("increment"))?),
+        Some(P::Maximum(v)) => TransformOp::Maximum(number(Some(v), &at("maximum"))?),
+        Some(P::Minimum(v)) => TransformOp::Minimum(number(Some(v), &at("minimum"))?),
+        Some(P::AppendMissing(l)) => TransformOp::AppendMissing(values(l, &at("append_missing"))?),
+        Some(P::RemoveAll(l)) => TransformOp::RemoveAll(values(l, &at("remove_all"))?),
+        Some(P::SetToServerTime(true)) => TransformOp::ServerTime,
+        Some(P::SetToServerTime(false)) => {
+            return Err(ApiError::invalid(at("set_to_server_time"), format!(
+                "{}: false does nothing; leave the transform out",
+                at("set_to_server_time")
+            )))
+        }
+        None => {
+            return Err(ApiError::invalid(format!("transforms[{index}]"), format!(
+                "transforms[{index}]: op is not set: give increment, maximum, minimum, append_missing, remove_all or set_to_server_time"
+            )))
+        }
+    };
+    Ok(Transform { field, op })
+}
+
+/// The most transforms in one Update.
+const MAX_TRANSFORMS: usize = 100;
+
+impl Accept for proto::UpdateRequest {
+    type Valid = store::UpdateOp;
+
+    fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    fn accept(self, limits: &Limits) -> Result<store::UpdateOp, ApiError> {
+        let proto::UpdateRequest {
             collection,
             id,
-            data,
-            expected_rev: non_empty(expected_rev),
-            create_only,
+            scope,
+            merge,
+            transforms,
+            expected_rev: rev,
+            allow_missing,
+            expiration,
+        } = self;
+        let key = key(collection, scope, id)?;
+        let merge = match merge {
+            Some(patch) => {
+                json::validate_as(&patch, "merge").map_err(|m| ApiError::invalid("merge", m))?;
+                Some(json::to_json_object(&patch))
+            }
+            None => None,
+        };
+        validate::count("transforms", transforms.len(), MAX_TRANSFORMS)?;
+        let transforms = transforms
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| transform(t, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(store::UpdateOp {
+            key,
+            merge,
+            transforms,
+            expected_rev: expected_rev(rev)?,
+            allow_missing,
+            expiry: expiry(expiration, Expiry::Keep)?,
+            protected: Arc::new(Protected::default()),
+            max_bytes: limits.max_document_bytes,
         })
     }
 }
@@ -110,40 +292,26 @@ impl Accept for proto::DeleteRequest {
         let proto::DeleteRequest {
             collection,
             id,
-            expected_rev,
+            expected_rev: rev,
             allow_missing,
             scope,
         } = self;
-        validate::collection(&collection)?;
-        validate::id(&id, "id")?;
-        validate::no_scope(&collection, &scope)?;
-        if allow_missing {
-            return Err(ApiError::unimplemented("allow_missing on Delete"));
-        }
         Ok(store::DeleteOp {
-            collection,
-            id,
-            expected_rev: non_empty(expected_rev),
+            key: key(collection, scope, id)?,
+            expected_rev: expected_rev(rev)?,
+            allow_missing,
         })
     }
 }
 
-/// A validated List call.
-pub(super) struct List {
-    pub collection: String,
-    pub limit: usize,
-    /// The last id of the previous page.
-    pub after: Option<String>,
-}
-
 impl Accept for proto::ListRequest {
-    type Valid = List;
+    type Valid = store::ListOp;
 
     fn collection(&self) -> &str {
         &self.collection
     }
 
-    fn accept(self, _: &Limits) -> Result<List, ApiError> {
+    fn accept(self, _: &Limits) -> Result<store::ListOp, ApiError> {
         let proto::ListRequest {
             collection,
             page_size,
@@ -155,32 +323,28 @@ impl Accept for proto::ListRequest {
         let limit = validate::page_size(page_size)?;
         let after = match page_token.as_str() {
             "" => None,
-            token => {
-                Some(super::page_token::decode(token, &collection).map_err(ApiError::invalid)?)
-            }
+            token => Some((
+                super::page_token::decode(token, &collection).map_err(ApiError::page_token)?,
+                String::new(),
+            )),
         };
-        Ok(List {
+        Ok(store::ListOp {
             collection,
-            limit,
+            scopes: store::Scopes::One(scope),
             after,
+            limit,
         })
     }
 }
 
-/// A validated BatchGet call.
-pub(super) struct BatchGet {
-    pub collection: String,
-    pub ids: Vec<String>,
-}
-
 impl Accept for proto::BatchGetRequest {
-    type Valid = BatchGet;
+    type Valid = store::BatchGetOp;
 
     fn collection(&self) -> &str {
         &self.collection
     }
 
-    fn accept(self, _: &Limits) -> Result<BatchGet, ApiError> {
+    fn accept(self, _: &Limits) -> Result<store::BatchGetOp, ApiError> {
         let proto::BatchGetRequest {
             collection,
             ids,
@@ -192,7 +356,17 @@ impl Accept for proto::BatchGetRequest {
         for (i, id) in ids.iter().enumerate() {
             validate::id(id, &format!("ids[{i}]"))?;
         }
-        Ok(BatchGet { collection, ids })
+        // An id asked for twice is answered once, at its first place.
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        let ids = ids
+            .into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect();
+        Ok(store::BatchGetOp {
+            collection,
+            scope,
+            ids,
+        })
     }
 }
 
@@ -207,23 +381,32 @@ pub(super) fn mutations(
     let mut ops = Vec::with_capacity(mutations.len());
     for (index, mutation) in mutations.into_iter().enumerate() {
         let proto::Mutation { op } = mutation;
+        let kind = op.as_ref().map_or("op", op_name);
         let op = match op {
             Some(Op::Save(save)) => save.accept(limits).map(store::Mutation::Save),
+            Some(Op::Update(update)) => update.accept(limits).map(store::Mutation::Update),
             Some(Op::Delete(delete)) => delete.accept(limits).map(store::Mutation::Delete),
-            Some(Op::Update(_)) => Err(ApiError::unimplemented("Update")),
-            None => Err(ApiError::invalid("op is not set: give a save or a delete")),
+            None => Err(ApiError::invalid(
+                "op",
+                "op is not set: give a save, an update or a delete",
+            )),
         }
         .and_then(|op| {
             caller.check(op.collection(), Need::Write)?;
             Ok(op)
         });
-        ops.push(op.map_err(|e| e.in_mutation(index))?);
+        ops.push(op.map_err(|e| e.in_mutation(index, kind))?);
     }
     Ok(ops)
 }
 
-fn non_empty(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
+/// The name of a mutation's op, as the request spells its field.
+pub(super) fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Save(_) => "save",
+        Op::Update(_) => "update",
+        Op::Delete(_) => "delete",
+    }
 }
 
 pub(super) fn timestamp(micros: Micros) -> Timestamp {
@@ -235,12 +418,16 @@ pub(super) fn timestamp(micros: Micros) -> Timestamp {
 
 pub(super) fn document(doc: store::Document) -> Result<proto::Document, ApiError> {
     let store::Document {
-        collection,
-        id,
+        key: Key {
+            collection,
+            scope,
+            id,
+        },
         rev,
         data,
         create_time,
         update_time,
+        expire_time,
     } = doc;
     let data = json::from_json(&data).map_err(|e| {
         StoreError::Internal(format!(
@@ -254,7 +441,7 @@ pub(super) fn document(doc: store::Document) -> Result<proto::Document, ApiError
         data: Some(data),
         create_time: Some(timestamp(create_time)),
         update_time: Some(timestamp(update_time)),
-        expire_time: None,
-        scope: String::new(),
+        expire_time: expire_time.map(timestamp),
+        scope,
     })
 }

@@ -2,7 +2,7 @@
 //! `serde_json::Value`: validation walks the Struct once, serialization writes
 //! it straight out, and reads parse JSON straight into protobuf values.
 
-use super::validate::MAX_DEPTH;
+use crate::store::MAX_DEPTH;
 use prost_types::{value::Kind, ListValue, Struct, Value};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
@@ -11,7 +11,7 @@ use std::fmt;
 
 /// Where a value sits in the document, rendered only for an error message.
 enum Path<'a> {
-    Root,
+    Root(&'a str),
     Key(&'a Path<'a>, &'a str),
     Index(&'a Path<'a>, usize),
 }
@@ -19,7 +19,7 @@ enum Path<'a> {
 impl fmt::Display for Path<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Path::Root => f.write_str("data"),
+            Path::Root(name) => f.write_str(name),
             Path::Key(parent, key) if is_plain_key(key) => write!(f, "{parent}.{key}"),
             Path::Key(parent, key) => write!(f, "{parent}[{}]", super::validate::shown(key)),
             Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
@@ -36,7 +36,28 @@ fn is_plain_key(key: &str) -> bool {
 /// Checks what JSON cannot hold or the contract forbids: NaN and infinities,
 /// values without a kind, nesting deeper than [`MAX_DEPTH`].
 pub fn validate(data: &Struct) -> Result<(), String> {
-    check_struct(data, &Path::Root, 1)
+    validate_as(data, "data")
+}
+
+/// [`validate`] for a Struct that the request calls `name` (`merge`).
+pub fn validate_as(data: &Struct, name: &str) -> Result<(), String> {
+    check_struct(data, &Path::Root(name), 1)
+}
+
+/// Checks one Value that the request calls `name` (a transform's operand);
+/// it counts as nested one level in a document.
+pub fn validate_value(value: &Value, name: &str) -> Result<(), String> {
+    check_value(value, &Path::Root(name), 2)
+}
+
+/// A validated Value as JSON.
+pub fn to_json_value(value: &Value) -> serde_json::Value {
+    serde_json::to_value(JsonValue(value)).unwrap_or(serde_json::Value::Null)
+}
+
+/// A validated Struct as a JSON object.
+pub fn to_json_object(data: &Struct) -> serde_json::Value {
+    serde_json::to_value(JsonStruct(data)).unwrap_or_default()
 }
 
 fn check_struct(s: &Struct, path: &Path<'_>, depth: usize) -> Result<(), String> {

@@ -5,7 +5,11 @@ mod convert;
 mod error;
 pub mod json;
 pub mod page_token;
+mod query;
+pub mod size;
 pub mod validate;
+
+pub use query::Indexes;
 
 pub use error::ApiError;
 
@@ -15,13 +19,17 @@ use crate::proto::{self, document_service_server::DocumentService};
 use crate::store::{self, DocumentStore};
 use crate::telemetry::record_collection;
 use convert::{document, timestamp, Accept};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
-/// List pages stop growing past this much JSON, so a response stays under the
-/// 4 MiB that gRPC clients accept by default; the next page picks up the rest.
-const LIST_PAGE_BYTES: usize = 3 * 1024 * 1024;
+/// Responses stop growing past this many bytes of encoded documents, so they
+/// stay under the 4 MiB that gRPC clients accept by default; the next page or
+/// call picks up the rest. Stores apply it while reading rows.
+pub const RESPONSE_BUDGET: store::Budget = store::Budget {
+    bytes: 3 * 1024 * 1024,
+    cost: size::document_len,
+};
 
 /// Request limits that operators may tune.
 #[derive(Debug, Clone)]
@@ -33,6 +41,7 @@ pub struct Limits {
 pub struct DocumentApi {
     store: Arc<dyn DocumentStore>,
     limits: Limits,
+    indexes: Indexes,
     /// The service's scope, for calls that the auth layer did not narrow.
     scope: Scope,
 }
@@ -48,10 +57,16 @@ impl Caller {
 }
 
 impl DocumentApi {
-    pub fn new(store: Arc<dyn DocumentStore>, limits: Limits, scope: Scope) -> Self {
+    pub fn new(
+        store: Arc<dyn DocumentStore>,
+        limits: Limits,
+        indexes: Indexes,
+        scope: Scope,
+    ) -> Self {
         DocumentApi {
             store,
             limits,
+            indexes,
             scope,
         }
     }
@@ -68,6 +83,23 @@ impl DocumentApi {
         )
     }
 
+    /// Applies one save or update, with a plain call's error.
+    async fn write_one(&self, mutation: store::Mutation) -> Result<store::Saved, Status> {
+        let mut written = self
+            .store
+            .write(vec![mutation])
+            .await
+            .map_err(store::StoreError::outside_mutation)?;
+        count_writes(&written);
+        match written.pop() {
+            Some(store::Written::Saved(saved)) => Ok(saved),
+            other => Err(ApiError::from(store::StoreError::Internal(format!(
+                "a save or update answered {other:?}"
+            )))
+            .into()),
+        }
+    }
+
     /// The opening of every handler: the caller, the collection named in the
     /// request's span, the request validated.
     fn accept<T: Accept>(&self, request: Request<T>) -> Result<(Caller, T::Valid), Status> {
@@ -78,15 +110,24 @@ impl DocumentApi {
     }
 }
 
+/// Counts documents written and deleted, for metrics.
+fn count_writes(written: &[store::Written]) {
+    let saved = written
+        .iter()
+        .filter(|w| matches!(w, store::Written::Saved(_)))
+        .count();
+    metrics::documents_changed(saved as u64, (written.len() - saved) as u64);
+}
+
 #[tonic::async_trait]
 impl DocumentService for DocumentApi {
     async fn get(
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::Document>, Status> {
-        let (caller, get) = self.accept(request)?;
-        caller.authorize(&get.collection, Need::Read)?;
-        let doc = self.store.get(&get.collection, &get.id).await?;
+        let (caller, key) = self.accept(request)?;
+        caller.authorize(&key.collection, Need::Read)?;
+        let doc = self.store.get(&key).await?;
         Ok(Response::new(document(doc)?))
     }
 
@@ -95,15 +136,30 @@ impl DocumentService for DocumentApi {
         request: Request<proto::SaveRequest>,
     ) -> Result<Response<proto::SaveResponse>, Status> {
         let (caller, op) = self.accept(request)?;
-        caller.authorize(&op.collection, Need::Write)?;
-        let id = op.id.clone();
-        let saved = self.store.save(op).await?;
-        metrics::documents_changed(1, 0);
+        caller.authorize(&op.key.collection, Need::Write)?;
+        let saved = self.write_one(store::Mutation::Save(op)).await?;
         Ok(Response::new(proto::SaveResponse {
-            id,
-            rev: saved.rev,
-            update_time: Some(timestamp(saved.update_time)),
+            id: saved.document.key.id,
+            rev: saved.document.rev,
+            update_time: Some(timestamp(saved.document.update_time)),
             created: saved.created,
+        }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<proto::UpdateRequest>,
+    ) -> Result<Response<proto::UpdateResponse>, Status> {
+        let (caller, op) = self.accept(request)?;
+        caller.authorize(&op.key.collection, Need::Write)?;
+        let saved = self.write_one(store::Mutation::Update(op)).await?;
+        let doc = saved.document;
+        Ok(Response::new(proto::UpdateResponse {
+            id: doc.key.id.clone(),
+            rev: doc.rev.clone(),
+            update_time: Some(timestamp(doc.update_time)),
+            created: saved.created,
+            document: Some(document(doc)?),
         }))
     }
 
@@ -112,9 +168,13 @@ impl DocumentService for DocumentApi {
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
         let (caller, op) = self.accept(request)?;
-        caller.authorize(&op.collection, Need::Write)?;
-        self.store.delete(op).await?;
-        metrics::documents_changed(0, 1);
+        caller.authorize(&op.key.collection, Need::Write)?;
+        let written = self
+            .store
+            .write(vec![store::Mutation::Delete(op)])
+            .await
+            .map_err(store::StoreError::outside_mutation)?;
+        count_writes(&written);
         Ok(Response::new(proto::DeleteResponse {}))
     }
 
@@ -124,26 +184,16 @@ impl DocumentService for DocumentApi {
     ) -> Result<Response<proto::ListResponse>, Status> {
         let (caller, list) = self.accept(request)?;
         caller.authorize(&list.collection, Need::Read)?;
-        let page = self
-            .store
-            .list(&list.collection, list.after.as_deref(), list.limit)
-            .await?;
-
-        let mut more = page.more;
-        let mut bytes = 0;
-        let mut documents = Vec::with_capacity(page.documents.len());
-        for doc in page.documents {
-            if !documents.is_empty() && bytes + doc.data.len() > LIST_PAGE_BYTES {
-                more = true;
-                break;
-            }
-            bytes += doc.data.len();
-            documents.push(document(doc)?);
-        }
-        let next_page_token = match documents.last() {
-            Some(last) if more => page_token::encode(&list.collection, &last.id),
+        let page = self.store.list(&list, RESPONSE_BUDGET).await?;
+        let next_page_token = match page.documents.last() {
+            Some(last) if page.more => page_token::encode(&list.collection, &last.key.id),
             _ => String::new(),
         };
+        let documents = page
+            .documents
+            .into_iter()
+            .map(document)
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(proto::ListResponse {
             documents,
             next_page_token,
@@ -157,26 +207,24 @@ impl DocumentService for DocumentApi {
     ) -> Result<Response<proto::BatchGetResponse>, Status> {
         let (caller, batch) = self.accept(request)?;
         caller.authorize(&batch.collection, Need::Read)?;
-        let found = self.store.batch_get(&batch.collection, &batch.ids).await?;
-        let mut by_id: HashMap<String, store::Document> =
-            found.into_iter().map(|d| (d.id.clone(), d)).collect();
-        let mut documents = Vec::with_capacity(by_id.len());
-        let mut missing_ids = Vec::new();
-        let mut seen = HashSet::with_capacity(batch.ids.len());
-        // Request order; an id asked for twice is answered once.
-        for id in batch.ids {
-            if !seen.insert(id.clone()) {
-                continue;
-            }
-            match by_id.remove(&id) {
-                Some(doc) => documents.push(document(doc)?),
-                None => missing_ids.push(id),
-            }
-        }
+        let found = self.store.batch_get(&batch, RESPONSE_BUDGET).await?;
+        let mut ids = batch.ids.into_iter();
+        let looked_up: Vec<String> = ids.by_ref().take(found.looked_up).collect();
+        let present: HashSet<&str> = found.documents.iter().map(|d| d.key.id.as_str()).collect();
+        let missing_ids = looked_up
+            .iter()
+            .filter(|id| !present.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let documents = found
+            .documents
+            .into_iter()
+            .map(document)
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(proto::BatchGetResponse {
             documents,
             missing_ids,
-            unprocessed_ids: Vec::new(),
+            unprocessed_ids: ids.collect(),
         }))
     }
 
@@ -186,21 +234,25 @@ impl DocumentService for DocumentApi {
     ) -> Result<Response<proto::WriteResponse>, Status> {
         let caller = self.caller(&request);
         let proto::WriteRequest { mutations } = request.into_inner();
+        let kinds: Vec<&str> = mutations
+            .iter()
+            .map(|m| m.op.as_ref().map_or("op", convert::op_name))
+            .collect();
         let ops = convert::mutations(mutations, &self.limits, &caller.0)?;
         let ids: Vec<String> = ops.iter().map(|op| op.id().to_string()).collect();
-        let outcomes = self.store.write(ops).await?;
-        let saves = outcomes
-            .iter()
-            .filter(|w| matches!(w, store::Written::Saved(_)))
-            .count();
-        metrics::documents_changed(saves as u64, (outcomes.len() - saves) as u64);
+        let outcomes = self
+            .store
+            .write(ops)
+            .await
+            .map_err(|e| ApiError::from(e).into_status_for(&kinds))?;
+        count_writes(&outcomes);
         let results = ids
             .into_iter()
             .zip(outcomes)
             .map(|(id, written)| proto::MutationResult {
                 id,
                 rev: match written {
-                    store::Written::Saved(saved) => saved.rev,
+                    store::Written::Saved(saved) => saved.document.rev,
                     store::Written::Deleted => String::new(),
                 },
             })
@@ -208,25 +260,56 @@ impl DocumentService for DocumentApi {
         Ok(Response::new(proto::WriteResponse { results }))
     }
 
-    async fn update(
-        &self,
-        _request: Request<proto::UpdateRequest>,
-    ) -> Result<Response<proto::UpdateResponse>, Status> {
-        Err(ApiError::unimplemented("Update").into())
-    }
-
     async fn query(
         &self,
-        _request: Request<proto::QueryRequest>,
+        request: Request<proto::QueryRequest>,
     ) -> Result<Response<proto::QueryResponse>, Status> {
-        Err(ApiError::unimplemented("Query").into())
+        let caller = self.caller(&request);
+        let request = request.into_inner();
+        record_collection(&request.collection);
+        let query::Validated { query, fingerprint } = query::query(request, &self.limits)?;
+        caller.authorize(&query.collection, Need::Read)?;
+        self.indexes.check(&query)?;
+        let page = self.store.query(&query, RESPONSE_BUDGET).await?;
+        let next_page_token = match page.documents.last() {
+            Some(last) if page.more => {
+                let data: serde_json::Value = serde_json::from_str(&last.data).unwrap_or_default();
+                let keys = store::query::order_keys(&query.order, last, &data).unwrap_or_default();
+                let cursor = store::query::Cursor {
+                    keys,
+                    id: last.key.id.clone(),
+                    scope: last.key.scope.clone(),
+                };
+                page_token::encode_query(&query.collection, fingerprint, &cursor)
+            }
+            _ => String::new(),
+        };
+        let documents = page
+            .documents
+            .into_iter()
+            .map(document)
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(proto::QueryResponse {
+            documents,
+            next_page_token,
+            resume_token: String::new(),
+        }))
     }
 
     async fn count(
         &self,
-        _request: Request<proto::CountRequest>,
+        request: Request<proto::CountRequest>,
     ) -> Result<Response<proto::CountResponse>, Status> {
-        Err(ApiError::unimplemented("Count").into())
+        let caller = self.caller(&request);
+        let request = request.into_inner();
+        record_collection(&request.collection);
+        let query = query::count(request)?;
+        caller.authorize(&query.collection, Need::Read)?;
+        self.indexes.check(&query)?;
+        let count = self.store.count(&query).await?;
+        Ok(Response::new(proto::CountResponse {
+            count: i64::try_from(count).unwrap_or(i64::MAX),
+        }))
     }
 
     type WatchStream = futures_util::stream::BoxStream<'static, Result<proto::ChangeEvent, Status>>;

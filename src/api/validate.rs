@@ -9,8 +9,6 @@ pub const MAX_BATCH_GET_IDS: usize = 1000;
 pub const MAX_WRITE_MUTATIONS: usize = 500;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
-/// Objects and arrays, the document itself counting as level 1 (Firestore's limit).
-pub const MAX_DEPTH: usize = 20;
 
 const ID_RULE: &str = "ids are 1 to 512 bytes of UTF-8 without control characters";
 
@@ -18,15 +16,19 @@ pub use crate::quote::shown;
 
 pub fn collection(name: &str) -> Result<(), ApiError> {
     if name.is_empty() {
-        return Err(ApiError::invalid(format!(
-            "collection is required; collection {NAME_RULE}"
-        )));
+        return Err(ApiError::invalid(
+            "collection",
+            format!("collection is required; collection {NAME_RULE}"),
+        ));
     }
     if !is_valid_name(name) {
-        return Err(ApiError::invalid(format!(
-            "collection {} is invalid: collection {NAME_RULE}",
-            shown(name)
-        )));
+        return Err(ApiError::invalid(
+            "collection",
+            format!(
+                "collection {} is invalid: collection {NAME_RULE}",
+                shown(name)
+            ),
+        ));
     }
     Ok(())
 }
@@ -34,20 +36,26 @@ pub fn collection(name: &str) -> Result<(), ApiError> {
 /// Checks an id; `field` names it in the message (`id`, `ids[3]`).
 pub fn id(id: &str, field: &str) -> Result<(), ApiError> {
     if id.is_empty() {
-        return Err(ApiError::invalid(format!("{field} is required; {ID_RULE}")));
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} is required; {ID_RULE}"),
+        ));
     }
     if id.len() > MAX_ID_BYTES {
-        return Err(ApiError::invalid(format!(
-            "{field} is {} bytes long: {ID_RULE}",
-            id.len()
-        )));
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} is {} bytes long: {ID_RULE}", id.len()),
+        ));
     }
     if let Some((at, c)) = id.char_indices().find(|(_, c)| c.is_control()) {
-        return Err(ApiError::invalid(format!(
-            "{field} {} has a control character U+{:04X} at byte {at}: {ID_RULE}",
-            shown(id),
-            c as u32
-        )));
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{field} {} has a control character U+{:04X} at byte {at}: {ID_RULE}",
+                shown(id),
+                c as u32
+            ),
+        ));
     }
     Ok(())
 }
@@ -57,16 +65,19 @@ pub fn no_scope(collection: &str, scope: &str) -> Result<(), ApiError> {
     if scope.is_empty() {
         return Ok(());
     }
-    Err(ApiError::invalid(format!(
+    Err(ApiError::invalid(
+        "scope",
+        format!(
         "scope {} was given, but collection `{collection}` has no row scopes: leave scope empty",
         shown(scope)
-    )))
+    ),
+    ))
 }
 
 /// The effective page size: 0 means the default, large values are capped.
 pub fn page_size(size: i32) -> Result<usize, ApiError> {
     match usize::try_from(size) {
-        Err(_) => Err(ApiError::invalid(format!(
+        Err(_) => Err(ApiError::invalid("page_size", format!(
             "page_size is {size}: it must be 0 (for {DEFAULT_PAGE_SIZE}) or positive (at most {MAX_PAGE_SIZE} are returned)"
         ))),
         Ok(0) => Ok(DEFAULT_PAGE_SIZE),
@@ -76,9 +87,10 @@ pub fn page_size(size: i32) -> Result<usize, ApiError> {
 
 pub fn count(what: &str, n: usize, max: usize) -> Result<(), ApiError> {
     if n > max {
-        return Err(ApiError::invalid(format!(
-            "{n} {what} in one request: at most {max} are allowed; split the request"
-        )));
+        return Err(ApiError::invalid(
+            what,
+            format!("{n} {what} in one request: at most {max} are allowed; split the request"),
+        ));
     }
     Ok(())
 }

@@ -4,9 +4,10 @@
 
 use super::values::{count, seconds};
 use super::ConfigError;
+use crate::policy::Policy;
 use crate::secret;
 use crate::store::sqlite::SqlitePath;
-use crate::store::{Declared, PgTarget, PgTls, SqliteTarget, SslMode, Target};
+use crate::store::{PgTarget, PgTls, SqliteTarget, SslMode, Target};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -243,24 +244,25 @@ impl DbArgs {
         notes
     }
 
-    /// Resolves the URL or the discrete settings into the store to open.
-    /// `schema`, `auto_create` and `declared` come from the common settings and
-    /// the policy. Settings that another one overrides are logged as warnings.
-    pub fn target(
-        &self,
-        schema: &str,
-        auto_create: bool,
-        declared: Declared,
-    ) -> Result<Target, ConfigError> {
+    /// Resolves the URL or the discrete settings into the store to open, with
+    /// the `schema` and what the `policy` declares. Settings that another one
+    /// overrides are logged as warnings.
+    pub fn target(&self, schema: &str, policy: Option<&Policy>) -> Result<Target, ConfigError> {
         for note in self.overridden() {
             tracing::warn!("{note}");
         }
+        // Without a policy (development) tables and indexes appear on first
+        // use; with one, only if the policy says so.
+        let auto_create = policy.is_none_or(|p| p.auto_create);
+        let declared = super::declared(policy);
         let pool_size = self.db_pool_size.unwrap_or_else(default_pool_size);
         let sqlite = |path| {
             Target::Sqlite(SqliteTarget {
                 path,
                 readers: pool_size,
                 acquire_timeout: self.db_acquire_timeout,
+                indexes: policy.map(|p| p.indexes.clone()).unwrap_or_default(),
+                auto_index: policy.is_none(),
             })
         };
         let p = self.var_prefix;
@@ -494,7 +496,7 @@ mod tests {
 
     impl DbArgs {
         fn database(&self) -> Result<Target, ConfigError> {
-            self.target("docsidecar", true, Declared::Any)
+            self.target("docsidecar", None)
         }
     }
 

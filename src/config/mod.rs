@@ -15,6 +15,7 @@ pub use cli::parse;
 pub use db::{DbArgs, DbType, MigrateDbArgs, ServeDbArgs, DEFAULT_SQLITE_FILE};
 
 use crate::policy::{self, Access, Policy, PolicyError};
+use crate::reaper::Reaping;
 use crate::secret::SecretError;
 use crate::store::{Declared, Grant, Target};
 use crate::tls::TlsFiles;
@@ -133,6 +134,17 @@ pub struct ServeArgs {
           value_parser = count(4096usize, 1 << 30, "a number of bytes"))]
     pub max_message_bytes: usize,
 
+    /// Seconds between rounds of the expiry reaper, which deletes expired
+    /// documents (reads never return them either way); 0.01 to 86400.
+    #[arg(long, env = "DOCSIDECAR_REAP_INTERVAL", default_value = "1", value_parser = seconds(0.01, 86_400.0))]
+    pub reap_interval: Duration,
+
+    /// Expired documents the reaper deletes per transaction (short transactions,
+    /// no long locks); 1 to 100000.
+    #[arg(long, env = "DOCSIDECAR_REAP_BATCH", default_value_t = 500,
+          value_parser = count(1usize, 100_000, "a number of documents"))]
+    pub reap_batch: usize,
+
     /// Seconds between database health checks (the gRPC health service and
     /// /readyz follow them); 0.1 to 3600.
     #[arg(long, env = "DOCSIDECAR_HEALTH_INTERVAL", default_value = "2", value_parser = seconds(0.1, 3600.0))]
@@ -215,6 +227,7 @@ pub struct ServeConfig {
     pub max_message_bytes: usize,
     pub health_interval: Duration,
     pub shutdown_grace: Duration,
+    pub reaping: Reaping,
     pub connections: transport::Limits,
 }
 
@@ -233,9 +246,8 @@ impl ServeArgs {
         let policy = policy::load(self.common.policy.as_deref())?;
         // Without a policy (development) tables appear on first write; with one,
         // only if the policy says so.
-        let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
         let db: DbArgs = self.db.into();
-        let target = db.target(&self.common.schema, auto_create, declared(policy.as_ref()))?;
+        let target = db.target(&self.common.schema, policy.as_ref())?;
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -256,6 +268,10 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             health_interval: self.health_interval,
             shutdown_grace: self.shutdown_grace,
+            reaping: Reaping {
+                every: self.reap_interval,
+                batch: self.reap_batch,
+            },
             connections: self.connections.into(),
         })
     }

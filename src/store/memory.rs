@@ -1,22 +1,34 @@
-//! In-memory store for tests and demos: the same semantics as the databases,
-//! nothing persisted.
+//! In-memory store for tests and demos, and the reference every other store is
+//! compared with: the same semantics as the databases, nothing persisted.
 
+use super::plan::Action;
 use super::*;
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::RwLock;
 
-type Collection = BTreeMap<String, Document>;
+/// A collection's documents by (id, scope): the order of List and of
+/// multi-scope walks.
+type Collection = BTreeMap<(String, String), Document>;
 
 /// Documents in ordered maps behind one lock; a write holds the lock for the
 /// whole transaction, so conditions and changes are decided together.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     collections: RwLock<BTreeMap<String, Collection>>,
+    clock: Clock,
+}
+
+fn slot(key: &Key) -> (String, String) {
+    (key.id.clone(), key.scope.clone())
 }
 
 impl MemoryStore {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(clock: Clock) -> Self {
+        MemoryStore {
+            collections: RwLock::default(),
+            clock,
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Collection>> {
@@ -30,70 +42,72 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// The live documents of a query's collection and scopes that match its
+    /// filters, with their parsed data.
+    fn matching(&self, q: &query::Query) -> StoreResult<Vec<(Document, serde_json::Value)>> {
+        let now = self.clock.now();
+        let all = self.read();
+        let Some(docs) = all.get(&q.collection) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for doc in docs.values() {
+            let in_scope = match &q.scopes {
+                Scopes::One(scope) => doc.key.scope == *scope,
+                Scopes::All => true,
+            };
+            if !in_scope || !doc.is_live(now) {
+                continue;
+            }
+            let data: serde_json::Value = serde_json::from_str(&doc.data).map_err(|e| {
+                StoreError::Internal(format!(
+                    "document `{}` in collection `{}` holds invalid JSON: {e}",
+                    doc.key.id, doc.key.collection
+                ))
+            })?;
+            if query::matches(&q.filters, doc, &data) {
+                found.push((doc.clone(), data));
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// Undo record of a write in progress.
 enum Undo {
     /// The previous state of one document.
-    Doc(String, String, Option<Document>),
+    Doc(Key, Option<Document>),
     /// A collection created by this write.
     Collection(String),
 }
 
-fn apply_save(
-    all: &mut BTreeMap<String, Collection>,
-    op: SaveOp,
-    now: Micros,
-    undo: &mut Vec<Undo>,
-) -> StoreResult<Saved> {
-    let existing = all.get(&op.collection).and_then(|docs| docs.get(&op.id));
-    op.check(existing.map(|d| d.rev.as_str()))?;
-    let created = existing.is_none();
-    let create_time = existing.map_or(now, |d| d.create_time);
-    let rev = new_rev();
-    let doc = Document {
-        collection: op.collection.clone(),
-        id: op.id.clone(),
-        rev: rev.clone(),
-        data: op.data,
-        create_time,
-        update_time: now,
+/// Applies a planned action, remembering how to undo it.
+fn apply(all: &mut BTreeMap<String, Collection>, action: Action, undo: &mut Vec<Undo>) {
+    let (key, doc) = match action {
+        Action::Insert(doc) | Action::Replace(doc) => (doc.key.clone(), Some(doc)),
+        Action::Delete(key) => (key, None),
+        Action::Nothing => return,
     };
-    if !all.contains_key(&op.collection) {
-        undo.push(Undo::Collection(op.collection.clone()));
+    if !all.contains_key(&key.collection) {
+        undo.push(Undo::Collection(key.collection.clone()));
     }
-    let previous = all
-        .entry(op.collection.clone())
-        .or_default()
-        .insert(op.id.clone(), doc);
-    undo.push(Undo::Doc(op.collection, op.id, previous));
-    Ok(Saved {
-        rev,
-        update_time: now,
-        created,
-    })
-}
-
-fn apply_delete(
-    all: &mut BTreeMap<String, Collection>,
-    op: DeleteOp,
-    undo: &mut Vec<Undo>,
-) -> StoreResult<()> {
-    let existing = all.get(&op.collection).and_then(|docs| docs.get(&op.id));
-    op.check(existing.map(|d| d.rev.as_str()))?;
-    let previous = all
-        .get_mut(&op.collection)
-        .and_then(|docs| docs.remove(&op.id));
-    undo.push(Undo::Doc(op.collection, op.id, previous));
-    Ok(())
+    let docs = all.entry(key.collection.clone()).or_default();
+    let previous = match doc {
+        Some(doc) => docs.insert(slot(&key), doc),
+        None => docs.remove(&slot(&key)),
+    };
+    undo.push(Undo::Doc(key, previous));
 }
 
 fn rollback(all: &mut BTreeMap<String, Collection>, undo: Vec<Undo>) {
     for step in undo.into_iter().rev() {
         match step {
-            Undo::Doc(collection, id, previous) => {
-                let docs = all.entry(collection).or_default();
+            Undo::Doc(key, previous) => {
+                let docs = all.entry(key.collection.clone()).or_default();
                 match previous {
-                    Some(doc) => docs.insert(id, doc),
-                    None => docs.remove(&id),
+                    Some(doc) => docs.insert(slot(&key), doc),
+                    None => docs.remove(&slot(&key)),
                 };
             }
             Undo::Collection(collection) => {
@@ -105,59 +119,32 @@ fn rollback(all: &mut BTreeMap<String, Collection>, undo: Vec<Undo>) {
 
 #[async_trait]
 impl DocumentStore for MemoryStore {
-    async fn get(&self, collection: &str, id: &str) -> StoreResult<Document> {
+    async fn get(&self, key: &Key) -> StoreResult<Document> {
+        let now = self.clock.now();
         self.read()
-            .get(collection)
-            .and_then(|docs| docs.get(id))
+            .get(&key.collection)
+            .and_then(|docs| docs.get(&slot(key)))
+            .filter(|d| d.is_live(now))
             .cloned()
-            .ok_or_else(|| StoreError::not_found(collection, id))
-    }
-
-    async fn save(&self, op: SaveOp) -> StoreResult<Saved> {
-        apply_save(&mut self.write_lock(), op, now_micros(), &mut Vec::new())
-    }
-
-    async fn delete(&self, op: DeleteOp) -> StoreResult<()> {
-        apply_delete(&mut self.write_lock(), op, &mut Vec::new())
-    }
-
-    async fn list(&self, collection: &str, after: Option<&str>, limit: usize) -> StoreResult<Page> {
-        let all = self.read();
-        let Some(docs) = all.get(collection) else {
-            return Ok(Page::default());
-        };
-        let range = match after {
-            Some(after) => {
-                docs.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-            }
-            None => docs.range::<str, _>(..),
-        };
-        let rows = range.take(Page::fetch_limit(limit)).map(|(_, d)| d.clone());
-        Ok(Page::from_rows(rows.collect(), limit))
-    }
-
-    async fn batch_get(&self, collection: &str, ids: &[String]) -> StoreResult<Vec<Document>> {
-        let all = self.read();
-        let Some(docs) = all.get(collection) else {
-            return Ok(Vec::new());
-        };
-        Ok(ids.iter().filter_map(|id| docs.get(id).cloned()).collect())
+            .ok_or_else(|| StoreError::not_found(&key.collection, &key.id))
     }
 
     async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
         let mut all = self.write_lock();
-        let now = now_micros();
+        let now = self.clock.now();
         let mut undo = Vec::with_capacity(mutations.len());
         let mut results = Vec::with_capacity(mutations.len());
-        for (index, mutation) in mutations.into_iter().enumerate() {
-            let result = match mutation {
-                Mutation::Save(op) => apply_save(&mut all, op, now, &mut undo).map(Written::Saved),
-                Mutation::Delete(op) => {
-                    apply_delete(&mut all, op, &mut undo).map(|()| Written::Deleted)
+        for (index, mutation) in mutations.iter().enumerate() {
+            let key = mutation.key();
+            let stored = all
+                .get(&key.collection)
+                .and_then(|docs| docs.get(&slot(key)))
+                .cloned();
+            match mutation.plan(stored, now) {
+                Ok(planned) => {
+                    apply(&mut all, planned.action, &mut undo);
+                    results.push(planned.written);
                 }
-            };
-            match result {
-                Ok(written) => results.push(written),
                 Err(e) => {
                     rollback(&mut all, undo);
                     return Err(e.in_mutation(index));
@@ -165,6 +152,113 @@ impl DocumentStore for MemoryStore {
             }
         }
         Ok(results)
+    }
+
+    async fn list(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
+        let now = self.clock.now();
+        let all = self.read();
+        let Some(docs) = all.get(&op.collection) else {
+            return Ok(Page::default());
+        };
+        let start = match &op.after {
+            Some((id, scope)) => Bound::Excluded((id.clone(), scope.clone())),
+            None => Bound::Unbounded,
+        };
+        let rows = docs
+            .range((start, Bound::Unbounded))
+            .map(|(_, d)| d)
+            .filter(|d| d.is_live(now))
+            .filter(|d| match &op.scopes {
+                Scopes::One(scope) => d.key.scope == *scope,
+                Scopes::All => true,
+            })
+            .map(|d| Ok::<_, StoreError>(d.clone()));
+        Page::collect(rows, op.limit, budget)
+    }
+
+    async fn batch_get(&self, op: &BatchGetOp, budget: Budget) -> StoreResult<Batch> {
+        let now = self.clock.now();
+        let all = self.read();
+        let mut batch = Batch::default();
+        let mut spending = budget.start();
+        let Some(docs) = all.get(&op.collection) else {
+            batch.looked_up = op.ids.len();
+            return Ok(batch);
+        };
+        for id in &op.ids {
+            let found = docs
+                .get(&(id.clone(), op.scope.clone()))
+                .filter(|d| d.is_live(now))
+                .cloned();
+            if !batch.add(
+                &mut spending,
+                std::slice::from_ref(id),
+                found.into_iter().collect(),
+            ) {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
+        let mut found = self.matching(q)?;
+        // Only documents that have every ordered field are returned.
+        let mut positioned: Vec<(Vec<Vec<u8>>, Document)> = Vec::with_capacity(found.len());
+        for (doc, data) in found.drain(..) {
+            if let Some(keys) = query::order_keys(&q.order, &doc, &data) {
+                positioned.push((keys, doc));
+            }
+        }
+        let position = |(keys, doc): &(Vec<Vec<u8>>, Document)| {
+            (keys.clone(), doc.key.id.clone(), doc.key.scope.clone())
+        };
+        positioned.sort_by(|a, b| {
+            let (a, b) = (position(a), position(b));
+            query::compare_positions(&q.order, (&a.0, &a.1, &a.2), (&b.0, &b.1, &b.2))
+        });
+        let rows = positioned
+            .into_iter()
+            .filter(|entry| match &q.after {
+                None => true,
+                Some(c) => {
+                    let p = position(entry);
+                    query::compare_positions(
+                        &q.order,
+                        (&p.0, &p.1, &p.2),
+                        (&c.keys, &c.id, &c.scope),
+                    )
+                    .is_gt()
+                }
+            })
+            .map(|(_, doc)| Ok::<_, StoreError>(doc));
+        Page::collect(rows, q.limit, budget)
+    }
+
+    async fn count(&self, q: &query::Query) -> StoreResult<u64> {
+        Ok(self.matching(q)?.len() as u64)
+    }
+
+    async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {
+        let now = self.clock.now();
+        let mut all = self.write_lock();
+        let mut reaped = 0;
+        for docs in all.values_mut() {
+            let expired: Vec<(String, String)> = docs
+                .iter()
+                .filter(|(_, d)| !d.is_live(now))
+                .map(|(k, _)| k.clone())
+                .take(limit - reaped)
+                .collect();
+            for k in expired {
+                docs.remove(&k);
+                reaped += 1;
+            }
+            if reaped == limit {
+                break;
+            }
+        }
+        Ok(reaped)
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {

@@ -53,6 +53,15 @@ pub(super) fn is_create_race(e: &tokio_postgres::Error) -> bool {
         || *c == SqlState::DUPLICATE_SCHEMA)
 }
 
+/// A conflict with a concurrent transaction that re-running the whole
+/// transaction resolves: a deadlock, a serialization failure, or an insert
+/// that lost a race to a concurrent insert of the same key.
+pub(super) fn is_conflict(e: &tokio_postgres::Error) -> bool {
+    matches!(e.code(), Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
+        || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        || *c == SqlState::UNIQUE_VIOLATION)
+}
+
 pub(super) fn is_insufficient_privilege(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
 }
@@ -139,7 +148,7 @@ pub(super) fn map_pg_error(e: &tokio_postgres::Error, target: &str) -> StoreErro
         // convert (a bug, not the database's absence).
         let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
         return if e.is_closed() || io || e.to_string().starts_with("timeout") {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "lost the connection to PostgreSQL at {target}: {}; retry",
                 describe(e)
             ))
@@ -159,19 +168,19 @@ pub(super) fn map_pg_error(e: &tokio_postgres::Error, target: &str) -> StoreErro
         || *code == SqlState::READ_ONLY_SQL_TRANSACTION
     // a standby during failover
     {
-        StoreError::Unavailable(format!(
+        StoreError::unavailable(format!(
             "PostgreSQL at {target} is unavailable: {}; retry",
             describe(e)
         ))
     } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
         || *code == SqlState::T_R_DEADLOCK_DETECTED
     {
-        StoreError::Unavailable(format!(
+        StoreError::unavailable(format!(
             "the operation conflicted with a concurrent transaction: {}; retry",
             describe(e)
         ))
     } else if *code == SqlState::QUERY_CANCELED {
-        StoreError::Unavailable(format!(
+        StoreError::unavailable(format!(
             "PostgreSQL cancelled the statement: {}; retry",
             describe(e)
         ))

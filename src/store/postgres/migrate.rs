@@ -5,7 +5,10 @@
 //! nothing on any other table of the schema, each change logged. The serving
 //! sidecar then needs no DDL rights at all.
 
-use super::ddl::{quote_ident, table_ddl};
+use super::ddl::{
+    history_ddl, quote_ident, record_versions, schema_objects_ddl, table_ddl, upgrade_ddl, Tables,
+    SCHEMA_VERSION,
+};
 use super::error::{describe, is_transient_connect};
 use super::PgTarget;
 use crate::background::Backoff;
@@ -26,9 +29,8 @@ pub struct MigratePlan {
     pub revoke_public_temp: bool,
 }
 
-/// Versioned changes of the schema itself, recorded in `_migrations` (collection
-/// names cannot start with `_`, so it never collides with a collection).
-const MIGRATIONS: &[(i32, &str)] = &[(1, "schema and migration history")];
+/// The schema's migration history: the runtime role may read it.
+const HISTORY: &str = "_migrations";
 
 /// The rule of [`is_valid_role`], for messages.
 pub const ROLE_RULE: &str =
@@ -55,7 +57,7 @@ fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
                 "{context}: {detail} (migrate needs the admin account)"
             ))
         }
-        _ if e.as_db_error().is_none() => StoreError::Unavailable(format!("{context}: {detail}")),
+        _ if e.as_db_error().is_none() => StoreError::unavailable(format!("{context}: {detail}")),
         _ => StoreError::Internal(format!("{context}: {detail}")),
     }
 }
@@ -78,13 +80,13 @@ async fn connect(target: &PgTarget) -> StoreResult<tokio_postgres::Client> {
         .await
         .map_err(|e| {
             if is_transient_connect(&e) {
-                StoreError::Unavailable(format!(
+                StoreError::unavailable(format!(
                     "cannot connect to PostgreSQL at {target} after {} attempt(s): {}",
                     backoff.attempts_made(),
                     describe(&e)
                 ))
             } else {
-                StoreError::Unavailable(format!(
+                StoreError::unavailable(format!(
                     "PostgreSQL at {target} refused the connection: {} (not retried: fix the role, password, database or TLS settings)",
                     describe(&e)
                 ))
@@ -134,38 +136,39 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
     )
     .await
     .map_err(|e| pg_error("taking the migration lock", e))?;
-    tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
-         CREATE TABLE IF NOT EXISTS {schema}._migrations (
-             version     integer PRIMARY KEY,
-             description text NOT NULL,
-             applied_at  timestamptz NOT NULL DEFAULT now()
-         );"
-    ))
-    .await
-    .map_err(|e| pg_error("creating the schema", e))?;
-    let current: i32 = tx
-        .query_one(
-            &format!("SELECT coalesce(max(version), 0) FROM {schema}._migrations"),
-            &[],
-        )
+    // `_migrations` records the schema version (collection names cannot
+    // start with `_`, so it never collides with a collection).
+    tx.batch_execute(&history_ddl(&target.schema))
+        .await
+        .map_err(|e| pg_error("creating the schema", e))?;
+    let tables = Tables::new(target.schema.clone())?;
+    let current = tables
+        .version(&tx)
         .await
         .map_err(|e| pg_error("reading the migration history", e))?
-        .get(0);
-    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
-    if current > latest {
+        .unwrap_or(0);
+    if current > SCHEMA_VERSION {
         return Err(StoreError::Internal(format!(
-            "schema {schema} is at version {current}, newer than this docsidecar supports ({latest}): run a newer docsidecar"
+            "schema {schema} is at version {current}, newer than this docsidecar supports ({SCHEMA_VERSION}): run a newer docsidecar"
         )));
     }
-    for (version, description) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-        tx.execute(
-            &format!("INSERT INTO {schema}._migrations (version, description) VALUES ($1, $2)"),
-            &[version, description],
-        )
+    tx.batch_execute(&schema_objects_ddl(&target.schema))
         .await
-        .map_err(|e| pg_error("recording a migration", e))?;
-        info!(version, description, "applied PostgreSQL migration");
+        .map_err(|e| pg_error("creating the query key function", e))?;
+    if current < SCHEMA_VERSION {
+        // Expand: tables of earlier releases gain the new columns.
+        for collection in tables
+            .collections(&tx)
+            .await
+            .map_err(|e| pg_error("listing the collections", e))?
+        {
+            tx.batch_execute(&upgrade_ddl(&target.schema, &collection)?)
+                .await
+                .map_err(|e| pg_error(&format!("upgrading the table of `{collection}`"), e))?;
+        }
+        record_versions(&tx, &target.schema, current)
+            .await
+            .map_err(|e| pg_error("recording a migration", e))?;
     }
     for (collection, sql) in &ddl {
         tx.batch_execute(sql)
@@ -187,8 +190,9 @@ type Held = BTreeMap<String, BTreeSet<String>>;
 
 /// Makes the runtime role's privileges in `schema` exactly the plan's: USAGE on
 /// the schema and nothing more there, the declared access on each declared
-/// collection, nothing on any other table (collections dropped from the policy
-/// lose their grants). Only differences are applied, and each is logged.
+/// collection, SELECT on the migration history, nothing on any other table
+/// (collections dropped from the policy lose their grants). Only differences
+/// are applied, and each is logged.
 async fn converge_grants(
     tx: &Transaction<'_>,
     schema: &str,
@@ -273,14 +277,16 @@ async fn converge_grants(
         }
         held.entry(name).or_default().insert(row.get(2));
     }
-    for collection in collections.keys() {
-        held.entry(collection.clone()).or_default();
+    for relation in collections.keys().chain([&HISTORY.to_string()]) {
+        held.entry(relation.clone()).or_default();
     }
     for (relation, has) in &held {
-        let want: BTreeSet<String> = collections
-            .get(relation)
-            .map(|g| g.privileges().iter().map(|p| p.to_string()).collect())
-            .unwrap_or_default();
+        let want: BTreeSet<String> = match collections.get(relation) {
+            Some(grant) => grant.privileges().iter().map(|p| p.to_string()).collect(),
+            // The serving sidecar reads the schema version there.
+            None if relation == HISTORY => BTreeSet::from(["SELECT".to_string()]),
+            None => BTreeSet::new(),
+        };
         let object = format!("{schema_q}.{}", quote_ident(relation));
         let shown = format!("{schema}.{relation}");
         let kind = if sequences.contains(relation) {

@@ -19,6 +19,7 @@ mod ddl;
 mod error;
 pub mod migrate;
 mod pool;
+mod queries;
 pub mod tls;
 mod verify;
 mod write;
@@ -27,17 +28,23 @@ pub use tls::{PgTls, SslMode};
 
 use super::*;
 use crate::background::{Backoff, Tasks};
-use error::map_pg_error;
+use error::{map_pg_error, OpError};
+use futures_util::{pin_mut, TryStreamExt};
 use pool::Pools;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 /// The document columns, in the order [`row_to_doc`] reads them. `data` travels as
 /// JSON text both ways; PostgreSQL parses it into `jsonb` and prints it back.
-const COLUMNS: &str = "id, rev, data::text, create_time, update_time";
+const COLUMNS: &str = "scope, id, rev, data::text, create_time, update_time, expire_time";
+
+/// The time on the database's clock in microseconds, plus the offset that
+/// tests move ([`Clock`]), which every statement using it passes as `$1`.
+const NOW: &str = "((extract(epoch from now()) * 1000000)::bigint + $1::bigint)";
 
 /// Where the PostgreSQL store connects and how. `Display` and `Debug` show
 /// `user@host:port/db`, never the password.
@@ -128,8 +135,13 @@ impl fmt::Debug for PgTarget {
 /// Documents in PostgreSQL: one table per collection in one schema.
 pub struct PostgresStore {
     pools: Arc<Pools>,
+    /// The reaper's connection, outside the pool.
+    reaper: tokio::sync::Mutex<Option<(tokio_postgres::Client, u64)>>,
     tables: ddl::Tables,
     auto_create: bool,
+    clock: Clock,
+    /// Indexes created on first use (no policy), so each is created once.
+    indexed: std::sync::Mutex<std::collections::HashSet<String>>,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,
 }
@@ -146,13 +158,24 @@ impl fmt::Debug for PostgresStore {
 
 fn row_to_doc(collection: &str, row: &Row) -> Result<Document, tokio_postgres::Error> {
     Ok(Document {
-        collection: collection.to_string(),
-        id: row.try_get(0)?,
-        rev: row.try_get(1)?,
-        data: row.try_get(2)?,
-        create_time: row.try_get(3)?,
-        update_time: row.try_get(4)?,
+        key: Key {
+            collection: collection.to_string(),
+            scope: row.try_get(0)?,
+            id: row.try_get(1)?,
+        },
+        rev: row.try_get(2)?,
+        data: row.try_get(3)?,
+        create_time: row.try_get(4)?,
+        update_time: row.try_get(5)?,
+        expire_time: row.try_get(6)?,
     })
+}
+
+/// Parameters as `query_raw` takes them.
+fn params<'a>(
+    p: &'a [&'a (dyn ToSql + Sync)],
+) -> impl ExactSizeIterator<Item = &'a dyn ToSql> + 'a {
+    p.iter().map(|p| *p as &dyn ToSql)
 }
 
 impl PostgresStore {
@@ -160,7 +183,7 @@ impl PostgresStore {
     /// at most 30 s; `max_retries` 0 retries forever) and, with `auto_create`,
     /// makes sure the schema exists. A rotated password file is picked up by a
     /// watcher in `tasks`.
-    pub async fn connect(target: &PgTarget, tasks: &Tasks) -> StoreResult<Self> {
+    pub async fn connect(target: &PgTarget, tasks: &Tasks, clock: Clock) -> StoreResult<Self> {
         let tables = ddl::Tables::new(target.schema.clone())?;
         let name = target.to_string();
         let pool_size = target.pool_size.max(1);
@@ -179,8 +202,11 @@ impl PostgresStore {
         }
         let store = PostgresStore {
             pools,
+            reaper: tokio::sync::Mutex::default(),
             tables,
             auto_create: target.auto_create,
+            clock,
+            indexed: Default::default(),
             target: name,
         };
         let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
@@ -201,37 +227,25 @@ impl PostgresStore {
             .await
             .map_err(|error| {
                 if error.is_transient() {
-                    StoreError::Unavailable(format!(
+                    StoreError::unavailable(format!(
                         "PostgreSQL at {} did not answer after {} attempt(s): {error}",
                         store.target,
                         backoff.attempts_made()
                     ))
                 } else {
                     // Retrying cannot fix a wrong password or a missing database.
-                    StoreError::Unavailable(format!(
+                    StoreError::unavailable(format!(
                         "PostgreSQL at {} refused the connection: {error} (not retried: fix the role, password, database or TLS settings)",
                         store.target
                     ))
                 }
             })?;
-        if store.auto_create {
-            let conn = store.pools.acquire().await?;
-            let result = store.tables.ensure_schema(&*conn, &store.target).await;
-            conn.release();
-            result?;
-        }
+        // The policy's collections first: their tables and this role's
+        // privileges say more than the schema version alone.
         if let Declared::Only(declared) = &target.declared {
-            let conn = store.pools.acquire().await?;
-            let result = verify::declared(&*conn, &store.tables, declared, store.auto_create).await;
-            conn.release();
-            let missing = result.map_err(|e| store.pg(e))?;
-            if let Some(problem) = missing.problem(&store.tables.schema) {
-                return Err(problem);
-            }
-            store
-                .tables
-                .remember(missing.present.iter().map(String::as_str));
+            store.verify_declared(declared).await?;
         }
+        store.check_schema().await?;
         tracing::info!(
             target_db = %store.target,
             schema = %store.tables.schema,
@@ -247,137 +261,241 @@ impl PostgresStore {
         map_pg_error(&e, &self.target)
     }
 
-    /// Runs one read statement (prepared once per connection) on a pooled
-    /// connection and gives the connection back; an abandoned call cancels its
-    /// query instead (see [`pool::Conn`]). A collection without a table has no rows.
-    async fn select(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> StoreResult<Vec<Row>> {
-        let c = self.pools.acquire().await?;
-        let result = async {
-            let stmt = c.prepare_cached(sql).await?;
-            c.query(&stmt, params).await
+    /// Checks the schema version this release needs (see [`ddl::SCHEMA_VERSION`]);
+    /// a development sidecar (auto_create) creates or upgrades the schema itself.
+    /// Refuses to serve a policy's collections without their tables (unless
+    /// they are made on first use) or without the privileges their access needs.
+    async fn verify_declared(&self, declared: &BTreeMap<String, Grant>) -> StoreResult<()> {
+        let conn = self.pools.acquire().await?;
+        let result = verify::declared(&*conn, &self.tables, declared, self.auto_create).await;
+        conn.release();
+        let verified = result.map_err(|e| self.pg(e))?;
+        if let Some(problem) = verified.problem(&self.tables.schema) {
+            return Err(problem);
         }
-        .await;
-        c.release();
-        match result {
-            Ok(rows) => Ok(rows),
-            Err(e) if error::is_missing_table(&e) => Ok(Vec::new()),
-            Err(e) => Err(self.pg(e)),
-        }
+        self.tables
+            .remember(verified.present.iter().map(String::as_str));
+        Ok(())
     }
 
-    fn documents(&self, collection: &str, rows: &[Row]) -> StoreResult<Vec<Document>> {
-        rows.iter()
-            .map(|row| row_to_doc(collection, row))
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.pg(e))
-    }
-
-    /// Runs `mutations` atomically on a pooled connection; see [`Self::select`].
-    async fn write_all(&self, mutations: &[Mutation]) -> StoreResult<Vec<Written>> {
+    async fn check_schema(&self) -> StoreResult<()> {
         let mut conn = self.pools.acquire().await?;
-        let result = self.run_write(&mut conn, mutations).await;
+        let version = self.tables.version(&***conn).await;
+        let result = match version {
+            Ok(Some(v)) if v > ddl::SCHEMA_VERSION => Err(StoreError::Internal(format!(
+                "schema `{}` is at version {v}, newer than this docsidecar supports ({}): run a newer docsidecar",
+                self.tables.schema,
+                ddl::SCHEMA_VERSION
+            ))),
+            Ok(Some(v)) if v == ddl::SCHEMA_VERSION => Ok(()),
+            _ if self.auto_create => {
+                match self.tables.ensure_schema(&*conn, &self.target).await {
+                    Ok(()) => self.tables.upgrade(&mut conn, &self.target).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(found) => Err(StoreError::table_missing(format!(
+                "schema `{}` is {}, and this docsidecar needs version {}: run `docsidecar migrate` with the admin account first",
+                self.tables.schema,
+                found.map_or("not migrated".to_string(), |v| format!("at version {v}")),
+                ddl::SCHEMA_VERSION
+            ))),
+            Err(e) => Err(self.pg(e)),
+        };
         conn.release();
         result
     }
 
-    /// A plain save or delete: one autocommit statement on the fast path; the
-    /// first write to a new collection goes through [`Self::write_all`], which
-    /// creates its table in the same transaction.
-    async fn write_one(&self, mutation: Mutation) -> StoreResult<Written> {
-        let collection = mutation.collection().to_string();
-        let table = self.tables.table(&collection)?;
-        let conn = self.pools.acquire().await?;
-        let result = match &mutation {
-            Mutation::Save(op) => write::save_in(&*conn, &table, op, now_micros())
+    /// Streams the rows of one read statement (prepared once per connection)
+    /// into `take` until it returns false: a page stops reading at its budget.
+    /// The connection goes back to the pool afterwards; an abandoned call
+    /// cancels its query instead (see [`pool::Conn`]). A collection without a
+    /// table has no rows.
+    async fn scan(
+        &self,
+        sql: &str,
+        args: &[&(dyn ToSql + Sync)],
+        mut take: impl FnMut(Row) -> StoreResult<bool> + Send,
+    ) -> StoreResult<()> {
+        let c = self.pools.acquire().await?;
+        let result = async {
+            let stmt = c.prepare_cached(sql).await.map_err(OpError::from)?;
+            let rows = c
+                .query_raw(&stmt, params(args))
                 .await
-                .map(Written::Saved),
-            Mutation::Delete(op) => write::delete_in(&*conn, &table, op)
-                .await
-                .map(|()| Written::Deleted),
-        };
-        conn.release();
-        match (result, &mutation) {
-            (Ok(written), _) => Ok(written),
-            (Err(e), _) if e.is_missing_table() && !self.auto_create => {
-                Err(self.tables.no_table(&collection))
+                .map_err(OpError::from)?;
+            pin_mut!(rows);
+            while let Some(row) = rows.try_next().await.map_err(OpError::from)? {
+                if !take(row)? {
+                    break;
+                }
             }
-            (Err(e), Mutation::Delete(op)) if e.is_missing_table() => {
-                Err(StoreError::not_found(&collection, &op.id))
-            }
-            (Err(e), Mutation::Save(_)) if e.is_missing_table() => {
-                let mut written = self
-                    .write_all(std::slice::from_ref(&mutation))
-                    .await
-                    .map_err(StoreError::outside_mutation)?;
-                written
-                    .pop()
-                    .ok_or_else(|| StoreError::Internal("a save returned no result".into()))
-            }
-            (Err(e), _) => Err(e.resolve(&self.target)),
+            Ok::<_, OpError>(())
         }
+        .await;
+        c.release();
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_missing_table() => Ok(()),
+            Err(e) => Err(e.resolve(&self.target)),
+        }
+    }
+
+    /// Every row of a read statement; see [`Self::scan`].
+    async fn select(&self, sql: &str, args: &[&(dyn ToSql + Sync)]) -> StoreResult<Vec<Row>> {
+        let mut rows = Vec::new();
+        self.scan(sql, args, |row| {
+            rows.push(row);
+            Ok(true)
+        })
+        .await?;
+        Ok(rows)
+    }
+
+    /// Deletes up to `limit` expired rows, collection by collection, each batch
+    /// one statement: rows other sidecars' reapers hold are skipped, a table
+    /// locked longer than the lock timeout waits for the next round.
+    async fn reap_with(&self, client: &tokio_postgres::Client, limit: usize) -> StoreResult<usize> {
+        let collections = self
+            .tables
+            .collections(client)
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut reaped = 0;
+        for collection in collections {
+            if reaped >= limit {
+                break;
+            }
+            let table = self.tables.table(&collection)?;
+            let sql = format!(
+                "WITH doomed AS (
+                     SELECT ctid FROM {table} WHERE expire_time <= {NOW}
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM doomed)"
+            );
+            let batch = i64::try_from(limit - reaped).unwrap_or(i64::MAX);
+            match client.execute(&sql, &[&self.clock.offset(), &batch]).await {
+                Ok(n) => reaped += n as usize,
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    tracing::debug!(collection, "reaper skipped a locked table");
+                }
+                Err(e) if error::is_missing_table(&e) => {}
+                Err(e) => return Err(self.pg(e)),
+            }
+        }
+        Ok(reaped)
+    }
+
+    fn document(&self, collection: &str, row: &Row) -> StoreResult<Document> {
+        row_to_doc(collection, row).map_err(|e| self.pg(e))
     }
 }
 
 #[async_trait]
 impl DocumentStore for PostgresStore {
-    async fn get(&self, collection: &str, id: &str) -> StoreResult<Document> {
-        let table = self.tables.table(collection)?;
-        let sql = format!("SELECT {COLUMNS} FROM {table} WHERE id = $1");
-        let rows = self.select(&sql, &[&id]).await?;
-        self.documents(collection, &rows)?
-            .pop()
-            .ok_or_else(|| StoreError::not_found(collection, id))
-    }
-
-    async fn save(&self, op: SaveOp) -> StoreResult<Saved> {
-        match self.write_one(Mutation::Save(op)).await? {
-            Written::Saved(saved) => Ok(saved),
-            Written::Deleted => Err(StoreError::Internal("a save deleted".into())),
+    async fn get(&self, key: &Key) -> StoreResult<Document> {
+        let table = self.tables.table(&key.collection)?;
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {table} WHERE scope = $2 AND id = $3 AND (expire_time IS NULL OR expire_time > {NOW})"
+        );
+        let offset = self.clock.offset();
+        let rows = self.select(&sql, &[&offset, &key.scope, &key.id]).await?;
+        match rows.first() {
+            Some(row) => self.document(&key.collection, row),
+            None => Err(StoreError::not_found(&key.collection, &key.id)),
         }
-    }
-
-    async fn delete(&self, op: DeleteOp) -> StoreResult<()> {
-        self.write_one(Mutation::Delete(op)).await.map(drop)
-    }
-
-    async fn list(&self, collection: &str, after: Option<&str>, limit: usize) -> StoreResult<Page> {
-        let table = self.tables.table(collection)?;
-        let fetch = i64::try_from(Page::fetch_limit(limit)).unwrap_or(i64::MAX);
-        // Keyset pagination on the primary key, never OFFSET.
-        let rows = match after {
-            Some(after) => {
-                let sql =
-                    format!("SELECT {COLUMNS} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2");
-                self.select(&sql, &[&after, &fetch]).await?
-            }
-            None => {
-                let sql = format!("SELECT {COLUMNS} FROM {table} ORDER BY id LIMIT $1");
-                self.select(&sql, &[&fetch]).await?
-            }
-        };
-        Ok(Page::from_rows(self.documents(collection, &rows)?, limit))
-    }
-
-    async fn batch_get(&self, collection: &str, ids: &[String]) -> StoreResult<Vec<Document>> {
-        let table = self.tables.table(collection)?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One round trip: the ids travel as one text[] parameter.
-        let sql = format!("SELECT {COLUMNS} FROM {table} WHERE id = ANY($1)");
-        let rows = self.select(&sql, &[&ids]).await?;
-        self.documents(collection, &rows)
     }
 
     async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
         if mutations.is_empty() {
             return Ok(Vec::new());
         }
-        self.write_all(&mutations).await
+        let mut conn = self.pools.acquire().await?;
+        let result = self.run_write(&mut conn, &mutations).await;
+        conn.release();
+        result
+    }
+
+    async fn list(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
+        let table = self.tables.table(&op.collection)?;
+        let fetch = i64::try_from(Page::fetch_limit(op.limit)).unwrap_or(i64::MAX);
+        let (after_id, after_scope) = op.after.clone().unwrap_or_default();
+        let live = format!("(expire_time IS NULL OR expire_time > {NOW})");
+        // Keyset pagination on an index, never OFFSET; rows stream until the
+        // page is full.
+        let (sql, scope) = match &op.scopes {
+            Scopes::One(scope) => (
+                format!("SELECT {COLUMNS} FROM {table} WHERE scope = $2 AND id > $3 AND {live} ORDER BY id LIMIT $4"),
+                scope.clone(),
+            ),
+            Scopes::All => (
+                format!("SELECT {COLUMNS} FROM {table} WHERE (id, scope) > ($3, $2) AND {live} ORDER BY id, scope LIMIT $4"),
+                after_scope,
+            ),
+        };
+        let offset = self.clock.offset();
+        let mut page = PageBuilder::new(op.limit, budget);
+        self.scan(&sql, &[&offset, &scope, &after_id, &fetch], |row| {
+            Ok(page.push(self.document(&op.collection, &row)?))
+        })
+        .await?;
+        Ok(page.finish())
+    }
+
+    async fn batch_get(&self, op: &BatchGetOp, budget: Budget) -> StoreResult<Batch> {
+        let table = self.tables.table(&op.collection)?;
+        // One statement; rows come in request order (the ids' ordinality), so
+        // the budget stops the reading, and `n` says how far it got.
+        let sql = format!(
+            "SELECT t.scope, t.id, t.rev, t.data::text, t.create_time, t.update_time, t.expire_time, r.n
+             FROM unnest($3::text[]) WITH ORDINALITY AS r(id, n)
+             JOIN {table} t ON t.scope = $2 AND t.id = r.id
+             WHERE t.expire_time IS NULL OR t.expire_time > {NOW}
+             ORDER BY r.n"
+        );
+        let offset = self.clock.offset();
+        let mut batch = Batch {
+            documents: Vec::new(),
+            looked_up: op.ids.len(),
+        };
+        let mut spending = budget.start();
+        self.scan(&sql, &[&offset, &op.scope, &op.ids], |row| {
+            let doc = self.document(&op.collection, &row)?;
+            if !spending.take(&doc) {
+                let n: i64 = row.try_get(7).map_err(|e| self.pg(e))?;
+                batch.looked_up = usize::try_from(n - 1).unwrap_or(0);
+                return Ok(false);
+            }
+            batch.documents.push(doc);
+            Ok(true)
+        })
+        .await?;
+        Ok(batch)
+    }
+
+    async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
+        self.run_query(q, budget).await
+    }
+
+    async fn count(&self, q: &query::Query) -> StoreResult<u64> {
+        self.run_count(q).await
+    }
+
+    async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {
+        // The reaper's own connection: it never takes one from traffic, and
+        // its lock_timeout skips a table that DDL holds (next round).
+        // A rotated password retires it like the pool's connections.
+        let mut reaper = self.reaper.lock().await;
+        let generation = self.pools.generation();
+        let client = match reaper.take() {
+            Some((c, made)) if !c.is_closed() && made == generation => c,
+            _ => self.pools.dedicated().await?,
+        };
+        let result = self.reap_with(&client, limit).await;
+        *reaper = Some((client, generation));
+        result
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
@@ -407,7 +525,7 @@ impl DocumentStore for PostgresStore {
     /// calls is busy, not down (saturation shows in the pool metrics).
     async fn ping(&self) -> StoreResult<()> {
         self.pools.probe().await.map_err(|e| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "PostgreSQL at {} does not answer: {e}; retry",
                 self.target
             ))

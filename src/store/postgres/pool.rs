@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 /// dropped, never closed, so calls holding or awaiting its connections finish on
 /// them, and those connections close as they come back.
 pub(super) struct Pools {
-    pool: RwLock<Pool>,
-    /// The connection settings with the current password.
-    cfg: RwLock<tokio_postgres::Config>,
+    /// The pool, and the config its connections are made with (the current
+    /// password).
+    pool: RwLock<(Pool, tokio_postgres::Config)>,
+    /// Bumped when the password rotates: connections made before retire.
+    generation: std::sync::atomic::AtomicU64,
     tls: Connector,
     size: usize,
     acquire_timeout: Duration,
@@ -67,8 +69,8 @@ impl Pools {
         tasks: &Tasks,
     ) -> StoreResult<Arc<Pools>> {
         Ok(Arc::new(Pools {
-            pool: RwLock::new(build(cfg.clone(), tls.clone(), size, acquire_timeout)?),
-            cfg: RwLock::new(cfg),
+            pool: RwLock::new((build(cfg.clone(), tls.clone(), size, acquire_timeout)?, cfg)),
+            generation: Default::default(),
             tls,
             size,
             acquire_timeout,
@@ -79,11 +81,48 @@ impl Pools {
     }
 
     fn current(&self) -> Pool {
-        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.pool
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
     }
 
     fn config(&self) -> tokio_postgres::Config {
-        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.pool
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Which password generation connections made now belong to.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A connection of its own, outside the pool, for background work that
+    /// must neither wait for traffic nor hold traffic's connections (the
+    /// reaper). `lock_timeout` keeps it from queueing behind DDL.
+    pub(super) async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
+        let mut cfg = self.config();
+        let name = format!(
+            "{} (reaper)",
+            cfg.get_application_name().unwrap_or("docsidecar")
+        );
+        cfg.application_name(&name);
+        cfg.options("-c lock_timeout=200 -c statement_timeout=30000");
+        let (client, connection) = cfg.connect(self.tls.clone()).await.map_err(|e| {
+            StoreError::unavailable(format!(
+                "cannot connect to PostgreSQL at {}: {}",
+                self.target,
+                describe(&e)
+            ))
+        })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
     }
 
     /// Whether the database answers `SELECT 1`, asked on the health connection
@@ -160,8 +199,9 @@ impl Pools {
             );
             return false;
         }
-        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = pool;
-        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = (pool, cfg);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // The health connection retires too: the next probe opens one with the
         // new password (so that it, too, is known to work).
         self.health.lock().await.take();
@@ -191,7 +231,7 @@ impl Pools {
 
     fn busy(&self) -> StoreError {
         metrics::pool_timeout();
-        StoreError::Unavailable(format!(
+        StoreError::pool_exhausted(format!(
             "no PostgreSQL connection became free within {:?} (pool size {}); retry, or raise DB_POOL_SIZE or DB_ACQUIRE_TIMEOUT",
             self.acquire_timeout, self.size
         ))
@@ -200,19 +240,19 @@ impl Pools {
     fn pool_error(&self, e: PoolError) -> StoreError {
         match e {
             PoolError::Timeout(TimeoutType::Wait) => self.busy(),
-            PoolError::Timeout(_) => StoreError::Unavailable(format!(
+            PoolError::Timeout(_) => StoreError::unavailable(format!(
                 "PostgreSQL at {} did not accept a connection within {:?}; retry",
                 self.target, self.acquire_timeout
             )),
             // Refused port, wrong password (a rotation not yet picked up): the
             // sidecar cannot serve until the database or its settings are fixed.
-            PoolError::Backend(e) => StoreError::Unavailable(format!(
+            PoolError::Backend(e) => StoreError::unavailable(format!(
                 "cannot connect to PostgreSQL at {}: {}; retry",
                 self.target,
                 describe(&e)
             )),
             PoolError::Closed => {
-                StoreError::Unavailable("the PostgreSQL store is closed (shutting down)".into())
+                StoreError::shutting_down("the PostgreSQL store is closed (shutting down)")
             }
             PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
                 StoreError::Internal(format!("PostgreSQL pool: {e}"))

@@ -4,7 +4,7 @@
 //! `DOCSIDECAR_REQUIRE_DB=1`. The document semantics are tested once for every
 //! store in `tests/behaviour.rs`; these are the PostgreSQL-specific cases.
 
-use super::ddl::{qualified_table, table_ddl};
+use super::ddl::qualified_table;
 use super::*;
 use std::sync::Arc;
 use std::time::Instant;
@@ -95,7 +95,7 @@ async fn setup(adjust: impl FnOnce(&mut PgTarget)) -> Option<Ctx> {
         ..PgTarget::new(cfg)
     };
     adjust(&mut target);
-    let store = PostgresStore::connect(&target, &Tasks::new())
+    let store = PostgresStore::connect(&target, &Tasks::new(), Clock::default())
         .await
         .expect("connect");
     Some(Ctx {
@@ -108,13 +108,54 @@ async fn setup(adjust: impl FnOnce(&mut PgTarget)) -> Option<Ctx> {
 
 fn save(collection: &str, id: &str, data: &str) -> SaveOp {
     SaveOp {
-        collection: collection.into(),
-        id: id.into(),
+        key: Key::new(collection, "", id),
         data: data.into(),
         expected_rev: None,
         create_only: false,
+        expiry: Expiry::Never,
+        protected: Arc::default(),
     }
 }
+
+fn delete(collection: &str, id: &str) -> DeleteOp {
+    DeleteOp {
+        key: Key::new(collection, "", id),
+        expected_rev: None,
+        allow_missing: false,
+    }
+}
+
+/// The plain calls, as the API makes them of the store's operations.
+#[async_trait]
+trait Calls: DocumentStore {
+    async fn save_doc(&self, op: SaveOp) -> StoreResult<Saved> {
+        match self
+            .write(vec![Mutation::Save(op)])
+            .await
+            .map_err(StoreError::outside_mutation)?
+            .pop()
+        {
+            Some(Written::Saved(saved)) => Ok(saved),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn get_doc(&self, collection: &str, id: &str) -> StoreResult<Document> {
+        self.get(&Key::new(collection, "", id)).await
+    }
+
+    async fn list_docs(&self, collection: &str, limit: usize) -> StoreResult<Page> {
+        let op = ListOp {
+            collection: collection.into(),
+            scopes: Scopes::One(String::new()),
+            after: None,
+            limit,
+        };
+        self.list(&op, Budget::unlimited()).await
+    }
+}
+
+impl Calls for PostgresStore {}
 
 fn kind(e: &StoreError) -> String {
     match e {
@@ -137,31 +178,31 @@ async fn documents_round_trip_and_keep_their_create_time() {
     };
     let s = &ctx.store;
     let first = s
-        .save(save("docs", "x", r#"{"a": [1, {"b": "ü"}], "n": 1.5}"#))
+        .save_doc(save("docs", "x", r#"{"a": [1, {"b": "ü"}], "n": 1.5}"#))
         .await
         .unwrap();
     assert!(first.created);
-    let doc = s.get("docs", "x").await.unwrap();
-    assert_eq!(doc.rev, first.rev);
-    assert_eq!(doc.create_time, first.update_time);
+    let doc = s.get_doc("docs", "x").await.unwrap();
+    assert_eq!(doc.rev, first.document.rev);
+    assert_eq!(doc.create_time, first.document.update_time);
     let data: serde_json::Value = serde_json::from_str(&doc.data).unwrap();
     assert_eq!(data, serde_json::json!({"a": [1, {"b": "ü"}], "n": 1.5}));
 
     tokio::time::sleep(Duration::from_millis(2)).await;
-    let second = s.save(save("docs", "x", "{}")).await.unwrap();
+    let second = s.save_doc(save("docs", "x", "{}")).await.unwrap();
     assert!(!second.created);
-    assert_ne!(second.rev, first.rev);
-    let doc = s.get("docs", "x").await.unwrap();
-    assert_eq!(doc.create_time, first.update_time);
-    assert_eq!(doc.update_time, second.update_time);
+    assert_ne!(second.document.rev, first.document.rev);
+    let doc = s.get_doc("docs", "x").await.unwrap();
+    assert_eq!(doc.create_time, first.document.update_time);
+    assert_eq!(doc.update_time, second.document.update_time);
     assert!(doc.update_time > doc.create_time);
 
     // Ids sort by bytes.
     for id in ["b", "B", "é", "a"] {
-        s.save(save("docs", id, "{}")).await.unwrap();
+        s.save_doc(save("docs", id, "{}")).await.unwrap();
     }
-    let page = s.list("docs", None, 10).await.unwrap();
-    let ids: Vec<&str> = page.documents.iter().map(|d| d.id.as_str()).collect();
+    let page = s.list_docs("docs", 10).await.unwrap();
+    let ids: Vec<&str> = page.documents.iter().map(|d| d.key.id.as_str()).collect();
     assert_eq!(ids, ["B", "a", "b", "x", "é"]);
     assert!(!page.more);
 
@@ -177,7 +218,7 @@ async fn documents_round_trip_and_keep_their_create_time() {
 
     // jsonb cannot hold \u0000: a clear error, not a panic.
     let err = s
-        .save(save("docs", "nul", r#"{"s": "\u0000"}"#))
+        .save_doc(save("docs", "nul", r#"{"s": "\u0000"}"#))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
@@ -193,18 +234,14 @@ async fn failed_writes_leave_no_trace_not_even_a_table() {
         .write(vec![
             Mutation::Save(save("alpha", "a", "{}")),
             Mutation::Save(save("ghost", "x", "{}")),
-            Mutation::Delete(DeleteOp {
-                collection: "alpha".into(),
-                id: "missing".into(),
-                expected_rev: None,
-            }),
+            Mutation::Delete(delete("alpha", "missing")),
         ])
         .await
         .unwrap_err();
     assert_eq!(kind(&err), "mutation 2: NotFound");
     assert!(err.to_string().starts_with("mutation 2: "), "{err}");
     assert!(matches!(
-        s.get("alpha", "a").await,
+        s.get_doc("alpha", "a").await,
         Err(StoreError::NotFound { .. })
     ));
     assert!(s.list_collections().await.unwrap().is_empty());
@@ -212,7 +249,7 @@ async fn failed_writes_leave_no_trace_not_even_a_table() {
     let mut conditional = save("beta", "a", "{}");
     conditional.expected_rev = Some("r1".into());
     assert_eq!(
-        kind(&s.save(conditional).await.unwrap_err()),
+        kind(&s.save_doc(conditional).await.unwrap_err()),
         "RevMismatch(actual: false)"
     );
     assert!(s.list_collections().await.unwrap().is_empty());
@@ -231,7 +268,7 @@ async fn failed_writes_leave_no_trace_not_even_a_table() {
         .map(|r| matches!(r, Written::Saved(s) if s.created))
         .collect();
     assert_eq!(created, [true, true, false]);
-    assert_eq!(s.get("alpha", "a").await.unwrap().data, r#"{"v": 2}"#);
+    assert_eq!(s.get_doc("alpha", "a").await.unwrap().data, r#"{"v": 2}"#);
     assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
 
     // A table dropped behind the store's back (its cache says it exists) is recreated.
@@ -258,7 +295,7 @@ async fn racing_first_writes_create_each_table_once() {
     for i in 0..20 {
         let store = store.clone();
         handles.push(tokio::spawn(async move {
-            let saved = store.save(save("race", &format!("d{i}"), "{}")).await?;
+            let saved = store.save_doc(save("race", &format!("d{i}"), "{}")).await?;
             assert!(saved.created);
             let written = store
                 .write(vec![
@@ -278,7 +315,7 @@ async fn racing_first_writes_create_each_table_once() {
     for collection in ["race", "race_two", "race_three"] {
         assert_eq!(
             store
-                .list(collection, None, 100)
+                .list_docs(collection, 100)
                 .await
                 .unwrap()
                 .documents
@@ -337,7 +374,7 @@ async fn an_abandoned_call_cancels_its_query_and_frees_the_pool() {
         schema,
         _guard,
     } = ctx;
-    store.save(save("locked", "a", "{}")).await.unwrap();
+    store.save_doc(save("locked", "a", "{}")).await.unwrap();
     // A second session holds the lock; `admin` watches pg_stat_activity.
     let Some(mut locker) = super::tests::admin().await else {
         return;
@@ -352,7 +389,7 @@ async fn an_abandoned_call_cancels_its_query_and_frees_the_pool() {
     let store = Arc::new(store);
     let blocked = {
         let store = store.clone();
-        tokio::spawn(async move { store.get("locked", "a").await })
+        tokio::spawn(async move { store.get_doc("locked", "a").await })
     };
     wait_for_waiting(&admin, &schema, 1).await;
 
@@ -364,9 +401,9 @@ async fn an_abandoned_call_cancels_its_query_and_frees_the_pool() {
         .await
         .expect("a busy pool does not fail the health probe");
     let started = Instant::now();
-    let err = store.get("other", "a").await.unwrap_err();
+    let err = store.get_doc("other", "a").await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::Unavailable(m) if m.contains("no PostgreSQL connection became free")),
+        matches!(&err, StoreError::Unavailable { reason: Unavailable::PoolExhausted, message } if message.contains("no PostgreSQL connection became free")),
         "{err:?}"
     );
     assert!(
@@ -389,50 +426,88 @@ async fn an_abandoned_call_cancels_its_query_and_frees_the_pool() {
     // Its connection was discarded, so the pool's slot is free again.
     store.ping().await.unwrap();
     lock.rollback().await.unwrap();
-    assert_eq!(store.get("locked", "a").await.unwrap().id, "a");
+    assert_eq!(store.get_doc("locked", "a").await.unwrap().key.id, "a");
     drop(locker);
     drop(store);
     drop(admin);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_auto_create_writes_need_migrated_tables() {
-    let Some(ctx) = setup(|o| o.auto_create = false).await else {
+async fn without_auto_create_the_schema_and_tables_come_from_migrate() {
+    let Some(ctx) = setup(|_| {}).await else {
         return;
     };
-    let s = &ctx.store;
-    // Nothing exists, not even the schema: reads see an empty store.
+    // A fresh schema: the dev sidecar above created it; start over without it.
+    ctx.admin
+        .batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", ctx.schema))
+        .await
+        .unwrap();
+    let mut cfg: tokio_postgres::Config = url().parse().unwrap();
+    cfg.application_name(&ctx.schema);
+    let target = PgTarget {
+        schema: ctx.schema.clone(),
+        auto_create: false,
+        max_retries: 1,
+        ..PgTarget::new(cfg)
+    };
+    // Not migrated: the sidecar refuses to start and says what to run.
+    let err = PostgresStore::connect(&target, &Tasks::new(), Clock::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Precondition { precondition: Precondition::TableMissing, message } if message.contains("docsidecar migrate")),
+        "{err:?}"
+    );
+
+    let plan = migrate::MigratePlan {
+        collections: [("docs".to_string(), Grant::ReadWrite)].into(),
+        grant_to: None,
+        revoke_public_temp: false,
+    };
+    migrate::migrate(&target, &plan).await.unwrap();
+    let s = PostgresStore::connect(&target, &Tasks::new(), Clock::default())
+        .await
+        .unwrap();
+    // An undeclared collection has no table: reads see nothing, writes say
+    // to run migrate.
     assert!(matches!(
-        s.get("docs", "a").await,
+        s.get_doc("other", "a").await,
         Err(StoreError::NotFound { .. })
     ));
-    assert!(s.list("docs", None, 10).await.unwrap().documents.is_empty());
-    assert!(s.batch_get("docs", &["a".into()]).await.unwrap().is_empty());
-    assert!(s.list_collections().await.unwrap().is_empty());
-
-    let err = s.save(save("docs", "a", "{}")).await.unwrap_err();
+    assert!(s.list_docs("other", 10).await.unwrap().documents.is_empty());
+    let batch = BatchGetOp {
+        collection: "other".into(),
+        scope: String::new(),
+        ids: vec!["a".into()],
+    };
+    let found = s.batch_get(&batch, Budget::unlimited()).await.unwrap();
+    assert_eq!((found.documents.len(), found.looked_up), (0, 1));
+    let err = s.save_doc(save("other", "a", "{}")).await.unwrap_err();
     assert!(
-        matches!(&err, StoreError::PermissionDenied(m) if m.contains("docsidecar migrate")),
+        matches!(&err, StoreError::Precondition { precondition: Precondition::TableMissing, message } if message.contains("docsidecar migrate")),
         "{err:?}"
     );
     let err = s
-        .write(vec![Mutation::Save(save("docs", "a", "{}"))])
+        .write(vec![Mutation::Save(save("other", "a", "{}"))])
         .await
         .unwrap_err();
     assert!(err.to_string().starts_with("mutation 0: "), "{err}");
     assert!(err.to_string().contains("docsidecar migrate"), "{err}");
 
-    // After a migration (here: the same DDL by hand) writes work.
-    ctx.admin
-        .batch_execute(&format!(
-            "CREATE SCHEMA \"{0}\"; {1}",
-            ctx.schema,
-            table_ddl(&ctx.schema, "docs").unwrap()
-        ))
-        .await
-        .unwrap();
-    assert!(s.save(save("docs", "a", "{}")).await.unwrap().created);
+    assert!(s.save_doc(save("docs", "a", "{}")).await.unwrap().created);
     assert_eq!(s.list_collections().await.unwrap(), ["docs"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_reaps() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    crate::store::conformance::the_reaper_deletes_expired_rows_in_batches(
+        &ctx.store,
+        &ctx.store.clock,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -446,11 +521,11 @@ async fn an_unreachable_server_is_unavailable_without_leaking_the_password() {
         retry_delay: Duration::from_millis(20),
         ..PgTarget::new(cfg)
     };
-    let err = PostgresStore::connect(&target, &Tasks::new())
+    let err = PostgresStore::connect(&target, &Tasks::new(), Clock::default())
         .await
         .unwrap_err();
     let message = err.to_string();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     assert!(message.contains("app@127.0.0.1:1/db"), "{message}");
     assert!(message.contains("3 attempt"), "{message}");
     assert!(!message.contains("hunter2"), "{message}");
@@ -470,7 +545,7 @@ async fn names_are_checked_before_they_reach_sql() {
         retry_delay: Duration::from_millis(10),
         ..PgTarget::new(tokio_postgres::Config::new())
     };
-    let err = PostgresStore::connect(&target, &Tasks::new())
+    let err = PostgresStore::connect(&target, &Tasks::new(), Clock::default())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
@@ -479,4 +554,47 @@ async fn names_are_checked_before_they_reach_sql() {
         assert!(qualified_table("s", bad).is_err(), "{bad:?}");
     }
     assert!(qualified_table("s", &"a".repeat(63)).is_ok());
+}
+
+/// The PL/pgSQL key function and `store::key` agree byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_function_encodes_as_the_sidecar_does() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    use serde_json::json;
+    let mut values = vec![
+        json!(null),
+        json!(true),
+        json!(false),
+        json!(0.0),
+        json!(-0.0),
+        json!(-1.5),
+        json!(1e300),
+        json!(-1e-300),
+        json!(5e-324),
+        json!(123456789.125),
+        json!(""),
+        json!("é\u{1F600}"),
+        json!([]),
+        json!([1, "a", [true, null], {"z": 1, "a": {}}]),
+        json!({"b": [], "a": 1, "": null, "ä": "x", "B": 2}),
+    ];
+    // Shortest round-trip doubles of many magnitudes.
+    let mut x = 0.1f64;
+    for _ in 0..60 {
+        values.push(json!(x));
+        values.push(json!(-x * 3.7));
+        x *= 13.37;
+    }
+    let sql = format!("SELECT \"{}\".docsidecar_key($1::text::jsonb)", ctx.schema);
+    for v in values {
+        let key: Vec<u8> = ctx
+            .admin
+            .query_one(&sql, &[&v.to_string()])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(key, crate::store::key::encode(&v), "{v}");
+    }
 }

@@ -117,7 +117,13 @@ impl Verified {
                 self.role
             ));
         }
-        (!problems.is_empty()).then(|| StoreError::PermissionDenied(problems.join("; ")))
+        if problems.is_empty() {
+            None
+        } else if !self.missing_tables.is_empty() && !self.auto_create {
+            Some(StoreError::table_missing(problems.join("; ")))
+        } else {
+            Some(StoreError::PermissionDenied(problems.join("; ")))
+        }
     }
 }
 

@@ -1,134 +1,91 @@
-//! Writes: each condition decided by the writing statement itself
-//! (`UPDATE … WHERE rev = $2`, `INSERT … ON CONFLICT`), never by an earlier
-//! read; when a statement matches no row, the shared checks in `store` say why.
+//! Writes: one READ COMMITTED transaction per call. Each mutation reads its
+//! row with `FOR UPDATE` (so a concurrent writer of the same document waits
+//! and the decision is made on the latest committed row), the shared planner
+//! decides, and one statement applies the outcome.
 
-use super::error::OpError;
+use super::error::{describe, is_conflict, OpError};
 use super::pool::Conn;
-use super::PostgresStore;
-use crate::store::{
-    new_rev, now_micros, DeleteOp, Micros, Mutation, SaveOp, Saved, StoreError, StoreResult,
-    Written,
-};
+use super::{PostgresStore, COLUMNS, NOW};
+use crate::store::plan::Action;
+use crate::store::{Document, Key, Mutation, StoreError, StoreResult, Written};
 use deadpool_postgres::{GenericClient, Object};
 use std::collections::BTreeSet;
 use tokio_postgres::IsolationLevel;
 
-async fn current_rev(
-    c: &impl GenericClient,
-    table: &str,
-    id: &str,
-) -> Result<Option<String>, OpError> {
-    let stmt = c
-        .prepare_cached(&format!("SELECT rev FROM {table} WHERE id = $1"))
-        .await?;
-    let row = c.query_opt(&stmt, &[&id]).await?;
-    Ok(row.map(|r| r.try_get(0)).transpose()?)
-}
+/// Attempts of a write that lost an insert race (two transactions inserting
+/// the same new document: the loser re-runs and sees the winner's row).
+const ATTEMPTS: usize = 3;
 
-/// The error of a conditional statement that matched no row, from the stored
-/// rev read right after it.
-async fn why_not(
+/// The stored row of `key`, live or expired, locked; its data only when asked.
+async fn stored(
     c: &impl GenericClient,
     table: &str,
-    id: &str,
-    check: impl FnOnce(Option<&str>) -> StoreResult<()>,
-) -> OpError {
-    match current_rev(c, table, id).await {
-        Ok(rev) => match check(rev.as_deref()) {
-            Err(e) => e.into(),
-            // The row changed between the two statements; the caller may retry.
-            Ok(()) => {
-                StoreError::Unavailable(format!("document `{id}` changed concurrently; retry"))
-                    .into()
-            }
-        },
-        Err(e) => e,
-    }
-}
-
-/// One save, each case decided by a single statement.
-pub(super) async fn save_in(
-    c: &impl GenericClient,
-    table: &str,
-    op: &SaveOp,
-    now: Micros,
-) -> Result<Saved, OpError> {
-    let rev = new_rev();
-    let saved = |created| Saved {
-        rev: rev.clone(),
-        update_time: now,
-        created,
-    };
-    let inserted = match (op.expected_rev.as_deref(), op.create_only) {
-        (Some(expected), false) => {
-            // Compare-and-set; a concurrent writer's row lock makes this wait
-            // and re-check the rev of the committed row.
-            let stmt = c
-                .prepare_cached(&format!(
-                    "UPDATE {table} SET rev = $3, data = $4::text::jsonb, update_time = $5 WHERE id = $1 AND rev = $2"
-                ))
-                .await?;
-            c.execute(&stmt, &[&op.id, &expected, &rev, &op.data, &now])
-                .await?
-                == 1
-        }
-        // Can never write: present is AlreadyExists, absent has no rev to match.
-        (Some(_), true) => false,
-        (None, true) => {
-            let stmt = c
-                .prepare_cached(&format!(
-                    "INSERT INTO {table} (id, rev, data, create_time, update_time)
-                     VALUES ($1, $2, $3::text::jsonb, $4, $4) ON CONFLICT (id) DO NOTHING"
-                ))
-                .await?;
-            return if c.execute(&stmt, &[&op.id, &rev, &op.data, &now]).await? == 1 {
-                Ok(saved(true))
-            } else {
-                Err(why_not(c, table, &op.id, |rev| op.check(rev)).await)
-            };
-        }
-        (None, false) => {
-            // An inserted row has xmax 0; ON CONFLICT DO UPDATE locks the old
-            // row first, so the updated version carries this transaction's xid.
-            let stmt = c
-                .prepare_cached(&format!(
-                    "INSERT INTO {table} AS d (id, rev, data, create_time, update_time)
-                     VALUES ($1, $2, $3::text::jsonb, $4, $4)
-                     ON CONFLICT (id) DO UPDATE
-                     SET rev = EXCLUDED.rev, data = EXCLUDED.data, update_time = EXCLUDED.update_time
-                     RETURNING (d.xmax = 0) AS created"
-                ))
-                .await?;
-            let row = c.query_one(&stmt, &[&op.id, &rev, &op.data, &now]).await?;
-            return Ok(saved(row.try_get(0)?));
-        }
-    };
-    if inserted {
-        Ok(saved(false))
+    key: &Key,
+    with_data: bool,
+) -> Result<Option<Document>, OpError> {
+    let columns = if with_data {
+        COLUMNS.to_string()
     } else {
-        Err(why_not(c, table, &op.id, |rev| op.check(rev)).await)
-    }
-}
-
-pub(super) async fn delete_in(
-    c: &impl GenericClient,
-    table: &str,
-    op: &DeleteOp,
-) -> Result<(), OpError> {
+        COLUMNS.replace("data::text", "''::text")
+    };
     let stmt = c
         .prepare_cached(&format!(
-            "DELETE FROM {table} WHERE id = $1 AND ($2::text IS NULL OR rev = $2)"
+            "SELECT {columns} FROM {table} WHERE scope = $1 AND id = $2 FOR UPDATE"
         ))
         .await?;
-    if c.execute(&stmt, &[&op.id, &op.expected_rev]).await? == 1 {
-        return Ok(());
-    }
-    Err(why_not(c, table, &op.id, |rev| op.check(rev)).await)
+    let row = c.query_opt(&stmt, &[&key.scope, &key.id]).await?;
+    Ok(row
+        .map(|r| super::row_to_doc(&key.collection, &r))
+        .transpose()?)
+}
+
+/// Applies a planned action.
+async fn apply(c: &impl GenericClient, table: &str, action: &Action) -> Result<(), OpError> {
+    let (sql, doc) = match action {
+        Action::Insert(d) => (
+            format!(
+                "INSERT INTO {table} (scope, id, rev, data, create_time, update_time, expire_time)
+                 VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7)"
+            ),
+            d,
+        ),
+        Action::Replace(d) => (
+            format!(
+                "UPDATE {table} SET rev = $3, data = $4::text::jsonb, create_time = $5, update_time = $6, expire_time = $7
+                 WHERE scope = $1 AND id = $2"
+            ),
+            d,
+        ),
+        Action::Delete(k) => {
+            let stmt = c
+                .prepare_cached(&format!("DELETE FROM {table} WHERE scope = $1 AND id = $2"))
+                .await?;
+            c.execute(&stmt, &[&k.scope, &k.id]).await?;
+            return Ok(());
+        }
+        Action::Nothing => return Ok(()),
+    };
+    let stmt = c.prepare_cached(&sql).await?;
+    c.execute(
+        &stmt,
+        &[
+            &doc.key.scope,
+            &doc.key.id,
+            &doc.rev,
+            &doc.data,
+            &doc.create_time,
+            &doc.update_time,
+            &doc.expire_time,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 impl PostgresStore {
-    /// Runs `mutations` in one transaction; retries once when a table believed to
-    /// exist turned out to be gone (dropped behind the cache's back).
+    /// Runs `mutations` in one transaction. Retries when a table believed to
+    /// exist turned out to be gone (dropped behind the cache's back), and when
+    /// an insert lost a race to a concurrent insert of the same document.
     pub(super) async fn run_write(
         &self,
         conn: &mut Conn,
@@ -143,17 +100,22 @@ impl PostgresStore {
                     .map_err(|e| e.in_mutation(index))
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        for _ in 0..2 {
-            if let Some(results) = self.write_once(conn, mutations, &tables).await? {
-                return Ok(results);
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            match self.write_once(conn, mutations, &tables).await {
+                Ok(Some(results)) => return Ok(results),
+                Ok(None) => self
+                    .tables
+                    .forget(mutations.iter().map(Mutation::collection)),
+                Err(Retry::Race(e)) => last = Some(e),
+                Err(Retry::No(e)) => return Err(e),
             }
-            self.tables
-                .forget(mutations.iter().map(Mutation::collection));
         }
-        Err(StoreError::Unavailable(
-            "a collection's table disappeared while writing to it (dropped concurrently?); retry"
-                .into(),
-        ))
+        Err(last.unwrap_or_else(|| {
+            StoreError::unavailable(
+                "a collection's table disappeared while writing to it (dropped concurrently?); retry",
+            )
+        }))
     }
 
     /// Collections some save of `mutations` needs a table for that does not
@@ -169,12 +131,8 @@ impl PostgresStore {
         }
         let unknown: Vec<&str> = mutations
             .iter()
-            .filter_map(|m| match m {
-                Mutation::Save(op) if !self.tables.known(&op.collection) => {
-                    Some(op.collection.as_str())
-                }
-                _ => None,
-            })
+            .filter(|m| !matches!(m, Mutation::Delete(_)) && !self.tables.known(m.collection()))
+            .map(Mutation::collection)
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -203,54 +161,97 @@ impl PostgresStore {
         client: &mut Object,
         mutations: &[Mutation],
         tables: &[String],
-    ) -> StoreResult<Option<Vec<Written>>> {
+    ) -> Result<Option<Vec<Written>>, Retry> {
         let missing = self.missing_tables(client, mutations).await?;
-        let now = now_micros();
         // READ COMMITTED whatever the role's default: each statement sees tables
-        // that other sessions created meanwhile, and conditions are re-checked on
-        // the latest committed row.
+        // that other sessions created meanwhile, and FOR UPDATE reads the
+        // latest committed row.
         let mut tx = client
             .build_transaction()
             .isolation_level(IsolationLevel::ReadCommitted)
             .start()
             .await
             .map_err(|e| self.pg(e))?;
+        // The transaction's time, on the database's clock.
+        let now: i64 = tx
+            .query_one(&format!("SELECT {NOW}"), &[&self.clock.offset()])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| self.pg(e))?;
         let mut created: Vec<&str> = Vec::new();
         let mut results = Vec::with_capacity(mutations.len());
         // Returning early drops `tx`, which rolls everything back (table creations too).
         for (index, (mutation, table)) in mutations.iter().zip(tables).enumerate() {
             let collection = mutation.collection();
-            let result = match mutation {
-                Mutation::Save(op) => {
-                    if missing.contains(collection) && !created.contains(&collection) {
-                        self.tables
-                            .create_in(&mut tx, collection, &self.target)
-                            .await
-                            .map_err(|e| e.in_mutation(index))?;
-                        created.push(collection);
-                    }
-                    save_in(&tx, table, op, now).await.map(Written::Saved)
+            let create = missing.contains(collection) && !created.contains(&collection);
+            if create {
+                created.push(collection);
+            }
+            let result = async {
+                if create {
+                    self.tables.create_in(&mut tx, collection).await?;
                 }
-                Mutation::Delete(op) => delete_in(&tx, table, op).await.map(|()| Written::Deleted),
-            };
+                let row = stored(&tx, table, mutation.key(), mutation.needs_stored_data()).await?;
+                let planned = mutation.plan(row, now)?;
+                apply(&tx, table, &planned.action).await?;
+                Ok::<_, OpError>(planned.written)
+            }
+            .await;
             match result {
                 Ok(written) => results.push(written),
                 Err(e) if e.is_missing_table() => {
                     return match mutation {
                         _ if !self.auto_create => {
-                            Err(self.tables.no_table(collection).in_mutation(index))
+                            Err(self.tables.no_table(collection).in_mutation(index).into())
                         }
-                        Mutation::Save(_) => Ok(None),
-                        Mutation::Delete(op) => {
-                            Err(StoreError::not_found(collection, &op.id).in_mutation(index))
+                        Mutation::Delete(op) if op.allow_missing => {
+                            results.push(Written::Deleted);
+                            // Nothing to delete in a collection that does not exist.
+                            continue;
                         }
+                        Mutation::Delete(op) => Err(StoreError::not_found(collection, &op.key.id)
+                            .in_mutation(index)
+                            .into()),
+                        _ => Ok(None),
                     };
                 }
-                Err(e) => return Err(e.resolve(&self.target).in_mutation(index)),
+                Err(OpError::Pg(e)) if is_conflict(&e) => {
+                    return Err(Retry::Race(
+                        StoreError::unavailable(format!(
+                            "the write conflicted with a concurrent transaction ({}); retry",
+                            describe(&e)
+                        ))
+                        .in_mutation(index),
+                    ));
+                }
+                Err(e) => return Err(e.resolve(&self.target).in_mutation(index).into()),
             }
         }
-        tx.commit().await.map_err(|e| self.pg(e))?;
+        tx.commit().await.map_err(|e| {
+            if e.code().is_none() {
+                // The connection died during COMMIT: applied or not, nobody knows.
+                StoreError::commit_unknown(format!(
+                    "the connection to PostgreSQL at {} broke during COMMIT ({}): the write may or may not be applied; read before retrying",
+                    self.target,
+                    describe(&e)
+                ))
+            } else {
+                self.pg(e)
+            }
+        })?;
         self.tables.remember(created);
         Ok(Some(results))
+    }
+}
+
+/// Why one attempt of a write failed: a lost insert race is retried.
+enum Retry {
+    Race(StoreError),
+    No(StoreError),
+}
+
+impl From<StoreError> for Retry {
+    fn from(e: StoreError) -> Self {
+        Retry::No(e)
     }
 }
