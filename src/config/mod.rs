@@ -135,8 +135,8 @@ pub struct ServeArgs {
     pub max_message_bytes: usize,
 
     /// Seconds between rounds of the expiry reaper, which deletes expired
-    /// documents (reads never return them either way); 0.01 to 86400.
-    #[arg(long, env = "DOCSIDECAR_REAP_INTERVAL", default_value = "1", value_parser = seconds(0.01, 86_400.0))]
+    /// documents (reads never return them either way); 0.001 to 86400.
+    #[arg(long, env = "DOCSIDECAR_REAP_INTERVAL", default_value = "1", value_parser = seconds(0.001, 86_400.0))]
     pub reap_interval: Duration,
 
     /// Expired documents the reaper deletes per transaction (short transactions,
