@@ -12,12 +12,13 @@ use docsidecar::proto::{GetRequest, SaveRequest};
 use docsidecar::server::Server;
 use std::process::Command;
 
-/// Whether each session of the sidecar named `app` is encrypted (pg_stat_ssl).
+/// Whether each session of the sidecar named `app` is encrypted (pg_stat_ssl):
+/// its pool's, and its health check's (`app (health)`).
 async fn encrypted(admin: &tokio_postgres::Client, app: &str) -> Vec<bool> {
     admin
         .query(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
-             WHERE a.application_name = $1",
+             WHERE a.application_name = $1 OR a.application_name = $1 || ' (health)'",
             &[&app],
         )
         .await

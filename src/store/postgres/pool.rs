@@ -105,24 +105,18 @@ impl Pools {
     /// must neither wait for traffic nor hold traffic's connections (the
     /// reaper). `lock_timeout` keeps it from queueing behind DDL.
     pub(super) async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
-        let mut cfg = self.config();
-        let name = format!(
-            "{} (reaper)",
-            cfg.get_application_name().unwrap_or("docsidecar")
-        );
-        cfg.application_name(&name);
-        cfg.options("-c lock_timeout=200 -c statement_timeout=30000");
-        let (client, connection) = cfg.connect(self.tls.clone()).await.map_err(|e| {
+        self.connect_direct(
+            "reaper",
+            Some("-c lock_timeout=200 -c statement_timeout=30000"),
+        )
+        .await
+        .map_err(|e| {
             StoreError::unavailable(format!(
                 "cannot connect to PostgreSQL at {}: {}",
                 self.target,
                 describe(&e)
             ))
-        })?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        })
     }
 
     /// Whether the database answers `SELECT 1`, asked on the health connection
@@ -135,7 +129,7 @@ impl Pools {
         let answered = tokio::time::timeout(limit, async {
             let client = match slot.take() {
                 Some(client) if !client.is_closed() => client,
-                _ => self.connect_direct().await?,
+                _ => self.connect_direct("health", None).await?,
             };
             client.simple_query("SELECT 1").await?;
             Ok::<_, tokio_postgres::Error>(client)
@@ -151,13 +145,27 @@ impl Pools {
         }
     }
 
-    /// A connection outside the pool, with the current password; its driver
-    /// runs in the store's tasks and ends when the client is dropped.
-    async fn connect_direct(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, connection) = self.config().connect(self.tls.clone()).await?;
+    /// A connection outside the pool, with the current password and TLS,
+    /// named for its `purpose` (`docsidecar (health)`) in `pg_stat_activity`;
+    /// its driver runs in the store's tasks and ends when the client is dropped.
+    async fn connect_direct(
+        &self,
+        purpose: &'static str,
+        options: Option<&str>,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut cfg = self.config();
+        let name = format!(
+            "{} ({purpose})",
+            cfg.get_application_name().unwrap_or("docsidecar")
+        );
+        cfg.application_name(&name);
+        if let Some(options) = options {
+            cfg.options(options);
+        }
+        let (client, connection) = cfg.connect(self.tls.clone()).await?;
         self.tasks.spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(error = %describe(&e), "the health connection ended");
+                tracing::debug!(purpose, error = %describe(&e), "a dedicated PostgreSQL connection ended");
             }
         });
         Ok(client)
