@@ -64,7 +64,7 @@ macro_rules! db_args {
             #[arg(long, env = concat!($prefix, "DB_SSLKEY"), requires = "db_sslcert")]
             pub db_sslkey: Option<PathBuf>,
             /// Database connections to keep, 1 to 1000 (SQLite: reader connections).
-            /// Default: 2 x cores + 1. PostgreSQL also holds one more, for health checks.
+            /// Default: 2 x cores + 1. PostgreSQL also holds two more (health check, expiry reaper).
             #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"), value_parser = count(1usize, 1000, "a number of connections"))]
             pub db_pool_size: Option<usize>,
             /// Connection attempts at start-up before giving up (0: retry forever).
