@@ -1,6 +1,7 @@
 //! Command line and environment: every setting is a flag with an environment
 //! variable (see `docsidecar --help`), resolved once into typed values.
 
+use crate::api::WatchLimits;
 use crate::policy::{self, Policy, PolicyError};
 use crate::reaper::Reaping;
 use crate::secret::{self, SecretError};
@@ -114,6 +115,29 @@ pub struct ServeArgs {
     #[arg(long, env = "DOCSIDECAR_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// How long the change feed keeps history for Watch resume tokens: a
+    /// number with a unit, s, m, h or d (`24h`). Older tokens are OUT_OF_RANGE.
+    #[arg(long, env = "DOCSIDECAR_CHANGE_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub change_retention: Duration,
+
+    /// Watch streams served at once; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "DOCSIDECAR_MAX_WATCH_STREAMS", default_value_t = 100)]
+    pub max_watch_streams: usize,
+
+    /// Seconds a watcher may leave its buffer full before its stream ends
+    /// with ABORTED (WATCH_TOO_SLOW); it resumes from its last token.
+    #[arg(long, env = "DOCSIDECAR_WATCH_SLOW_AFTER", default_value = "30", value_parser = parse_seconds)]
+    pub watch_slow_after: Duration,
+
+    /// Seconds between PROGRESS events on a quiet Watch stream (at most 10).
+    #[arg(long, env = "DOCSIDECAR_WATCH_PROGRESS", default_value = "10", value_parser = parse_seconds)]
+    pub watch_progress: Duration,
+
+    /// Seconds between a Watch stream's reads of the feed when nothing wakes
+    /// it (writes through another sidecar without a notification).
+    #[arg(long, env = "DOCSIDECAR_WATCH_POLL", default_value = "0.5", value_parser = parse_seconds)]
+    pub watch_poll: Duration,
+
     /// Seconds between rounds of the expiry reaper, which deletes expired
     /// documents (reads never return them either way).
     #[arg(long, env = "DOCSIDECAR_REAP_INTERVAL", default_value = "1", value_parser = parse_seconds)]
@@ -150,6 +174,8 @@ pub struct ServeConfig {
     pub health_interval: Duration,
     pub shutdown_grace: Duration,
     pub reaping: Reaping,
+    pub change_retention: Duration,
+    pub watch: WatchLimits,
 }
 
 /// A setting that cannot be used, or a policy file that cannot.
@@ -190,6 +216,13 @@ impl ServeArgs {
             reaping: Reaping {
                 every: self.reap_interval,
                 batch: self.reap_batch.max(1),
+            },
+            change_retention: self.change_retention,
+            watch: WatchLimits {
+                max_streams: self.max_watch_streams,
+                slow_after: self.watch_slow_after,
+                poll_every: self.watch_poll,
+                progress_every: self.watch_progress.min(Duration::from_secs(10)),
             },
         })
     }
@@ -264,6 +297,27 @@ impl fmt::Display for ListenAddr {
             ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
+}
+
+/// A duration with a unit: `90s`, `30m`, `24h`, `7d`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration: a number with a unit s, m, h or d (24h)"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "`{s}` is not a duration: a number with a unit s, m, h or d (24h)"
+            ))
+        }
+    };
+    Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

@@ -18,6 +18,10 @@ pub const DOCUMENTS_WRITTEN_TOTAL: &str = "docsidecar_documents_written_total";
 pub const DOCUMENTS_DELETED_TOTAL: &str = "docsidecar_documents_deleted_total";
 pub const DOCUMENTS_EXPIRED_TOTAL: &str = "docsidecar_documents_expired_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
+pub const WATCH_STREAMS_OPEN: &str = "docsidecar_watch_streams_open";
+pub const WATCH_EVENTS_SENT_TOTAL: &str = "docsidecar_watch_events_sent_total";
+pub const WATCH_LAG_SECONDS: &str = "docsidecar_watch_lag_seconds";
+pub const WATCH_STREAMS_ENDED_TOTAL: &str = "docsidecar_watch_streams_ended_total";
 
 /// One finished call: its method, status and latency.
 pub fn request(method: &'static str, code: &'static str, seconds: f64) {
@@ -79,4 +83,21 @@ pub fn documents_expired(n: u64) {
 
 pub fn build_info() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// A Watch stream opened (+1) or ended (-1).
+pub fn watch_streams(delta: f64) {
+    metrics::gauge!(WATCH_STREAMS_OPEN).increment(delta);
+}
+
+/// A change delivered to a watcher, `lag` seconds after its commit.
+pub fn watch_event_sent(lag: f64) {
+    metrics::counter!(WATCH_EVENTS_SENT_TOTAL).increment(1);
+    metrics::gauge!(WATCH_LAG_SECONDS).set(lag.max(0.0));
+}
+
+/// Why a Watch stream ended (bounded: client_gone, too_slow, shutting_down,
+/// error, rejected).
+pub fn watch_ended(reason: &'static str) {
+    metrics::counter!(WATCH_STREAMS_ENDED_TOTAL, "reason" => reason).increment(1);
 }

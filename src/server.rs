@@ -246,6 +246,12 @@ impl Server {
         ));
 
         tasks.spawn(crate::reaper::run(store.clone(), config.reaping));
+        tasks.spawn(crate::reaper::prune_changes(
+            store.clone(),
+            config.change_retention,
+        ));
+        // Turns true when draining starts: Watch streams end at once.
+        let (draining_tx, draining) = tokio::sync::watch::channel(false);
 
         let indexes = Indexes {
             declared: config.policy.as_ref().map(|p| p.indexes.clone()),
@@ -261,6 +267,8 @@ impl Server {
                 max_document_bytes: config.max_document_bytes,
             },
             indexes,
+            config.watch.clone(),
+            draining,
             scope,
         );
         let documents = DocumentServiceServer::new(api)
@@ -283,6 +291,7 @@ impl Server {
             .add_service(documents);
 
         let drain = Drain {
+            draining: draining_tx,
             lifecycle: lifecycle.clone(),
             reporter,
             delay: config.shutdown_delay,
@@ -356,6 +365,8 @@ type Layers = Stack<DeadlineLayer, Stack<AuthLayer, Stack<RequestLogLayer, Ident
 /// shutdown delay (SIGTERM only), then in-flight calls get the grace period,
 /// then those still running end UNAVAILABLE.
 struct Drain {
+    /// Ends the Watch streams (they would otherwise hold the drain).
+    draining: tokio::sync::watch::Sender<bool>,
     lifecycle: Arc<Lifecycle>,
     reporter: HealthReporter,
     delay: Duration,
@@ -383,6 +394,7 @@ impl Drain {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let Drain {
+            draining: watch_draining,
             lifecycle,
             reporter,
             delay,
@@ -397,6 +409,7 @@ impl Drain {
             };
             // Not ready from now on, whatever the database says.
             lifecycle.set_draining();
+            watch_draining.send_replace(true);
             set_health(&reporter, ServingStatus::NotServing).await;
             if stop == Stop::Graceful && !delay.is_zero() {
                 info!(

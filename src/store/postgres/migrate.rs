@@ -131,7 +131,7 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
     }
     tx.batch_execute(&schema_objects_ddl(&target.schema))
         .await
-        .map_err(|e| pg_error("creating the query key function", e))?;
+        .map_err(|e| pg_error("creating the query key function and the change feed", e))?;
     if current < SCHEMA_VERSION {
         // Expand: tables of earlier releases gain the new columns.
         for collection in tables
@@ -169,7 +169,9 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
             "GRANT USAGE ON SCHEMA {schema} TO {role_q};
              REVOKE CREATE ON SCHEMA {schema} FROM {role_q};
              REVOKE ALL ON {schema}._migrations FROM {role_q};
-             GRANT SELECT ON {schema}._migrations TO {role_q};"
+             GRANT SELECT ON {schema}._migrations TO {role_q};
+             {feed}",
+            feed = super::feed::feed_grants(&target.schema, &role_q)
         );
         for (collection, access) in &plan.collections {
             let table = format!("{schema}.\"{collection}\"");

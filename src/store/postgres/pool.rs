@@ -14,6 +14,10 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
+/// A connection's future, which delivers its notifications.
+pub(super) type PgConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>;
+
 /// The current pool. A rotated password gets a new pool; the old one is only
 /// dropped, never closed, so calls holding or awaiting its connections finish on
 /// them, and those connections close as they come back.
@@ -87,26 +91,37 @@ impl Pools {
 
     /// A connection of its own, outside the pool, for background work that
     /// must neither wait for traffic nor hold traffic's connections (the
-    /// reaper). `lock_timeout` keeps it from queueing behind DDL.
-    pub(super) async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
+    /// reaper, the feed's sequencer). `lock_timeout` keeps it from queueing
+    /// behind DDL.
+    pub(super) async fn dedicated(&self, role: &str) -> StoreResult<tokio_postgres::Client> {
+        let (client, connection) = self.connect_as(role).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// A connection of its own with its connection future, for LISTEN (the
+    /// caller polls the connection for notifications).
+    pub(super) async fn listener(&self) -> StoreResult<(tokio_postgres::Client, PgConnection)> {
+        self.connect_as("listener").await
+    }
+
+    async fn connect_as(&self, role: &str) -> StoreResult<(tokio_postgres::Client, PgConnection)> {
         let mut cfg = self.config();
         let name = format!(
-            "{} (reaper)",
+            "{} ({role})",
             cfg.get_application_name().unwrap_or("docsidecar")
         );
         cfg.application_name(&name);
         cfg.options("-c lock_timeout=200 -c statement_timeout=30000");
-        let (client, connection) = cfg.connect(NoTls).await.map_err(|e| {
+        cfg.connect(NoTls).await.map_err(|e| {
             StoreError::unavailable(format!(
                 "cannot connect to PostgreSQL at {}: {}",
                 self.target,
                 describe(&e)
             ))
-        })?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        })
     }
 
     /// Watches the password file in `tasks`; stops when the pools are gone.
