@@ -25,6 +25,10 @@ pub const CONNECTIONS_OPEN: &str = "docsidecar_connections_open";
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "docsidecar_connections_rejected_total";
 pub const CONNECTIONS_CLOSED_IDLE_TOTAL: &str = "docsidecar_connections_closed_idle_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "docsidecar_accept_errors_total";
+pub const WATCH_STREAMS_OPEN: &str = "docsidecar_watch_streams_open";
+pub const WATCH_EVENTS_SENT_TOTAL: &str = "docsidecar_watch_events_sent_total";
+pub const WATCH_LAG_SECONDS: &str = "docsidecar_watch_lag_seconds";
+pub const WATCH_STREAMS_ENDED_TOTAL: &str = "docsidecar_watch_streams_ended_total";
 
 /// One finished call: its method, status and latency.
 pub fn request(method: &'static str, code: &'static str, seconds: f64) {
@@ -134,4 +138,21 @@ pub fn connection_closed_idle() {
 /// accept() failed (out of file descriptors, say); the loop backs off.
 pub fn accept_error() {
     metrics::counter!(ACCEPT_ERRORS_TOTAL).increment(1);
+}
+
+/// A Watch stream opened (+1) or ended (-1).
+pub fn watch_streams(delta: f64) {
+    metrics::gauge!(WATCH_STREAMS_OPEN).increment(delta);
+}
+
+/// A change delivered to a watcher, `lag` seconds after its commit.
+pub fn watch_event_sent(lag: f64) {
+    metrics::counter!(WATCH_EVENTS_SENT_TOTAL).increment(1);
+    metrics::gauge!(WATCH_LAG_SECONDS).set(lag.max(0.0));
+}
+
+/// Why a Watch stream ended (bounded: client_gone, too_slow, shutting_down,
+/// error, rejected).
+pub fn watch_ended(reason: &'static str) {
+    metrics::counter!(WATCH_STREAMS_ENDED_TOTAL, "reason" => reason).increment(1);
 }

@@ -1,4 +1,6 @@
-//! The expiry reaper: deletes expired documents in small batches, so expired
+//! Housekeeping: the expiry reaper, and the pruning of old change history.
+//!
+//! The expiry reaper deletes expired documents in small batches, so expired
 //! rows do not pile up. Reads never depend on it (an expired document is
 //! absent the instant it expires); it only reclaims space. Each batch is one
 //! short transaction in the store ([`DocumentStore::reap_expired`], the one
@@ -41,6 +43,28 @@ pub async fn run(store: Arc<dyn DocumentStore>, reaping: Reaping) {
                         tracing::warn!(error = %e, "the expiry reaper cannot delete expired documents now; retrying");
                     }
                     failing = true;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Prunes change history older than `retention`, every minute, in batches.
+pub async fn prune_changes(store: Arc<dyn DocumentStore>, retention: Duration) {
+    const BATCH: usize = 5000;
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let before = crate::store::now_micros()
+            - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX / 2);
+        loop {
+            match store.prune_changes(before, BATCH).await {
+                Ok(n) if n == BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "pruning the change history failed; next round");
                     break;
                 }
             }

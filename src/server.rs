@@ -235,6 +235,12 @@ impl Server {
         ));
 
         tasks.spawn(crate::reaper::run(store.clone(), config.reaping));
+        tasks.spawn(crate::reaper::prune_changes(
+            store.clone(),
+            config.change_retention,
+        ));
+        // Turns true when draining starts: Watch streams end at once.
+        let (draining_tx, draining) = tokio::sync::watch::channel(false);
 
         let indexes = Indexes {
             declared: config.policy.as_ref().map(|p| p.indexes.clone()),
@@ -250,6 +256,8 @@ impl Server {
                 max_document_bytes: config.max_document_bytes,
             },
             indexes,
+            config.watch.clone(),
+            draining,
             scope,
         );
         let documents = DocumentServiceServer::new(api)
@@ -282,6 +290,7 @@ impl Server {
             .service(routes);
 
         let drain = Drain {
+            draining: draining_tx,
             lifecycle: lifecycle.clone(),
             reporter,
             delay: config.shutdown_delay,
@@ -328,6 +337,8 @@ async fn start_admin(
 /// shutdown delay (SIGTERM only), then in-flight calls get the grace period,
 /// then those still running end UNAVAILABLE.
 struct Drain {
+    /// Ends the Watch streams (they would otherwise hold the drain).
+    draining: tokio::sync::watch::Sender<bool>,
     lifecycle: Arc<Lifecycle>,
     reporter: HealthReporter,
     delay: Duration,
@@ -351,6 +362,7 @@ impl Drain {
         S::Future: Send + 'static,
     {
         let Drain {
+            draining: watch_draining,
             lifecycle,
             reporter,
             delay,
@@ -365,6 +377,7 @@ impl Drain {
             };
             // Not ready from now on, whatever the database says.
             lifecycle.set_draining();
+            watch_draining.send_replace(true);
             set_health(&reporter, ServingStatus::NotServing).await;
             if stop == Stop::Graceful && !delay.is_zero() {
                 info!(

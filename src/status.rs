@@ -42,6 +42,9 @@ pub enum Reason {
     Internal,
     /// Not in the contract's list: a part of the API not served yet.
     Unimplemented,
+    /// Not in the contract's list yet (proposed): the sidecar serves as many
+    /// Watch streams as it may.
+    WatchStreamsExhausted,
 }
 
 impl Reason {
@@ -56,7 +59,7 @@ impl Reason {
             CollectionNotAllowed | CollectionReadOnly | ScopeNotAllowed | FieldReadOnly
             | FieldHidden => Code::PermissionDenied,
             IndexRequired | DatabaseReadOnly | TableMissing => Code::FailedPrecondition,
-            MessageTooLarge | DiskFull => Code::ResourceExhausted,
+            MessageTooLarge | DiskFull | WatchStreamsExhausted => Code::ResourceExhausted,
             ResumeTokenExpired => Code::OutOfRange,
             DatabaseUnavailable | PoolExhausted | CommitUnknown | ShuttingDown => Code::Unavailable,
             DeadlineExceeded => Code::DeadlineExceeded,
@@ -94,6 +97,7 @@ impl Reason {
             DeadlineExceeded => "DEADLINE_EXCEEDED",
             Internal => "INTERNAL",
             Unimplemented => "UNIMPLEMENTED",
+            WatchStreamsExhausted => "WATCH_STREAMS_EXHAUSTED",
         }
     }
 

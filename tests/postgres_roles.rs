@@ -322,6 +322,14 @@ async fn each_service_role_is_confined_to_its_tables_by_the_database() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let expected: Vec<(String, String)> = [
+        // The change feed: writes record changes, the sequencer numbers
+        // them, watchers read them, retention prunes them.
+        ("_changes", "DELETE"),
+        ("_changes", "INSERT"),
+        ("_changes", "SELECT"),
+        ("_changes", "UPDATE"),
+        ("_feed", "SELECT"),
+        ("_feed", "UPDATE"),
         ("_migrations", "SELECT"),
         ("catalog", "SELECT"),
         ("events", "DELETE"),

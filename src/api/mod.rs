@@ -8,8 +8,10 @@ pub mod page_token;
 mod query;
 pub mod size;
 pub mod validate;
+mod watch;
 
 pub use query::Indexes;
+pub use watch::WatchLimits;
 
 pub use error::ApiError;
 
@@ -42,6 +44,11 @@ pub struct DocumentApi {
     store: Arc<dyn DocumentStore>,
     limits: Limits,
     indexes: Indexes,
+    watch: WatchLimits,
+    /// Watch streams served at once.
+    watch_slots: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the sidecar starts shutting down: watch streams end.
+    draining: tokio::sync::watch::Receiver<bool>,
     /// The service's scope, for calls that the auth layer did not narrow.
     scope: Scope,
 }
@@ -61,14 +68,26 @@ impl DocumentApi {
         store: Arc<dyn DocumentStore>,
         limits: Limits,
         indexes: Indexes,
+        watch: WatchLimits,
+        draining: tokio::sync::watch::Receiver<bool>,
         scope: Scope,
     ) -> Self {
         DocumentApi {
             store,
             limits,
             indexes,
+            watch_slots: Arc::new(tokio::sync::Semaphore::new(watch.max_streams)),
+            watch,
+            draining,
             scope,
         }
+    }
+
+    /// A resume token at or before whatever is read next: List-then-Watch
+    /// from it misses nothing.
+    async fn resume_token(&self) -> Result<String, Status> {
+        let bounds = self.store.feed_bounds().await?;
+        Ok(watch::resume_token(bounds.feed_id, bounds.head))
     }
 
     /// The caller's scope, as the auth layer established it (the service's own
@@ -184,6 +203,7 @@ impl DocumentService for DocumentApi {
     ) -> Result<Response<proto::ListResponse>, Status> {
         let (caller, list) = self.accept(request)?;
         caller.authorize(&list.collection, Need::Read)?;
+        let resume_token = self.resume_token().await?;
         let page = self.store.list(&list, RESPONSE_BUDGET).await?;
         let next_page_token = match page.documents.last() {
             Some(last) if page.more => page_token::encode(&list.collection, &last.key.id),
@@ -197,7 +217,7 @@ impl DocumentService for DocumentApi {
         Ok(Response::new(proto::ListResponse {
             documents,
             next_page_token,
-            resume_token: String::new(),
+            resume_token,
         }))
     }
 
@@ -270,6 +290,7 @@ impl DocumentService for DocumentApi {
         let query::Validated { query, fingerprint } = query::query(request, &self.limits)?;
         caller.authorize(&query.collection, Need::Read)?;
         self.indexes.check(&query)?;
+        let resume_token = self.resume_token().await?;
         let page = self.store.query(&query, RESPONSE_BUDGET).await?;
         let next_page_token = match page.documents.last() {
             Some(last) if page.more => {
@@ -292,7 +313,7 @@ impl DocumentService for DocumentApi {
         Ok(Response::new(proto::QueryResponse {
             documents,
             next_page_token,
-            resume_token: String::new(),
+            resume_token,
         }))
     }
 
@@ -312,13 +333,63 @@ impl DocumentService for DocumentApi {
         }))
     }
 
-    type WatchStream = futures_util::stream::BoxStream<'static, Result<proto::ChangeEvent, Status>>;
+    type WatchStream = watch::WatchStream;
 
     async fn watch(
         &self,
-        _request: Request<proto::WatchRequest>,
+        request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(ApiError::unimplemented("Watch").into())
+        let caller = self.caller(&request);
+        let proto::WatchRequest {
+            collections,
+            resume_token,
+            include_documents,
+        } = request.into_inner();
+        // Empty: every collection the caller may read.
+        let collections = if collections.is_empty() {
+            caller.0.collections()
+        } else {
+            for (i, c) in collections.iter().enumerate() {
+                validate::collection(c).map_err(|e| match e {
+                    ApiError::Invalid {
+                        message, reason, ..
+                    } => ApiError::Invalid {
+                        field: format!("collections[{i}]"),
+                        message,
+                        reason,
+                    },
+                    e => e,
+                })?;
+                caller.authorize(c, Need::Read)?;
+            }
+            Some(collections)
+        };
+        let start = match resume_token.as_str() {
+            "" => self.store.feed_now().await?.head,
+            token => watch::resume_position(token, &self.store.feed_bounds().await?)?,
+        };
+        let bounds = self.store.feed_bounds().await?;
+        let permit = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
+            metrics::watch_ended("rejected");
+            Status::from(ApiError::Refused {
+                reason: crate::status::Reason::WatchStreamsExhausted,
+                message: format!(
+                    "this sidecar serves at most {} Watch streams at once (DOCSIDECAR_MAX_WATCH_STREAMS): retry later or close idle streams",
+                    self.watch.max_streams
+                ),
+                metadata: Vec::new(),
+            })
+        })?;
+        let watcher = watch::Watcher {
+            store: self.store.clone(),
+            collections,
+            start,
+            feed_id: bounds.feed_id,
+            include_documents,
+            limits: self.watch.clone(),
+            draining: self.draining.clone(),
+        };
+        Ok(Response::new(watcher.stream(permit)))
     }
 
     async fn list_collections(

@@ -14,6 +14,7 @@ pub mod values;
 pub use cli::parse;
 pub use db::{DbArgs, DbType, MigrateDbArgs, ServeDbArgs, DEFAULT_SQLITE_FILE};
 
+use crate::api::WatchLimits;
 use crate::policy::{self, Access, Policy, PolicyError};
 use crate::reaper::Reaping;
 use crate::secret::SecretError;
@@ -23,7 +24,7 @@ use crate::transport;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
-use values::{count, seconds};
+use values::{count, duration, seconds};
 
 /// The sidecar's command line.
 #[derive(Debug, Parser)]
@@ -134,6 +135,32 @@ pub struct ServeArgs {
           value_parser = count(4096usize, 1 << 30, "a number of bytes"))]
     pub max_message_bytes: usize,
 
+    /// How long the change feed keeps history for Watch resume tokens: a
+    /// number with a unit, s, m, h or d (`24h`), from 1s to 365d. Older tokens
+    /// are OUT_OF_RANGE.
+    #[arg(long, env = "DOCSIDECAR_CHANGE_RETENTION", default_value = "24h",
+          value_parser = duration(Duration::from_secs(1), Duration::from_secs(365 * 86_400)))]
+    pub change_retention: Duration,
+
+    /// Watch streams served at once, 1 to 100000; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "DOCSIDECAR_MAX_WATCH_STREAMS", default_value_t = 100,
+          value_parser = count(1usize, 100_000, "a number of streams"))]
+    pub max_watch_streams: usize,
+
+    /// Seconds a watcher may leave its buffer full before its stream ends
+    /// with ABORTED (WATCH_TOO_SLOW; it resumes from its last token); 0.1 to 3600.
+    #[arg(long, env = "DOCSIDECAR_WATCH_SLOW_AFTER", default_value = "30", value_parser = seconds(0.1, 3600.0))]
+    pub watch_slow_after: Duration,
+
+    /// Seconds between PROGRESS events on a quiet Watch stream; 0.01 to 10.
+    #[arg(long, env = "DOCSIDECAR_WATCH_PROGRESS", default_value = "10", value_parser = seconds(0.01, 10.0))]
+    pub watch_progress: Duration,
+
+    /// Seconds between a Watch stream's reads of the feed when nothing wakes
+    /// it (writes through another sidecar without a notification); 0.001 to 60.
+    #[arg(long, env = "DOCSIDECAR_WATCH_POLL", default_value = "0.5", value_parser = seconds(0.001, 60.0))]
+    pub watch_poll: Duration,
+
     /// Seconds between rounds of the expiry reaper, which deletes expired
     /// documents (reads never return them either way); 0.001 to 86400.
     #[arg(long, env = "DOCSIDECAR_REAP_INTERVAL", default_value = "1", value_parser = seconds(0.001, 86_400.0))]
@@ -228,6 +255,8 @@ pub struct ServeConfig {
     pub health_interval: Duration,
     pub shutdown_grace: Duration,
     pub reaping: Reaping,
+    pub change_retention: Duration,
+    pub watch: WatchLimits,
     pub connections: transport::Limits,
 }
 
@@ -271,6 +300,13 @@ impl ServeArgs {
             reaping: Reaping {
                 every: self.reap_interval,
                 batch: self.reap_batch,
+            },
+            change_retention: self.change_retention,
+            watch: WatchLimits {
+                max_streams: self.max_watch_streams,
+                slow_after: self.watch_slow_after,
+                poll_every: self.watch_poll,
+                progress_every: self.watch_progress,
             },
             connections: self.connections.into(),
         })

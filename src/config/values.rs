@@ -30,6 +30,39 @@ pub fn seconds(
     }
 }
 
+/// A duration with a unit (`90s`, `30m`, `24h`, `7d`) within `min..=max`.
+pub fn duration(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let range = || {
+            format!(
+                "a number with a unit s, m, h or d (24h) from {}s to {}d",
+                min.as_secs(),
+                max.as_secs() / 86_400
+            )
+        };
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration: expected {}", range()))?;
+        let seconds = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(format!("`{s}` is not a duration: expected {}", range())),
+        };
+        let d = Duration::from_secs(n.saturating_mul(seconds));
+        if d < min || d > max {
+            return Err(format!("{s} is out of range: expected {}", range()));
+        }
+        Ok(d)
+    }
+}
+
 /// A whole number within `min..=max`; `what` names it in messages ("a number
 /// of bytes", "a port number").
 pub fn count<T>(
@@ -110,6 +143,17 @@ mod tests {
         for bad in ["0", "1001", "-3", "ten", "1.5"] {
             let err = parse(bad).unwrap_err();
             assert!(err.contains("from 1 to 1000"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_have_units_and_ranges() {
+        let parse = duration(Duration::from_secs(1), Duration::from_secs(365 * 86_400));
+        assert_eq!(parse("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse("90s").unwrap(), Duration::from_secs(90));
+        for bad in ["0s", "400d", "24", "h", "1.5h", ""] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains("from 1s to 365d"), "{bad}: {err}");
         }
     }
 

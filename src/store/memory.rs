@@ -1,7 +1,7 @@
 //! In-memory store for tests and demos, and the reference every other store is
 //! compared with: the same semantics as the databases, nothing persisted.
 
-use super::plan::Action;
+use super::plan::{self, Action};
 use super::*;
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -11,12 +11,38 @@ use std::sync::RwLock;
 /// multi-scope walks.
 type Collection = BTreeMap<(String, String), Document>;
 
-/// Documents in ordered maps behind one lock; a write holds the lock for the
-/// whole transaction, so conditions and changes are decided together.
+/// Documents in ordered maps and the change feed, behind one lock; a write
+/// holds the lock for the whole transaction, so conditions and changes are
+/// decided together and positions follow commit order.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    collections: RwLock<BTreeMap<String, Collection>>,
+    collections: RwLock<State>,
     clock: Clock,
+    wakeups: changes::Wakeups,
+    feed_id: u128,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    docs: BTreeMap<String, Collection>,
+    feed: std::collections::VecDeque<changes::ChangeRecord>,
+    /// The last position given.
+    head: changes::Position,
+    pruned_through: changes::Position,
+}
+
+impl State {
+    fn record(&mut self, change: plan::Change, commit_time: Micros) {
+        self.head += 1;
+        self.feed.push_back(changes::ChangeRecord {
+            position: self.head,
+            kind: change.kind,
+            key: change.key,
+            rev: change.rev,
+            document: change.document,
+            commit_time,
+        });
+    }
 }
 
 fn slot(key: &Key) -> (String, String) {
@@ -28,16 +54,18 @@ impl MemoryStore {
         MemoryStore {
             collections: RwLock::default(),
             clock,
+            wakeups: changes::Wakeups::default(),
+            feed_id: uuid::Uuid::now_v7().as_u128(),
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Collection>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         // A poisoned lock means a panic mid-write; the maps are still consistent
         // because every change is undone on failure before the guard drops.
         self.collections.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Collection>> {
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.collections.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -48,7 +76,7 @@ impl MemoryStore {
     fn matching(&self, q: &query::Query) -> StoreResult<Vec<(Document, serde_json::Value)>> {
         let now = self.clock.now();
         let all = self.read();
-        let Some(docs) = all.get(&q.collection) else {
+        let Some(docs) = all.docs.get(&q.collection) else {
             return Ok(Vec::new());
         };
         let mut found = Vec::new();
@@ -122,6 +150,7 @@ impl DocumentStore for MemoryStore {
     async fn get(&self, key: &Key) -> StoreResult<Document> {
         let now = self.clock.now();
         self.read()
+            .docs
             .get(&key.collection)
             .and_then(|docs| docs.get(&slot(key)))
             .filter(|d| d.is_live(now))
@@ -130,34 +159,42 @@ impl DocumentStore for MemoryStore {
     }
 
     async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
-        let mut all = self.write_lock();
+        let mut state = self.write_lock();
         let now = self.clock.now();
         let mut undo = Vec::with_capacity(mutations.len());
         let mut results = Vec::with_capacity(mutations.len());
+        let mut changes = Vec::with_capacity(mutations.len());
         for (index, mutation) in mutations.iter().enumerate() {
             let key = mutation.key();
-            let stored = all
+            let stored = state
+                .docs
                 .get(&key.collection)
                 .and_then(|docs| docs.get(&slot(key)))
                 .cloned();
             match mutation.plan(stored, now) {
                 Ok(planned) => {
-                    apply(&mut all, planned.action, &mut undo);
+                    apply(&mut state.docs, planned.action, &mut undo);
                     results.push(planned.written);
+                    changes.extend(planned.changes);
                 }
                 Err(e) => {
-                    rollback(&mut all, undo);
+                    rollback(&mut state.docs, undo);
                     return Err(e.in_mutation(index));
                 }
             }
         }
+        for change in changes {
+            state.record(change, now);
+        }
+        drop(state);
+        self.wakeups.notify();
         Ok(results)
     }
 
     async fn list(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
         let now = self.clock.now();
         let all = self.read();
-        let Some(docs) = all.get(&op.collection) else {
+        let Some(docs) = all.docs.get(&op.collection) else {
             return Ok(Page::default());
         };
         let start = match &op.after {
@@ -181,7 +218,7 @@ impl DocumentStore for MemoryStore {
         let all = self.read();
         let mut batch = Batch::default();
         let mut spending = budget.start();
-        let Some(docs) = all.get(&op.collection) else {
+        let Some(docs) = all.docs.get(&op.collection) else {
             batch.looked_up = op.ids.len();
             return Ok(batch);
         };
@@ -241,28 +278,87 @@ impl DocumentStore for MemoryStore {
 
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {
         let now = self.clock.now();
-        let mut all = self.write_lock();
-        let mut reaped = 0;
-        for docs in all.values_mut() {
-            let expired: Vec<(String, String)> = docs
-                .iter()
-                .filter(|(_, d)| !d.is_live(now))
-                .map(|(k, _)| k.clone())
-                .take(limit - reaped)
-                .collect();
-            for k in expired {
-                docs.remove(&k);
-                reaped += 1;
-            }
-            if reaped == limit {
+        let mut state = self.write_lock();
+        let mut expired = Vec::new();
+        for docs in state.docs.values() {
+            expired.extend(
+                docs.values()
+                    .filter(|d| !d.is_live(now))
+                    .take(limit - expired.len())
+                    .map(|d| (d.key.clone(), d.rev.clone())),
+            );
+            if expired.len() == limit {
                 break;
             }
         }
-        Ok(reaped)
+        for (key, rev) in &expired {
+            if let Some(docs) = state.docs.get_mut(&key.collection) {
+                docs.remove(&slot(key));
+            }
+            let change = plan::Change {
+                kind: plan::ChangeKind::Expired,
+                key: key.clone(),
+                rev: rev.clone(),
+                document: None,
+            };
+            state.record(change, now);
+        }
+        drop(state);
+        if !expired.is_empty() {
+            self.wakeups.notify();
+        }
+        Ok(expired.len())
+    }
+
+    async fn changes(&self, op: &changes::ChangesOp) -> StoreResult<changes::Changes> {
+        let state = self.read();
+        let records: Vec<changes::ChangeRecord> = state
+            .feed
+            .iter()
+            .filter(|r| {
+                r.position > op.after
+                    && op
+                        .collections
+                        .as_ref()
+                        .is_none_or(|c| c.contains(&r.key.collection))
+            })
+            .take(op.limit)
+            .cloned()
+            .collect();
+        let through = match records.last() {
+            Some(last) if records.len() == op.limit => last.position,
+            _ => state.head.max(op.after),
+        };
+        Ok(changes::Changes { records, through })
+    }
+
+    async fn feed_bounds(&self) -> StoreResult<changes::FeedBounds> {
+        let state = self.read();
+        Ok(changes::FeedBounds {
+            pruned_through: state.pruned_through,
+            head: state.head,
+            feed_id: self.feed_id,
+        })
+    }
+
+    async fn prune_changes(&self, before: Micros, limit: usize) -> StoreResult<usize> {
+        let mut state = self.write_lock();
+        let mut pruned = 0;
+        while pruned < limit && state.feed.front().is_some_and(|r| r.commit_time < before) {
+            if let Some(r) = state.feed.pop_front() {
+                state.pruned_through = r.position;
+            }
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
+    fn wakeups(&self) -> changes::Wakeups {
+        self.wakeups.clone()
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
-        Ok(self.read().keys().cloned().collect())
+        Ok(self.read().docs.keys().cloned().collect())
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub mod changes;
 mod error;
 pub mod key;
 pub mod memory;
@@ -471,9 +472,29 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// are ignored).
     async fn count(&self, query: &query::Query) -> StoreResult<u64>;
 
-    /// Deletes up to `limit` expired documents; how many it deleted. The one
-    /// place that removes expired rows (besides a write over one).
+    /// Deletes up to `limit` expired documents, recording an EXPIRED change
+    /// for each in the same transaction; how many it deleted. The one place
+    /// that removes expired rows (besides a write over one).
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize>;
+
+    /// Committed changes after a position, in position (commit) order.
+    async fn changes(&self, op: &changes::ChangesOp) -> StoreResult<changes::Changes>;
+
+    /// The feed's oldest resumable and newest positions, and its identity.
+    async fn feed_bounds(&self) -> StoreResult<changes::FeedBounds>;
+
+    /// [`DocumentStore::feed_bounds`] with a head that covers every change
+    /// committed before the call ("from now"), where numbering lags commits.
+    async fn feed_now(&self) -> StoreResult<changes::FeedBounds> {
+        self.feed_bounds().await
+    }
+
+    /// Deletes up to `limit` changes committed before `before` (retention);
+    /// how many it deleted.
+    async fn prune_changes(&self, before: Micros, limit: usize) -> StoreResult<usize>;
+
+    /// Wake-ups for watchers when changes may have been committed.
+    fn wakeups(&self) -> changes::Wakeups;
 
     /// Names of the collections that exist, sorted.
     async fn list_collections(&self) -> StoreResult<Vec<String>>;
@@ -535,7 +556,11 @@ pub async fn open(
     Ok(match target {
         Target::Memory => Arc::new(MemoryStore::new(clock)),
         Target::Sqlite(t) => Arc::new(SqliteStore::open(t, clock).await?),
-        Target::Postgres(t) => Arc::new(PostgresStore::connect(t, tasks, clock).await?),
+        Target::Postgres(t) => {
+            let store = Arc::new(PostgresStore::connect(t, tasks, clock).await?);
+            store.start_feed(tasks);
+            store
+        }
     })
 }
 

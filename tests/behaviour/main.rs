@@ -13,6 +13,7 @@ mod limits;
 mod queries;
 mod support;
 mod updates;
+mod watch;
 mod writes;
 
 use differential::*;
@@ -22,6 +23,7 @@ use expiry::*;
 use limits::*;
 use queries::*;
 use updates::*;
+use watch::*;
 use writes::*;
 
 /// Instantiates every case for every backend.
@@ -86,5 +88,10 @@ suite!(
         queries_order_across_types,
         query_requests_are_validated,
         queries_agree_with_the_memory_store,
+        watch_delivers_committed_changes_in_order,
+        list_then_watch_misses_nothing,
+        a_write_over_an_expired_document_reports_the_expiry,
+        quiet_streams_send_progress,
+        resume_tokens_are_validated,
     ]
 );

@@ -91,19 +91,24 @@ pub(super) fn upgrade_ddl(schema: &str, collection: &str) -> StoreResult<String>
 
 /// The docsidecar schema version this release writes and needs; recorded in
 /// `_migrations` (see `migrate`).
-pub(super) const SCHEMA_VERSION: i32 = 3;
+pub(super) const SCHEMA_VERSION: i32 = 4;
 
 /// Every version, for `_migrations`.
 pub(super) const SCHEMA_CHANGES: &[(i32, &str)] = &[
     (1, "schema and migration history"),
     (2, "row scopes and expiry"),
     (3, "the sort-key function of queries"),
+    (4, "the change feed"),
 ];
 
 /// What every version needs besides the tables: the query key function
 /// (`CREATE OR REPLACE`, so running it again is harmless).
 pub(super) fn schema_objects_ddl(schema: &str) -> String {
-    super::queries::key_function_ddl(schema)
+    format!(
+        "{};\n{}",
+        super::queries::key_function_ddl(schema),
+        super::feed::feed_ddl(schema)
+    )
 }
 
 /// The tables of one schema, and those known to exist so that writes need no

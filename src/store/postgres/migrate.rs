@@ -29,8 +29,17 @@ pub struct MigratePlan {
     pub revoke_public_temp: bool,
 }
 
-/// The schema's migration history: the runtime role may read it.
-const HISTORY: &str = "_migrations";
+/// What the runtime role needs of the schema's own objects: to read the
+/// schema version in the migration history, and the change feed's.
+fn internal_privileges(relation: &str) -> &'static [&'static str] {
+    match relation {
+        "_migrations" => &["SELECT"],
+        other => super::feed::RUNTIME_PRIVILEGES
+            .iter()
+            .find(|(name, _)| *name == other)
+            .map_or(&[], |(_, privileges)| *privileges),
+    }
+}
 
 /// The rule of [`is_valid_role`], for messages.
 pub const ROLE_RULE: &str =
@@ -154,7 +163,7 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
     }
     tx.batch_execute(&schema_objects_ddl(&target.schema))
         .await
-        .map_err(|e| pg_error("creating the query key function", e))?;
+        .map_err(|e| pg_error("creating the query key function and the change feed", e))?;
     if current < SCHEMA_VERSION {
         // Expand: tables of earlier releases gain the new columns.
         for collection in tables
@@ -190,7 +199,8 @@ type Held = BTreeMap<String, BTreeSet<String>>;
 
 /// Makes the runtime role's privileges in `schema` exactly the plan's: USAGE on
 /// the schema and nothing more there, the declared access on each declared
-/// collection, SELECT on the migration history, nothing on any other table
+/// collection, what the schema's own objects need (the migration history, the
+/// change feed), nothing on any other table
 /// (collections dropped from the policy lose their grants). Only differences
 /// are applied, and each is logged.
 async fn converge_grants(
@@ -257,6 +267,7 @@ async fn converge_grants(
     }
 
     // Every relation of the schema, declared or not.
+    // Every table, view and sequence of the schema, with what the role holds.
     let mut held: Held = BTreeMap::new();
     let mut sequences = BTreeSet::new();
     for row in tx
@@ -264,8 +275,11 @@ async fn converge_grants(
             "SELECT c.relname::text, c.relkind::text, a.privilege_type
              FROM pg_catalog.pg_class c
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-             CROSS JOIN LATERAL aclexplode(c.relacl) a
-             WHERE n.nspname = $1 AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = $2)",
+             LEFT JOIN LATERAL (
+                 SELECT privilege_type FROM aclexplode(c.relacl)
+                 WHERE grantee = (SELECT oid FROM pg_roles WHERE rolname = $2)
+             ) a ON true
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')",
             &[&schema, &role],
         )
         .await
@@ -275,17 +289,18 @@ async fn converge_grants(
         if row.get::<_, String>(1) == "S" {
             sequences.insert(name.clone());
         }
-        held.entry(name).or_default().insert(row.get(2));
-    }
-    for relation in collections.keys().chain([&HISTORY.to_string()]) {
-        held.entry(relation.clone()).or_default();
+        let privileges = held.entry(name).or_default();
+        if let Some(privilege) = row.get::<_, Option<String>>(2) {
+            privileges.insert(privilege);
+        }
     }
     for (relation, has) in &held {
         let want: BTreeSet<String> = match collections.get(relation) {
             Some(grant) => grant.privileges().iter().map(|p| p.to_string()).collect(),
-            // The serving sidecar reads the schema version there.
-            None if relation == HISTORY => BTreeSet::from(["SELECT".to_string()]),
-            None => BTreeSet::new(),
+            None => internal_privileges(relation)
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
         };
         let object = format!("{schema_q}.{}", quote_ident(relation));
         let shown = format!("{schema}.{relation}");
@@ -313,7 +328,7 @@ async fn converge_grants(
             let privileges = grant.join(", ");
             apply(
                 tx,
-                &format!("GRANT {privileges} ON TABLE {object} TO {role_q}"),
+                &format!("GRANT {privileges} ON {kind} {object} TO {role_q}"),
                 "granted",
                 &privileges,
                 &shown,

@@ -17,6 +17,7 @@
 
 mod ddl;
 mod error;
+mod feed;
 pub mod migrate;
 mod pool;
 mod queries;
@@ -142,6 +143,7 @@ pub struct PostgresStore {
     clock: Clock,
     /// Indexes created on first use (no policy), so each is created once.
     indexed: std::sync::Mutex<std::collections::HashSet<String>>,
+    wakeups: changes::Wakeups,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,
 }
@@ -207,6 +209,7 @@ impl PostgresStore {
             auto_create: target.auto_create,
             clock,
             indexed: Default::default(),
+            wakeups: changes::Wakeups::default(),
             target: name,
         };
         let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
@@ -255,6 +258,11 @@ impl PostgresStore {
             "connected to PostgreSQL"
         );
         Ok(store)
+    }
+
+    /// Starts the change feed's sequencer and listener in `tasks`.
+    pub fn start_feed(self: &Arc<Self>, tasks: &Tasks) {
+        feed::spawn(self.clone(), tasks);
     }
 
     fn pg(&self, e: tokio_postgres::Error) -> StoreError {
@@ -367,15 +375,26 @@ impl PostgresStore {
                 break;
             }
             let table = self.tables.table(&collection)?;
+            // The EXPIRED changes are recorded by the same statement.
             let sql = format!(
                 "WITH doomed AS (
                      SELECT ctid FROM {table} WHERE expire_time <= {NOW}
-                     LIMIT $2 FOR UPDATE SKIP LOCKED)
-                 DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM doomed)"
+                     LIMIT $2 FOR UPDATE SKIP LOCKED),
+                 gone AS (DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM doomed) RETURNING scope, id, rev)
+                 {}",
+                feed::expired_insert(&self.tables.schema, &collection)
             );
             let batch = i64::try_from(limit - reaped).unwrap_or(i64::MAX);
             match client.execute(&sql, &[&self.clock.offset(), &batch]).await {
-                Ok(n) => reaped += n as usize,
+                Ok(0) => {}
+                Ok(n) => {
+                    reaped += n as usize;
+                    let channel = feed::channel(&self.tables.schema);
+                    let _ = client
+                        .execute("SELECT pg_notify($1, '')", &[&channel])
+                        .await;
+                    self.wakeups.notify();
+                }
                 Err(e)
                     if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
                 {
@@ -415,6 +434,10 @@ impl DocumentStore for PostgresStore {
         let mut conn = self.pools.acquire().await?;
         let result = self.run_write(&mut conn, &mutations).await;
         conn.release();
+        if result.is_ok() {
+            // Kicks this sidecar's sequencer; others hear the NOTIFY.
+            self.wakeups.notify();
+        }
         result
     }
 
@@ -483,6 +506,26 @@ impl DocumentStore for PostgresStore {
         self.run_count(q).await
     }
 
+    async fn changes(&self, op: &changes::ChangesOp) -> StoreResult<changes::Changes> {
+        self.read_changes(op).await
+    }
+
+    async fn feed_bounds(&self) -> StoreResult<changes::FeedBounds> {
+        self.bounds().await
+    }
+
+    async fn feed_now(&self) -> StoreResult<changes::FeedBounds> {
+        self.settled_bounds().await
+    }
+
+    async fn prune_changes(&self, before: Micros, limit: usize) -> StoreResult<usize> {
+        self.prune(before, limit).await
+    }
+
+    fn wakeups(&self) -> changes::Wakeups {
+        self.wakeups.clone()
+    }
+
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {
         // The reaper's own connection: it never takes one from traffic, and
         // its lock_timeout skips a table that DDL holds (next round).
@@ -491,7 +534,7 @@ impl DocumentStore for PostgresStore {
         let generation = self.pools.generation();
         let client = match reaper.take() {
             Some((c, made)) if !c.is_closed() && made == generation => c,
-            _ => self.pools.dedicated().await?,
+            _ => self.pools.dedicated("reaper").await?,
         };
         let result = self.reap_with(&client, limit).await;
         *reaper = Some((client, generation));

@@ -14,6 +14,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+/// A connection's future, which delivers its notifications (over TLS or not:
+/// the stream type is the connector's).
+pub(super) type PgConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <Connector as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
 /// The current pool. A rotated password gets a new pool; the old one is only
 /// dropped, never closed, so calls holding or awaiting its connections finish on
 /// them, and those connections close as they come back.
@@ -103,20 +110,30 @@ impl Pools {
 
     /// A connection of its own, outside the pool, for background work that
     /// must neither wait for traffic nor hold traffic's connections (the
-    /// reaper). `lock_timeout` keeps it from queueing behind DDL.
-    pub(super) async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
-        self.connect_direct(
-            "reaper",
-            Some("-c lock_timeout=200 -c statement_timeout=30000"),
-        )
-        .await
-        .map_err(|e| {
-            StoreError::unavailable(format!(
-                "cannot connect to PostgreSQL at {}: {}",
-                self.target,
-                describe(&e)
-            ))
-        })
+    /// reaper, the feed's sequencer). `lock_timeout` keeps it from queueing
+    /// behind DDL. Its connection is driven in the store's tasks.
+    pub(super) async fn dedicated(&self, role: &str) -> StoreResult<tokio_postgres::Client> {
+        let (client, connection) = self.connect_as(role).await?;
+        self.drive(role, connection);
+        Ok(client)
+    }
+
+    /// A connection of its own with its connection future, for LISTEN (the
+    /// caller polls the connection for notifications).
+    pub(super) async fn listener(&self) -> StoreResult<(tokio_postgres::Client, PgConnection)> {
+        self.connect_as("listener").await
+    }
+
+    async fn connect_as(&self, role: &str) -> StoreResult<(tokio_postgres::Client, PgConnection)> {
+        self.open(role, Some("-c lock_timeout=200 -c statement_timeout=30000"))
+            .await
+            .map_err(|e| {
+                StoreError::unavailable(format!(
+                    "cannot connect to PostgreSQL at {}: {}",
+                    self.target,
+                    describe(&e)
+                ))
+            })
     }
 
     /// Whether the database answers `SELECT 1`, asked on the health connection
@@ -129,7 +146,11 @@ impl Pools {
         let answered = tokio::time::timeout(limit, async {
             let client = match slot.take() {
                 Some(client) if !client.is_closed() => client,
-                _ => self.connect_direct("health", None).await?,
+                _ => {
+                    let (client, connection) = self.open("health", None).await?;
+                    self.drive("health", connection);
+                    client
+                }
             };
             client.simple_query("SELECT 1").await?;
             Ok::<_, tokio_postgres::Error>(client)
@@ -146,13 +167,12 @@ impl Pools {
     }
 
     /// A connection outside the pool, with the current password and TLS,
-    /// named for its `purpose` (`docsidecar (health)`) in `pg_stat_activity`;
-    /// its driver runs in the store's tasks and ends when the client is dropped.
-    async fn connect_direct(
+    /// named for its `purpose` (`docsidecar (health)`) in `pg_stat_activity`.
+    async fn open(
         &self,
-        purpose: &'static str,
+        purpose: &str,
         options: Option<&str>,
-    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    ) -> Result<(tokio_postgres::Client, PgConnection), tokio_postgres::Error> {
         let mut cfg = self.config();
         let name = format!(
             "{} ({purpose})",
@@ -162,13 +182,18 @@ impl Pools {
         if let Some(options) = options {
             cfg.options(options);
         }
-        let (client, connection) = cfg.connect(self.tls.clone()).await?;
+        cfg.connect(self.tls.clone()).await
+    }
+
+    /// Drives a dedicated connection in the store's tasks; it ends when its
+    /// client is dropped.
+    fn drive(&self, purpose: &str, connection: PgConnection) {
+        let purpose = purpose.to_string();
         self.tasks.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(purpose, error = %describe(&e), "a dedicated PostgreSQL connection ended");
             }
         });
-        Ok(client)
     }
 
     /// Watches the password file in `tasks`; stops when the pools are gone.

@@ -87,6 +87,41 @@ pub(super) async fn declared(
         }
         verified.present.push(name);
     }
+    // The schema's own objects every write touches (the change feed); absent
+    // ones are the schema version check's to report.
+    let (objects, privileges): (Vec<&str>, Vec<&str>) = super::feed::RUNTIME_PRIVILEGES
+        .iter()
+        .flat_map(|(object, privileges)| privileges.iter().map(move |p| (*object, *p)))
+        .unzip();
+    let rows = client
+        .query(
+            "SELECT o.name, o.privilege,
+                    CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, o.privilege)
+                         ELSE has_table_privilege(c.oid, o.privilege) END
+             FROM unnest($2::text[], $3::text[]) AS o(name, privilege)
+             JOIN pg_catalog.pg_class c ON c.relname = o.name
+              AND c.relnamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1)",
+            &[&tables.schema, &objects, &privileges],
+        )
+        .await?;
+    for row in rows {
+        if !row.try_get::<_, bool>(2)? {
+            let (object, privilege): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            let privilege = privileges
+                .iter()
+                .copied()
+                .find(|p| *p == privilege)
+                .unwrap_or("ALL");
+            match verified
+                .missing_privileges
+                .iter_mut()
+                .find(|(o, _)| *o == object)
+            {
+                Some((_, lacking)) => lacking.push(privilege),
+                None => verified.missing_privileges.push((object, vec![privilege])),
+            }
+        }
+    }
     Ok(verified)
 }
 

@@ -194,6 +194,7 @@ impl PostgresStore {
                 let row = stored(&tx, table, mutation.key(), mutation.needs_stored_data()).await?;
                 let planned = mutation.plan(row, now)?;
                 apply(&tx, table, &planned.action).await?;
+                super::feed::record(&tx, &self.tables.schema, &planned.changes, now).await?;
                 Ok::<_, OpError>(planned.written)
             }
             .await;

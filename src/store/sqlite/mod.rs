@@ -8,10 +8,11 @@
 //! - [`schema`]: versioned migrations.
 
 mod conn;
+mod feed;
 mod queries;
 pub mod schema;
 
-use super::plan::Action;
+use super::plan::{self, Action};
 use super::*;
 use conn::{configure, ReaderPool};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -59,6 +60,7 @@ pub struct SqliteStore {
     auto_index: bool,
     /// Indexes created on first use, so each is created once.
     indexed: Mutex<std::collections::HashSet<String>>,
+    wakeups: changes::Wakeups,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -213,6 +215,7 @@ impl SqliteStore {
             clock,
             auto_index,
             indexed: Mutex::default(),
+            wakeups: changes::Wakeups::default(),
         })
     }
 }
@@ -242,22 +245,31 @@ impl DocumentStore for SqliteStore {
 
     async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
         let now = self.clock.now();
-        self.write(move |conn| {
-            let tx = immediate(conn)?;
-            let mut results = Vec::with_capacity(mutations.len());
-            for (index, mutation) in mutations.iter().enumerate() {
-                // Returning early drops `tx`, which rolls everything back.
-                let planned = stored(&tx, mutation.key(), mutation.needs_stored_data())
-                    .map_err(StoreError::from)
-                    .and_then(|row| mutation.plan(row, now))
-                    .and_then(|planned| Ok(apply(&tx, &planned.action).map(|()| planned)?))
-                    .map_err(|e| e.in_mutation(index))?;
-                results.push(planned.written);
-            }
-            tx.commit()?;
-            Ok(results)
-        })
-        .await
+        let result = self
+            .write(move |conn| {
+                let tx = immediate(conn)?;
+                let mut results = Vec::with_capacity(mutations.len());
+                for (index, mutation) in mutations.iter().enumerate() {
+                    // Returning early drops `tx`, which rolls everything back.
+                    let planned = stored(&tx, mutation.key(), mutation.needs_stored_data())
+                        .map_err(StoreError::from)
+                        .and_then(|row| mutation.plan(row, now))
+                        .and_then(|planned| {
+                            apply(&tx, &planned.action)?;
+                            feed::record(&tx, &planned.changes, now)?;
+                            Ok(planned)
+                        })
+                        .map_err(|e| e.in_mutation(index))?;
+                    results.push(planned.written);
+                }
+                tx.commit()?;
+                Ok(results)
+            })
+            .await;
+        if result.is_ok() {
+            self.wakeups.notify();
+        }
+        result
     }
 
     async fn list(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
@@ -328,19 +340,54 @@ impl DocumentStore for SqliteStore {
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {
         let now = self.clock.now();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.write(move |conn| {
-            // One short transaction per batch: the writer is free in between.
-            let tx = immediate(conn)?;
-            let reaped = tx
-                .prepare_cached(
-                    "DELETE FROM documents WHERE rowid IN (
-                         SELECT rowid FROM documents WHERE expire_time IS NOT NULL AND expire_time <= ?1 LIMIT ?2)",
-                )?
-                .execute(params![now, limit])?;
-            tx.commit()?;
-            Ok(reaped)
-        })
-        .await
+        let reaped = self
+            .write(move |conn| {
+                // One short transaction per batch: the writer is free in between.
+                let tx = immediate(conn)?;
+                let gone: Vec<plan::Change> = tx
+                    .prepare_cached(
+                        "DELETE FROM documents WHERE rowid IN (
+                             SELECT rowid FROM documents WHERE expire_time IS NOT NULL AND expire_time <= ?1 LIMIT ?2)
+                         RETURNING collection, scope, id, rev",
+                    )?
+                    .query_map(params![now, limit], |r| {
+                        Ok(plan::Change {
+                            kind: plan::ChangeKind::Expired,
+                            key: Key {
+                                collection: r.get(0)?,
+                                scope: r.get(1)?,
+                                id: r.get(2)?,
+                            },
+                            rev: r.get(3)?,
+                            document: None,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                feed::record(&tx, &gone, now)?;
+                tx.commit()?;
+                Ok(gone.len())
+            })
+            .await?;
+        if reaped > 0 {
+            self.wakeups.notify();
+        }
+        Ok(reaped)
+    }
+
+    async fn changes(&self, op: &changes::ChangesOp) -> StoreResult<changes::Changes> {
+        self.read_changes(op).await
+    }
+
+    async fn feed_bounds(&self) -> StoreResult<changes::FeedBounds> {
+        self.bounds().await
+    }
+
+    async fn prune_changes(&self, before: Micros, limit: usize) -> StoreResult<usize> {
+        self.prune(before, limit).await
+    }
+
+    fn wakeups(&self) -> changes::Wakeups {
+        self.wakeups.clone()
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {

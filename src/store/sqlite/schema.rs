@@ -58,6 +58,35 @@ pub const MIGRATIONS: &[Migration] = &[
             CREATE INDEX documents_by_id ON documents (collection, id, scope);
             CREATE INDEX documents_by_expiry ON documents (expire_time) WHERE expire_time IS NOT NULL;",
     },
+    Migration {
+        version: 3,
+        description: "the change feed",
+        // One writer at a time: AUTOINCREMENT positions follow commit order
+        // and are never reused, even after pruning. `feed` holds the feed's
+        // identity (tokens of another database are refused) and how far it
+        // was pruned.
+        sql: "
+            CREATE TABLE changes (
+                position    INTEGER PRIMARY KEY AUTOINCREMENT,
+                collection  TEXT NOT NULL,
+                scope       TEXT NOT NULL,
+                id          TEXT NOT NULL,
+                rev         TEXT NOT NULL,
+                kind        INTEGER NOT NULL,
+                data        TEXT,
+                create_time INTEGER,
+                update_time INTEGER,
+                expire_time INTEGER,
+                commit_time INTEGER NOT NULL
+            );
+            CREATE INDEX changes_by_time ON changes (commit_time);
+            CREATE TABLE feed (
+                one            INTEGER PRIMARY KEY CHECK (one = 1),
+                feed_id        BLOB NOT NULL,
+                pruned_through INTEGER NOT NULL
+            );
+            INSERT INTO feed VALUES (1, randomblob(16), 0);",
+    },
 ];
 
 /// Applies the migrations that `conn`'s database lacks, in one transaction.
