@@ -3,6 +3,11 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod galera;
+pub mod mariadb;
+pub mod pg_pair;
+pub mod pki;
+pub mod procs;
 pub mod sidecar;
 
 use clap::Parser;
