@@ -1,9 +1,13 @@
 //! Command line and environment: every setting is a flag with an environment
 //! variable (see `docsidecar --help`), resolved once into typed values.
 
+mod mysql_url;
+
 use crate::policy::{self, Policy, PolicyError};
 use crate::secret::{self, SecretError};
+use crate::store::mysql::{Flavor, MysqlTarget};
 use crate::store::sqlite::SqlitePath;
+use crate::store::tls::{DbTls, SslMode};
 use crate::store::{PgTarget, SqliteTarget, Target};
 use crate::tls::TlsFiles;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -188,8 +192,9 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub db: MigrateDbArgs,
 
-    /// PostgreSQL role that serves at run time: it gets SELECT, INSERT, UPDATE and
-    /// DELETE on the policy's read-write collections and SELECT on its read-only ones.
+    /// The runtime account (a PostgreSQL role, or a MySQL account 'user'@'host'): it
+    /// gets SELECT, INSERT, UPDATE and DELETE on the policy's read-write collections
+    /// and SELECT on its read-only ones.
     #[arg(long, env = "DOCSIDECAR_GRANT_TO")]
     pub grant_to: Option<String>,
 
@@ -269,7 +274,8 @@ macro_rules! db_args {
         #[derive(Debug, Clone, Args)]
         pub struct $name {
             /// Database URL: sqlite://relative.db, sqlite:///absolute.db, sqlite::memory:, memory://,
-            /// postgres://user@host:port/db. Default: sqlite://docsidecar.db
+            /// postgres://user@host:port/db, mysql://user@host:port/db (or mariadb://); several
+            /// hosts as host1:port,host2:port. Default: sqlite://docsidecar.db
             #[arg(long, env = concat!($prefix, "DATABASE_URL"), hide_env_values = true)]
             pub database_url: Option<String>,
             /// File holding the database URL (a mounted secret); used when the URL is not set.
@@ -278,24 +284,38 @@ macro_rules! db_args {
             /// Database type, with the discrete DB_* settings instead of a URL.
             #[arg(long, env = concat!($prefix, "DB_TYPE"), value_enum)]
             pub db_type: Option<DbType>,
-            /// Database host (PostgreSQL).
+            /// Database host; several separated by commas (db-0,db-1,db-2: a Galera
+            /// cluster, a PostgreSQL primary and its standbys): only one that accepts
+            /// writes serves.
             #[arg(long, env = concat!($prefix, "DB_HOST"))]
             pub db_host: Option<String>,
-            /// Database port (PostgreSQL).
+            /// Database port (PostgreSQL 5432, MySQL/MariaDB 3306).
             #[arg(long, env = concat!($prefix, "DB_PORT"))]
             pub db_port: Option<u16>,
-            /// Database name (PostgreSQL), or the SQLite file path.
+            /// Database name (MySQL/MariaDB: docsidecar's own database), or the SQLite file path.
             #[arg(long, env = concat!($prefix, "DB_NAME"))]
             pub db_name: Option<String>,
-            /// Database user (PostgreSQL).
+            /// Database user.
             #[arg(long, env = concat!($prefix, "DB_USER"))]
             pub db_user: Option<String>,
-            /// Database password (PostgreSQL). Prefer the password file.
+            /// Database password. Prefer the password file.
             #[arg(long, env = concat!($prefix, "DB_PASS"), hide_env_values = true)]
             pub db_pass: Option<String>,
             /// File holding the database password (a mounted secret).
             #[arg(long, env = concat!($prefix, "DB_PASS_FILE"))]
             pub db_pass_file: Option<PathBuf>,
+            /// TLS to the database: disable, prefer (the default), require, verify-ca, verify-full.
+            #[arg(long, env = concat!($prefix, "DB_SSLMODE"))]
+            pub db_sslmode: Option<SslMode>,
+            /// PEM file of the CA the database server's certificate must chain to.
+            #[arg(long, env = concat!($prefix, "DB_SSLROOTCERT"))]
+            pub db_sslrootcert: Option<PathBuf>,
+            /// PEM client certificate, for servers that require one (with DB_SSLKEY).
+            #[arg(long, env = concat!($prefix, "DB_SSLCERT"), requires = "db_sslkey")]
+            pub db_sslcert: Option<PathBuf>,
+            /// PEM private key of the client certificate.
+            #[arg(long, env = concat!($prefix, "DB_SSLKEY"), requires = "db_sslcert")]
+            pub db_sslkey: Option<PathBuf>,
             /// Database connections to keep (SQLite: reader connections). Default: 2 x cores + 1.
             #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"))]
             pub db_pool_size: Option<usize>,
@@ -323,6 +343,10 @@ macro_rules! db_args {
                     db_user: a.db_user,
                     db_pass: a.db_pass,
                     db_pass_file: a.db_pass_file,
+                    db_sslmode: a.db_sslmode,
+                    db_sslrootcert: a.db_sslrootcert,
+                    db_sslcert: a.db_sslcert,
+                    db_sslkey: a.db_sslkey,
                     db_pool_size: a.db_pool_size,
                     db_max_retries: a.db_max_retries,
                     db_retry_delay: a.db_retry_delay,
@@ -349,6 +373,8 @@ pub enum DbType {
     Sqlite,
     #[value(alias = "postgres")]
     Postgresql,
+    Mysql,
+    Mariadb,
     Memory,
 }
 
@@ -366,6 +392,10 @@ pub struct DbArgs {
     pub db_user: Option<String>,
     pub db_pass: Option<String>,
     pub db_pass_file: Option<PathBuf>,
+    pub db_sslmode: Option<SslMode>,
+    pub db_sslrootcert: Option<PathBuf>,
+    pub db_sslcert: Option<PathBuf>,
+    pub db_sslkey: Option<PathBuf>,
     pub db_pool_size: Option<usize>,
     pub db_max_retries: u32,
     pub db_retry_delay: Duration,
@@ -412,16 +442,24 @@ impl DbArgs {
                 Target::Postgres(Box::new(t))
             })
         };
+        let mysql = |flavor, url| {
+            self.mysql(flavor, url).map(|mut t| {
+                t.auto_create = auto_create;
+                t.pool_size = pool_size;
+                Target::Mysql(Box::new(t))
+            })
+        };
         if let Some(url) = self.url()? {
             return match self.parse_url(&url)? {
                 Url::Memory => Ok(Target::Memory),
                 Url::Sqlite(path) => Ok(sqlite(path)),
                 Url::Postgres(config) => postgres(*config),
+                Url::Mysql(flavor, url) => mysql(flavor, *url),
             };
         }
         match self.db_type {
             None if self.db_host.is_some() => Err(ConfigError::Invalid(format!(
-                "{p}DB_HOST is set but {p}DB_TYPE is not: set {p}DB_TYPE=postgresql"
+                "{p}DB_HOST is set but {p}DB_TYPE is not: set {p}DB_TYPE=postgresql, mysql or mariadb"
             ))),
             None => Ok(sqlite(SqlitePath::File(
                 self.db_name
@@ -436,13 +474,85 @@ impl DbArgs {
             })),
             Some(DbType::Postgresql) => {
                 let mut cfg = tokio_postgres::Config::new();
-                cfg.host(self.db_host.as_deref().unwrap_or("localhost"))
-                    .port(self.db_port.unwrap_or(5432))
-                    .user(self.db_user.as_deref().unwrap_or("postgres"))
+                let hosts = self.db_host.as_deref().unwrap_or("localhost");
+                let hosts = mysql_url::parse_hosts(hosts, self.db_port.unwrap_or(5432), &format!("{p}DB_HOST"))?;
+                for host in &hosts {
+                    cfg.host(&host.name).port(host.port);
+                }
+                cfg.user(self.db_user.as_deref().unwrap_or("postgres"))
                     .dbname(self.db_name.as_deref().unwrap_or("postgres"));
                 postgres(cfg)
             }
+            Some(flavor @ (DbType::Mysql | DbType::Mariadb)) => {
+                let flavor = if flavor == DbType::Mariadb {
+                    Flavor::Mariadb
+                } else {
+                    Flavor::Mysql
+                };
+                let hosts = self.db_host.as_deref().unwrap_or("localhost");
+                let url = mysql_url::MysqlUrl {
+                    hosts: mysql_url::parse_hosts(
+                        hosts,
+                        self.db_port.unwrap_or(mysql_url::DEFAULT_PORT),
+                        &format!("{p}DB_HOST"),
+                    )?,
+                    user: self.db_user.clone(),
+                    database: self.db_name.clone(),
+                    ..Default::default()
+                };
+                mysql(flavor, url)
+            }
         }
+    }
+
+    /// TLS as the settings say, over what a URL said.
+    fn tls(&self, url: DbTls) -> DbTls {
+        DbTls {
+            mode: self.db_sslmode.unwrap_or(url.mode),
+            root_cert: self.db_sslrootcert.clone().or(url.root_cert),
+            client_cert: self.db_sslcert.clone().or(url.client_cert),
+            client_key: self.db_sslkey.clone().or(url.client_key),
+        }
+    }
+
+    /// The MySQL/MariaDB target: a URL's parts, or the discrete settings in
+    /// the same shape, with the password, TLS and start-up settings.
+    fn mysql(&self, flavor: Flavor, url: mysql_url::MysqlUrl) -> Result<MysqlTarget, ConfigError> {
+        let p = self.var_prefix;
+        let mut target = MysqlTarget::new(
+            url.hosts,
+            url.user.as_deref().unwrap_or("root"),
+            url.database.as_deref().unwrap_or("docsidecar"),
+        );
+        target.flavor = flavor;
+        target.password = url.password;
+        if let Some(pass) = &self.db_pass {
+            target.password = Some(pass.clone());
+        } else if let Some(path) = &self.db_pass_file {
+            target.password = Some(secret::read_text(path, "the database password")?);
+            // A URL's own password is fixed; a mounted password file may rotate.
+            target.password_file = Some(path.clone());
+        }
+        target.tls = self.tls(DbTls {
+            mode: url.sslmode.unwrap_or_default(),
+            root_cert: url.sslrootcert,
+            client_cert: url.sslcert,
+            client_key: url.sslkey,
+        });
+        if target.tls.client_cert.is_some() != target.tls.client_key.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "a client certificate needs both {p}DB_SSLCERT and {p}DB_SSLKEY (or sslcert and sslkey in the URL)"
+            )));
+        }
+        if !crate::store::mysql::is_valid_database(&target.database) {
+            return Err(ConfigError::Invalid(format!(
+                "{p}DB_NAME (or the URL's database) must be ASCII letters, digits, `_`, `$` or `-`, at most 64"
+            )));
+        }
+        target.acquire_timeout = self.db_acquire_timeout;
+        target.max_retries = self.db_max_retries;
+        target.retry_delay = self.db_retry_delay;
+        Ok(target)
     }
 
     fn url(&self) -> Result<Option<String>, ConfigError> {
@@ -479,10 +589,21 @@ impl DbArgs {
             })?;
             return Ok(Url::Postgres(Box::new(cfg)));
         }
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            let flavor = if url.starts_with("mariadb://") {
+                Flavor::Mariadb
+            } else {
+                Flavor::Mysql
+            };
+            return Ok(Url::Mysql(
+                flavor,
+                Box::new(mysql_url::parse_url(url, &var)?),
+            ));
+        }
         // Only the scheme is quoted: the rest may hold a password.
         let scheme = url.split_once(':').map_or("", |(s, _)| s);
         Err(ConfigError::Invalid(format!(
-            "{var} has an unsupported scheme `{scheme}`: expected sqlite://, sqlite::memory:, memory:// or postgres://"
+            "{var} has an unsupported scheme `{scheme}`: expected sqlite://, sqlite::memory:, memory://, postgres://, mysql:// or mariadb://"
         )))
     }
 
@@ -503,6 +624,35 @@ impl DbArgs {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(Duration::from_secs(5));
         }
+        // Several hosts: a primary and its standbys; only the one that
+        // accepts writes serves (a standby is skipped, and after a failover
+        // new connections find the promoted one).
+        if cfg.get_hosts().len() > 1 {
+            cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        let p = self.var_prefix;
+        match self.db_sslmode {
+            None => {}
+            Some(SslMode::Disable) => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            }
+            Some(SslMode::Prefer) => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+            }
+            Some(SslMode::Require) => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            }
+            Some(mode @ (SslMode::VerifyCa | SslMode::VerifyFull)) => {
+                return Err(ConfigError::Invalid(format!(
+                    "{p}DB_SSLMODE={mode} is not supported for PostgreSQL by this build (MySQL/MariaDB only)"
+                )))
+            }
+        }
+        if self.db_sslrootcert.is_some() || self.db_sslcert.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "{p}DB_SSLROOTCERT, {p}DB_SSLCERT and {p}DB_SSLKEY are not supported for PostgreSQL by this build (MySQL/MariaDB only)"
+            )));
+        }
         Ok(PgTarget {
             password_file,
             acquire_timeout: self.db_acquire_timeout,
@@ -518,6 +668,7 @@ enum Url {
     Memory,
     Sqlite(SqlitePath),
     Postgres(Box<tokio_postgres::Config>),
+    Mysql(Flavor, Box<mysql_url::MysqlUrl>),
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //!
 //! - [`path`]: field paths; [`value`]: the value rules (order, equality);
 //!   [`update`]: merge patches and transforms; [`plan`]: the write planner;
-//! - [`memory`], [`sqlite`], [`postgres`]: the backends.
+//! - [`memory`], [`sqlite`], [`postgres`], [`mysql`]: the backends;
+//!   [`tls`]: TLS settings of networked databases; [`migrate`]: what
+//!   `docsidecar migrate` applies.
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -18,15 +20,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 mod error;
 pub mod memory;
+pub mod migrate;
+pub mod mysql;
 pub mod path;
 pub mod plan;
 pub mod postgres;
 pub mod sqlite;
+pub mod tls;
 pub mod update;
 pub mod value;
 
 pub use error::{Precondition, Protection, StoreError, StoreResult, Unavailable};
 pub use memory::MemoryStore;
+pub use migrate::{Grant, MigratePlan};
+pub use mysql::{MysqlStore, MysqlTarget};
 pub use path::FieldPath;
 pub use postgres::{PgTarget, PostgresStore};
 pub use sqlite::{SqliteStore, SqliteTarget};
@@ -477,6 +484,7 @@ pub enum Target {
     Memory,
     Sqlite(SqliteTarget),
     Postgres(Box<PgTarget>),
+    Mysql(Box<MysqlTarget>),
 }
 
 impl std::fmt::Display for Target {
@@ -486,6 +494,7 @@ impl std::fmt::Display for Target {
             Target::Memory => f.write_str("memory"),
             Target::Sqlite(t) => write!(f, "sqlite ({t})"),
             Target::Postgres(t) => write!(f, "postgresql ({t})"),
+            Target::Mysql(t) => write!(f, "mysql ({t})"),
         }
     }
 }
@@ -503,6 +512,7 @@ pub async fn open(
         Target::Memory => Arc::new(MemoryStore::new(clock)),
         Target::Sqlite(t) => Arc::new(SqliteStore::open(t, clock).await?),
         Target::Postgres(t) => Arc::new(PostgresStore::connect(t, tasks, clock).await?),
+        Target::Mysql(t) => Arc::new(MysqlStore::connect(t, tasks, clock).await?),
     })
 }
 
