@@ -724,15 +724,70 @@ mod tests {
     #[test]
     fn url_errors_never_echo_credentials() {
         for url in [
-            "mysql://root:hunter2@db/x",
+            "mongodb://root:hunter2@db/x",
             "postgres://u:hunter2@db:notaport/x",
+            "mysql://u:hunter2@db:notaport/x",
+            "mariadb://u:hunter2@db/x?sslmode=sometimes",
         ] {
             let err = args(Some(url)).database().unwrap_err().to_string();
             assert!(!err.contains("hunter2"), "{err}");
             assert!(err.contains("DATABASE_URL"), "{err}");
         }
-        let db = args(Some("postgres://u:hunter2@db/x")).database().unwrap();
-        assert!(!format!("{db:?}").contains("hunter2"));
+        for url in ["postgres://u:hunter2@db/x", "mysql://u:hunter2@db/x"] {
+            let db = args(Some(url)).database().unwrap();
+            assert!(!format!("{db:?} {db}").contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn mysql_and_mariadb_from_a_url_or_the_discrete_settings() {
+        let mysql = |target| match target {
+            Ok(Target::Mysql(t)) => *t,
+            other => panic!("{other:?}"),
+        };
+        let t = mysql(
+            args(Some(
+                "mysql://app:pw@db-0,db-1:3307/orders?sslmode=verify-ca",
+            ))
+            .database(),
+        );
+        assert_eq!(t.to_string(), "app@db-0:3306,db-1:3307/orders");
+        assert_eq!(t.password.as_deref(), Some("pw"));
+        assert_eq!(t.tls.mode, SslMode::VerifyCa);
+        assert_eq!(t.flavor, Flavor::Mysql);
+        let mut db = args(None);
+        db.db_type = Some(DbType::Mariadb);
+        db.db_host = Some("g-0,g-1,g-2".into());
+        db.db_user = Some("app".into());
+        db.db_sslmode = Some(SslMode::VerifyFull);
+        db.db_sslrootcert = Some("/ca.pem".into());
+        let t = mysql(db.database());
+        assert_eq!(t.to_string(), "app@g-0:3306,g-1:3306,g-2:3306/docsidecar");
+        assert_eq!(
+            (t.flavor, t.tls.mode),
+            (Flavor::Mariadb, SslMode::VerifyFull)
+        );
+        assert_eq!(t.tls.root_cert, Some(PathBuf::from("/ca.pem")));
+        db.db_name = Some("bad`name".into());
+        assert!(db.database().unwrap_err().to_string().contains("DB_NAME"));
+    }
+
+    #[test]
+    fn several_postgres_hosts_skip_standbys() {
+        let pg = |target| match target {
+            Ok(Target::Postgres(t)) => *t,
+            other => panic!("{other:?}"),
+        };
+        let t = pg(args(Some("postgres://app@p-0:5432,p-1:5433/orders")).database());
+        assert_eq!(t.to_string(), "app@p-0:5432,p-1:5433/orders");
+        let read_write = tokio_postgres::config::TargetSessionAttrs::ReadWrite;
+        assert_eq!(t.config.get_target_session_attrs(), read_write);
+        let mut db = args(None);
+        db.db_type = Some(DbType::Postgresql);
+        db.db_host = Some("p-0,p-1".into());
+        let t = pg(db.database());
+        assert_eq!(t.to_string(), "postgres@p-0:5432,p-1:5432/postgres");
+        assert_eq!(t.config.get_target_session_attrs(), read_write);
     }
 
     #[test]

@@ -132,9 +132,11 @@ pub fn parse_url(url: &str, var: &str) -> Result<MysqlUrl, ConfigError> {
             "sslrootcert" | "ssl-ca" => parsed.sslrootcert = Some(value.into()),
             "sslcert" | "ssl-cert" => parsed.sslcert = Some(value.into()),
             "sslkey" | "ssl-key" => parsed.sslkey = Some(value.into()),
-            _ => return Err(ConfigError::Invalid(format!(
+            _ => {
+                return Err(ConfigError::Invalid(format!(
                 "{var}: unknown parameter `{key}` (known: sslmode, sslrootcert, sslcert, sslkey)"
-            ))),
+            )))
+            }
         }
     }
     Ok(parsed)

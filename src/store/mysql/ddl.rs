@@ -215,10 +215,10 @@ impl Tables {
     /// such table (nothing was ever migrated).
     pub(super) async fn version(&self, conn: &mut Conn) -> Result<Option<i32>, OpError> {
         match conn
-            .query_first::<Option<i32>, _>("SELECT MAX(version) FROM `_migrations`")
+            .query_first::<i32, _>("SELECT COALESCE(MAX(version), 0) FROM `_migrations`")
             .await
         {
-            Ok(v) => Ok(Some(v.flatten().unwrap_or(0))),
+            Ok(v) => Ok(Some(v.unwrap_or(0))),
             Err(mysql_async::Error::Server(s)) if s.code == code::NO_SUCH_TABLE => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -297,7 +297,7 @@ async fn apply(
     }
     let current: Option<i32> = c
         .conn()
-        .query_first("SELECT MAX(version) FROM `_migrations`")
+        .query_first("SELECT COALESCE(MAX(version), 0) FROM `_migrations`")
         .await
         .map_err(|e| fail("reading the schema version", e.into(), name))?;
     let current = current.unwrap_or(0);
