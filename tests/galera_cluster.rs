@@ -189,11 +189,10 @@ async fn every_node_accepts_writes() {
 // The sidecar on the cluster: conditional writes through sidecars on
 // different nodes, and a node killed under a steady write load.
 
+use common::load::Writers;
 use common::{num, number_field, object, Backend, Client, TestServer};
 use docsidecar::proto::{GetRequest, SaveRequest};
-use std::collections::{BTreeMap, HashMap};
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn save(collection: &str, id: &str, n: f64, expected_rev: &str) -> SaveRequest {
     SaveRequest {
@@ -320,61 +319,6 @@ async fn median_micros(c: &mut Conn, sql: &str) -> u128 {
     micros[micros.len() / 2]
 }
 
-/// What the writers saw.
-#[derive(Default)]
-struct Load {
-    /// Acknowledged writes: id → rev.
-    acked: BTreeMap<String, String>,
-    /// When each acknowledged call started and ended.
-    times: Vec<(Instant, Instant)>,
-    /// Errors by code (and COMMIT_UNKNOWN apart).
-    errors: BTreeMap<String, usize>,
-}
-
-async fn writer(mut client: Client, w: usize, load: Arc<Mutex<Load>>, stop: Arc<AtomicBool>) {
-    let mut i = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let id = format!("w{w}-{i:06}");
-        i += 1;
-        let started = Instant::now();
-        match client.save(save("load", &id, i as f64, "")).await {
-            Ok(r) => {
-                let mut load = load.lock().unwrap();
-                load.acked.insert(id, r.into_inner().rev);
-                load.times.push((started, Instant::now()));
-            }
-            Err(s) => {
-                let reason = s
-                    .get_error_details()
-                    .error_info()
-                    .map(|e| e.reason.clone())
-                    .unwrap_or_default();
-                let key = format!("{:?} {reason}", s.code());
-                *load.lock().unwrap().errors.entry(key).or_default() += 1;
-            }
-        }
-        // A steady load, not a flood: the machine also runs three nodes.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until `n` more writes than `from` are acknowledged, counting only
-/// calls that started after `since`.
-async fn acked_after(load: &Mutex<Load>, since: Instant, n: usize, what: &str) {
-    procs::poll(what, Duration::from_secs(120), || async {
-        let count = load
-            .lock()
-            .unwrap()
-            .times
-            .iter()
-            .filter(|(s, _)| *s > since)
-            .count();
-        (count >= n).then_some(()).ok_or(format!("{count} of {n}"))
-    })
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_under_load_loses_no_acknowledged_write() {
     let Some(galera) = Galera::shared().await else {
@@ -384,57 +328,34 @@ async fn a_node_killed_under_load_loses_no_acknowledged_write() {
     let db = MariaDb::create_at(&g.node_url(0)).await;
     // One sidecar given every node: it writes to node 0, the first listed.
     let server = sidecar(&g, &[0, 1, 2], &db).await;
-    let load = Arc::new(Mutex::new(Load::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..3)
-        .map(|w| tokio::spawn(writer(server.client.clone(), w, load.clone(), stop.clone())))
-        .collect();
-    let begun = Instant::now();
-    acked_after(&load, begun, 50, "writes before the kill").await;
+    let writers = Writers::start(&server.client, "load", 3, Duration::from_millis(10));
+    writers
+        .acked_after(Instant::now(), 50, "writes before the kill")
+        .await;
 
     let killed = Instant::now();
     g.kill(0).await;
-    acked_after(&load, killed, 50, "writes after the kill").await;
+    writers
+        .acked_after(killed, 50, "writes after the kill")
+        .await;
     let restarted = Instant::now();
     let rejoin = g.restart(0).await;
-    acked_after(&load, restarted + rejoin, 50, "writes after the rejoin").await;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    writers
+        .acked_after(restarted + rejoin, 50, "writes after the rejoin")
+        .await;
+    let load = writers.stop().await;
     server.stop().await;
 
     let load = load.lock().unwrap();
-    // Recovery: from the kill to the first acknowledged call started after it.
-    let recovery = load
-        .times
-        .iter()
-        .filter(|(s, _)| *s > killed)
-        .map(|(_, e)| e.duration_since(killed))
-        .min()
-        .unwrap();
-    let stalled = load
-        .times
-        .iter()
-        .map(|(s, e)| e.duration_since(*s))
-        .max()
-        .unwrap();
     // Every acknowledged write, with its rev, on every node.
     let mut lost = 0;
     for node in 0..3 {
-        let opts = OptsBuilder::from_opts(g.node_opts(node)).db_name(Some(&db.name));
-        let mut c = connect(opts.into()).await.unwrap();
+        let mut c = conn_to(&g, node, &db).await;
         c.query_drop("SET SESSION wsrep_sync_wait = 1")
             .await
             .unwrap();
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = c.query("SELECT id, rev FROM `load`").await.unwrap();
-        let stored: HashMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
-        let missing: Vec<&String> = load
-            .acked
-            .iter()
-            .filter(|(id, rev)| stored.get(id.as_bytes()) != Some(&rev.as_bytes().to_vec()))
-            .map(|(id, _)| id)
-            .collect();
+        let rows: Vec<(String, String)> = c.query("SELECT id, rev FROM `load`").await.unwrap();
+        let missing = load.missing_from(&rows.into_iter().collect());
         assert!(
             missing.is_empty(),
             "node {node} lacks acknowledged writes {missing:?}"
@@ -443,15 +364,11 @@ async fn a_node_killed_under_load_loses_no_acknowledged_write() {
         c.disconnect().await.unwrap();
     }
     eprintln!(
-        "Galera node killed under load: {} writes acknowledged, {lost} lost; errors {:?}; first write acknowledged {recovery:.1?} after the kill (longest call {stalled:.1?}); node rejoined in {rejoin:.1?}",
+        "Galera node killed under load: {} writes acknowledged, {lost} lost; errors {:?}; first write acknowledged {:.1?} after the kill (longest call {:.1?}); node rejoined in {rejoin:.1?}",
         load.acked.len(),
-        load.errors
+        load.errors,
+        load.recovery(killed),
+        load.longest(),
     );
-    for code in load.errors.keys() {
-        assert!(
-            code.starts_with("Unavailable") || code.starts_with("Aborted"),
-            "{:?}",
-            load.errors
-        );
-    }
+    load.assert_errors_retryable();
 }

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod galera;
+pub mod load;
 pub mod mariadb;
 pub mod pg_pair;
 pub mod pki;
