@@ -246,7 +246,7 @@ async fn the_sidecar_follows_a_failover_and_loses_no_acknowledged_write() {
     let load = writers.stop().await;
     server.stop().await;
 
-    let load = load.lock().unwrap();
+    let load = std::mem::take(&mut *load.lock().unwrap());
     assert_eq!(p.primary().port, standby);
     let new_primary = pg_connect(&p.primary_url("postgres")).await;
     let rows = new_primary

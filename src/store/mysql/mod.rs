@@ -261,7 +261,7 @@ impl MysqlStore {
     /// the catalog itself.
     async fn check_schema(&self) -> StoreResult<()> {
         let mut c = self.pools.acquire().await?;
-        let result = self.tables.version(c.conn()).await.map_err(OpError::from);
+        let result = self.tables.version(c.conn()).await;
         let result = match result {
             Ok(Some(v)) if v > ddl::SCHEMA_VERSION => Err(StoreError::Internal(format!(
                 "database `{}` is at docsidecar schema version {v}, newer than this docsidecar supports ({}): run a newer docsidecar",
@@ -432,11 +432,7 @@ impl DocumentStore for MysqlStore {
 
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {
         let mut c = self.pools.acquire().await?;
-        let collections = self
-            .tables
-            .collections(c.conn())
-            .await
-            .map_err(OpError::from);
+        let collections = self.tables.collections(c.conn()).await;
         c.done(&collections);
         let mut reaped = 0;
         for collection in collections.map_err(|e| e.resolve(&self.target))? {
