@@ -207,6 +207,14 @@ impl MysqlStore {
     pub async fn connect(target: &MysqlTarget, tasks: &Tasks, clock: Clock) -> StoreResult<Self> {
         let tables = ddl::Tables::new(&target.database)?;
         let name = target.to_string();
+        if target.tls.mode == super::tls::SslMode::VerifyCa {
+            // mysql_async 0.37.1 asks rustls to skip the name check but does
+            // not recognize rustls 0.23's error (blackbeam/mysql_async#404).
+            tracing::warn!(
+                target_db = %name,
+                "DB_SSLMODE=verify-ca checks the host name too with this MySQL driver (mysql_async 0.37.1): the server's certificate must name the host connected to, as with verify-full"
+            );
+        }
         let pools = Pools::new(target, true)?;
         if let Some(file) = &target.password_file {
             pools.watch_password(file.clone(), tasks);
@@ -296,19 +304,27 @@ impl MysqlStore {
         mut take: impl FnMut(Row) -> Result<bool, OpError> + Send,
     ) -> StoreResult<()> {
         let mut c = self.pools.acquire().await?;
-        let sql = if c.galera() {
+        let sql = if c.sync_reads() {
             format!("SET STATEMENT wsrep_sync_wait = 1 FOR {sql}")
         } else {
             sql.to_string()
         };
         let result = async {
             let mut rows = c.conn().exec_iter(sql, params).await?;
+            let mut taken = Ok(());
             while let Some(row) = rows.next().await? {
-                if !take(row)? {
-                    break;
+                match take(row) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        taken = Err(e);
+                        break;
+                    }
                 }
             }
+            // The rest of the result, off the socket, so the connection is clean.
             rows.drop_result().await?;
+            taken?;
             Ok::<_, OpError>(())
         }
         .await;

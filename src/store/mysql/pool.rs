@@ -399,7 +399,7 @@ impl Pools {
     /// Switches to `password` once a connection with it succeeds; until then
     /// the old one keeps serving. Connections made with the old password are
     /// closed as their calls finish.
-    async fn rotate(&self, password: String) -> bool {
+    pub(super) async fn rotate(&self, password: String) -> bool {
         let hosts = self.hosts();
         let host = hosts.state().preferred;
         if let Err(e) = hosts.dial(host, Some(&password)).await {
@@ -510,8 +510,11 @@ impl Conn {
         &mut self.session().conn
     }
 
-    pub(super) fn galera(&mut self) -> bool {
-        self.session().galera
+    /// Reads must wait for the node to apply what the cluster committed: a
+    /// MariaDB Galera node (where `SET STATEMENT wsrep_sync_wait` exists).
+    pub(super) fn sync_reads(&mut self) -> bool {
+        let session = self.session();
+        session.galera && session.mariadb
     }
 
     pub(super) fn mariadb(&mut self) -> bool {

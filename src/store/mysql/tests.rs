@@ -471,3 +471,52 @@ async fn dead_hosts_are_skipped_and_no_password_leaks() {
     assert!(!message.contains("hunter2"), "{message}");
     assert!(!format!("{t:?} {t}").contains("hunter2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_is_used_once_it_works() {
+    let Some(db) = database().await else {
+        return;
+    };
+    let user = format!("rot_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+    let mut c = admin(&db).await;
+    c.query_drop(format!(
+        "CREATE USER '{user}'@'%' IDENTIFIED BY 'one'; GRANT ALL ON `{}`.* TO '{user}'@'%'",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let mut t = target(&db);
+    t.user = user.clone();
+    t.password = Some("one".into());
+    let s = MysqlStore::connect(&t, &Tasks::new(), Clock::default())
+        .await
+        .unwrap();
+    save_doc(&s, save("docs", "a", "{}")).await.unwrap();
+
+    // The database changes the password; the file is not updated yet, then
+    // it is. A password that does not work is not taken.
+    c.query_drop(format!("ALTER USER '{user}'@'%' IDENTIFIED BY 'two'"))
+        .await
+        .unwrap();
+    assert!(!s.pools.rotate("wrong".into()).await);
+    assert!(s.pools.rotate("two".into()).await);
+    // The old connections retire: even with all of them killed, calls go on
+    // through new connections, which log in with the new password.
+    let sessions: Vec<u64> = c
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?",
+            (&user,),
+        )
+        .await
+        .unwrap();
+    assert!(!sessions.is_empty());
+    for id in sessions {
+        let _ = c.query_drop(format!("KILL {id}")).await;
+    }
+    save_doc(&s, save("docs", "b", "{}")).await.unwrap();
+    assert_eq!(ids(&s, "docs").await, ["a", "b"]);
+    c.query_drop(format!("DROP USER '{user}'@'%'"))
+        .await
+        .unwrap();
+    c.disconnect().await.unwrap();
+}
