@@ -45,7 +45,10 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
     let db: DbArgs = args.db.into();
     let policy = policy::load(args.common.policy.as_deref())?;
-    let collections = policy.map(|p| p.collections).unwrap_or_default();
+    let collections = policy
+        .as_ref()
+        .map(|p| p.collections.clone())
+        .unwrap_or_default();
     let plan = MigratePlan {
         collections: collections
             .into_iter()
@@ -59,7 +62,7 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
             .collect(),
         grant_to: args.grant_to.clone(),
     };
-    match db.target(&args.common.schema, true)? {
+    match db.target(&args.common.schema, policy.as_ref())? {
         Target::Postgres(target) => {
             info!(database = %target, schema = %target.schema, "migrating");
             store::postgres::migrate::migrate(&target, &plan).await?;

@@ -7,6 +7,7 @@ mod mysql_url;
 pub use db::{ConfigError, DbArgs, DbType, DEFAULT_SQLITE_FILE};
 
 use crate::policy::{self, Policy, PolicyError};
+use crate::reaper::Reaping;
 use crate::store::tls::SslMode;
 use crate::store::Target;
 use crate::tls::TlsFiles;
@@ -117,6 +118,16 @@ pub struct ServeArgs {
     #[arg(long, env = "DOCSIDECAR_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Seconds between rounds of the expiry reaper, which deletes expired
+    /// documents (reads never return them either way).
+    #[arg(long, env = "DOCSIDECAR_REAP_INTERVAL", default_value = "1", value_parser = parse_seconds)]
+    pub reap_interval: Duration,
+
+    /// Expired documents the reaper deletes per transaction (short transactions,
+    /// no long locks).
+    #[arg(long, env = "DOCSIDECAR_REAP_BATCH", default_value_t = 500)]
+    pub reap_batch: usize,
+
     /// Seconds between database health checks (the gRPC health service follows them).
     #[arg(long, env = "DOCSIDECAR_HEALTH_INTERVAL", default_value = "2", value_parser = parse_seconds)]
     pub health_interval: Duration,
@@ -142,6 +153,7 @@ pub struct ServeConfig {
     pub max_message_bytes: usize,
     pub health_interval: Duration,
     pub shutdown_grace: Duration,
+    pub reaping: Reaping,
 }
 
 /// A setting that cannot be used, or a policy file that cannot.
@@ -157,11 +169,8 @@ impl ServeArgs {
     /// Reads the policy and resolves the database settings.
     pub fn resolve(self) -> Result<ServeConfig, ResolveError> {
         let policy = policy::load(self.common.policy.as_deref())?;
-        // Without a policy (development) tables appear on first write; with one,
-        // only if the policy says so.
-        let auto_create = policy.as_ref().is_none_or(|p| p.auto_create);
         let db: DbArgs = self.db.into();
-        let target = db.target(&self.common.schema, auto_create)?;
+        let target = db.target(&self.common.schema, policy.as_ref())?;
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert,
@@ -182,6 +191,10 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes,
             health_interval: self.health_interval,
             shutdown_grace: self.shutdown_grace,
+            reaping: Reaping {
+                every: self.reap_interval,
+                batch: self.reap_batch.max(1),
+            },
         })
     }
 }

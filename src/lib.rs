@@ -11,6 +11,7 @@
 //! - [`commands`]: the command line's verbs (serve, migrate, wait, shutdown, check).
 //! - [`server`]: start-up, wiring of the gRPC services, graceful shutdown.
 //! - [`admin`]: the HTTP admin listener: probes, metrics, shutdown requests.
+//! - [`reaper`]: deletes expired documents in the background.
 //! - [`background`]: the server's background tasks (one owner, one way to
 //!   stop), the file watcher for rotated secrets, start-up retries.
 //! - [`api`]: the gRPC layer: validates requests, converts protobuf to store
@@ -39,6 +40,7 @@ pub mod deadline;
 pub mod metrics;
 pub mod policy;
 pub mod quote;
+pub mod reaper;
 pub mod secret;
 pub mod server;
 pub mod status;

@@ -18,6 +18,7 @@ pub const DOCUMENTS_WRITTEN_TOTAL: &str = "docsidecar_documents_written_total";
 pub const DOCUMENTS_DELETED_TOTAL: &str = "docsidecar_documents_deleted_total";
 pub const DATABASE_FAILOVERS_TOTAL: &str = "docsidecar_database_failovers_total";
 pub const TRANSACTION_RETRIES_TOTAL: &str = "docsidecar_transaction_retries_total";
+pub const DOCUMENTS_EXPIRED_TOTAL: &str = "docsidecar_documents_expired_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
 
 /// One finished call: its method, status and latency.
@@ -81,6 +82,13 @@ pub fn database_failover() {
 /// deadlock, a Galera certification conflict, an insert race).
 pub fn transaction_retried() {
     metrics::counter!(TRANSACTION_RETRIES_TOTAL).increment(1);
+}
+
+/// Expired documents the reaper deleted.
+pub fn documents_expired(n: u64) {
+    if n > 0 {
+        metrics::counter!(DOCUMENTS_EXPIRED_TOTAL).increment(n);
+    }
 }
 
 pub fn build_info() {

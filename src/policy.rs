@@ -5,9 +5,10 @@
 //! and write. With one, only the declared collections exist for callers; a client
 //! token may narrow that further.
 
+use crate::store::query::Index;
 use crate::store::{is_valid_name, NAME_RULE};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// What may be done to a collection. `ReadWrite` includes reading.
@@ -41,6 +42,12 @@ struct PolicyFile {
 #[serde(deny_unknown_fields)]
 struct CollectionEntry {
     access: Access,
+    /// Query indexes: each a list of fields, `"field"` or `"field desc"`.
+    #[serde(default)]
+    indexes: Vec<Vec<String>>,
+    /// Queries no declared index serves run anyway, as scans.
+    #[serde(default)]
+    allow_scans: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +67,10 @@ pub struct Policy {
     pub auto_create: bool,
     /// The declared collections and their access.
     pub collections: BTreeMap<String, Access>,
+    /// Each collection's declared query indexes.
+    pub indexes: BTreeMap<String, Vec<Index>>,
+    /// The collections whose queries may scan.
+    pub allow_scans: BTreeSet<String>,
     pub clients: Vec<ClientSpec>,
 }
 
@@ -209,6 +220,27 @@ impl Policy {
                 ));
             }
         }
+        let mut indexes = BTreeMap::new();
+        let mut allow_scans = BTreeSet::new();
+        for (name, entry) in &file.collections {
+            let parsed = entry
+                .indexes
+                .iter()
+                .map(|fields| Index::parse(fields))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    format!(
+                        "{}collection `{name}`: {e}",
+                        at(&format!("collections.{name}"))
+                    )
+                })?;
+            if !parsed.is_empty() {
+                indexes.insert(name.clone(), parsed);
+            }
+            if entry.allow_scans {
+                allow_scans.insert(name.clone());
+            }
+        }
         let declared: BTreeMap<String, Access> = file
             .collections
             .into_iter()
@@ -243,6 +275,8 @@ impl Policy {
             // Production default: tables come from `docsidecar migrate` only.
             auto_create: file.auto_create.unwrap_or(false),
             collections: declared,
+            indexes,
+            allow_scans,
             clients,
         })
     }

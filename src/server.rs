@@ -5,7 +5,7 @@
 //! [`Server::run_until`] serves until asked to stop, then drains.
 
 use crate::admin::{self, Lifecycle};
-use crate::api::{DocumentApi, Limits};
+use crate::api::{DocumentApi, Indexes, Limits};
 use crate::auth::{AuthError, AuthLayer, Authenticator};
 use crate::background::Tasks;
 use crate::config::{ConfigError, ListenAddr, ServeConfig};
@@ -245,11 +245,22 @@ impl Server {
             config.health_interval,
         ));
 
+        tasks.spawn(crate::reaper::run(store.clone(), config.reaping));
+
+        let indexes = Indexes {
+            declared: config.policy.as_ref().map(|p| p.indexes.clone()),
+            allow_scans: config
+                .policy
+                .as_ref()
+                .map(|p| p.allow_scans.clone())
+                .unwrap_or_default(),
+        };
         let api = DocumentApi::new(
             store.clone(),
             Limits {
                 max_document_bytes: config.max_document_bytes,
             },
+            indexes,
             scope,
         );
         let documents = DocumentServiceServer::new(api)

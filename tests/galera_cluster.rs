@@ -4,7 +4,7 @@
 mod common;
 
 use common::galera::Galera;
-use common::mariadb::{connect, MariaDb};
+use common::mariadb::{connect_retry, MariaDb};
 use common::procs;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, OptsBuilder};
@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 async fn conn_to(galera: &Galera, node: usize, db: &MariaDb) -> Conn {
     let opts = OptsBuilder::from_opts(galera.node_opts(node)).db_name(Some(&db.name));
-    connect(opts.into()).await.unwrap()
+    // Retried (and logged): a node may refuse briefly around a view change.
+    connect_retry(opts.into(), Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,8 +290,7 @@ async fn increments_through_sidecars_on_three_nodes_lose_no_update() {
 
     // What wsrep_sync_wait costs a read here (loopback, idle cluster): a
     // causality check through the group before the statement runs.
-    let opts = OptsBuilder::from_opts(g.node_opts(1)).db_name(Some(&db.name));
-    let mut c = connect(opts.into()).await.unwrap();
+    let mut c = conn_to(&g, 1, &db).await;
     let read = "SELECT rev FROM counters WHERE scope = '' AND id = 'c'";
     let plain = median_micros(&mut c, read).await;
     let synced = median_micros(

@@ -27,6 +27,14 @@ pub enum ApiError {
     /// A part of the API this sidecar does not serve yet.
     #[error("{0} is not available in this docsidecar yet")]
     Unimplemented(&'static str),
+    /// Refused by a rule of this sidecar's configuration (an index the query
+    /// needs, say), with the reason to report.
+    #[error("{message}")]
+    Refused {
+        reason: Reason,
+        message: String,
+        metadata: Vec<(&'static str, String)>,
+    },
 }
 
 impl ApiError {
@@ -72,7 +80,7 @@ impl ApiError {
                 })
             }
             ApiError::Store(e) => ApiError::Store(e.in_mutation(index)),
-            e @ ApiError::Unimplemented(_) => e,
+            e @ (ApiError::Unimplemented(_) | ApiError::Refused { .. }) => e,
         }
     }
 }
@@ -201,6 +209,15 @@ impl From<ApiError> for Status {
             }
             e @ ApiError::Unimplemented(_) => {
                 Failure::new(Reason::Unimplemented, e.to_string()).into_status()
+            }
+            ApiError::Refused {
+                reason,
+                message,
+                metadata,
+            } => {
+                let mut failure = Failure::new(reason, message);
+                failure.metadata = metadata;
+                failure.into_status()
             }
         }
     }

@@ -5,8 +5,11 @@ mod convert;
 mod error;
 pub mod json;
 pub mod page_token;
+mod query;
 pub mod size;
 pub mod validate;
+
+pub use query::Indexes;
 
 pub use error::ApiError;
 
@@ -38,6 +41,7 @@ pub struct Limits {
 pub struct DocumentApi {
     store: Arc<dyn DocumentStore>,
     limits: Limits,
+    indexes: Indexes,
     /// The service's scope, for calls that the auth layer did not narrow.
     scope: Scope,
 }
@@ -53,10 +57,16 @@ impl Caller {
 }
 
 impl DocumentApi {
-    pub fn new(store: Arc<dyn DocumentStore>, limits: Limits, scope: Scope) -> Self {
+    pub fn new(
+        store: Arc<dyn DocumentStore>,
+        limits: Limits,
+        indexes: Indexes,
+        scope: Scope,
+    ) -> Self {
         DocumentApi {
             store,
             limits,
+            indexes,
             scope,
         }
     }
@@ -252,16 +262,54 @@ impl DocumentService for DocumentApi {
 
     async fn query(
         &self,
-        _request: Request<proto::QueryRequest>,
+        request: Request<proto::QueryRequest>,
     ) -> Result<Response<proto::QueryResponse>, Status> {
-        Err(ApiError::unimplemented("Query").into())
+        let caller = self.caller(&request);
+        let request = request.into_inner();
+        record_collection(&request.collection);
+        let query::Validated { query, fingerprint } = query::query(request, &self.limits)?;
+        caller.authorize(&query.collection, Need::Read)?;
+        self.indexes.check(&query)?;
+        let page = self.store.query(&query, RESPONSE_BUDGET).await?;
+        let next_page_token = match page.documents.last() {
+            Some(last) if page.more => {
+                let data: serde_json::Value = serde_json::from_str(&last.data).unwrap_or_default();
+                let keys = store::query::order_keys(&query.order, last, &data).unwrap_or_default();
+                let cursor = store::query::Cursor {
+                    keys,
+                    id: last.key.id.clone(),
+                    scope: last.key.scope.clone(),
+                };
+                page_token::encode_query(&query.collection, fingerprint, &cursor)
+            }
+            _ => String::new(),
+        };
+        let documents = page
+            .documents
+            .into_iter()
+            .map(document)
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(proto::QueryResponse {
+            documents,
+            next_page_token,
+            resume_token: String::new(),
+        }))
     }
 
     async fn count(
         &self,
-        _request: Request<proto::CountRequest>,
+        request: Request<proto::CountRequest>,
     ) -> Result<Response<proto::CountResponse>, Status> {
-        Err(ApiError::unimplemented("Count").into())
+        let caller = self.caller(&request);
+        let request = request.into_inner();
+        record_collection(&request.collection);
+        let query = query::count(request)?;
+        caller.authorize(&query.collection, Need::Read)?;
+        self.indexes.check(&query)?;
+        let count = self.store.count(&query).await?;
+        Ok(Response::new(proto::CountResponse {
+            count: i64::try_from(count).unwrap_or(i64::MAX),
+        }))
     }
 
     type WatchStream = futures_util::stream::BoxStream<'static, Result<proto::ChangeEvent, Status>>;

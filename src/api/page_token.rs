@@ -1,10 +1,13 @@
-//! List page tokens: opaque to clients, validated (never trusted) by the server.
+//! Page tokens: opaque to clients, validated (never trusted) by the server.
 //!
-//! A token is base64url of `version | collection length | collection | last id |
-//! checksum`. It holds no server state, so it stays valid across restarts and
+//! A List token is base64url of `1 | collection length | collection | last id |
+//! checksum`; a Query token of `2 | collection length | collection | query
+//! fingerprint (8 bytes) | the last document's order keys, id and scope, each
+//! length-prefixed | checksum`, so it resumes only the query it came from. It holds no server state, so it stays valid across restarts and
 //! replicas; the checksum and the collection check turn a token the server did
 //! not issue into INVALID_ARGUMENT instead of a silently wrong page.
 
+use crate::store::query::Cursor;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
@@ -63,6 +66,88 @@ pub fn decode(token: &str, collection: &str) -> Result<String, String> {
     Ok(last_id.to_string())
 }
 
+/// The version byte of Query tokens.
+const QUERY_VERSION: u8 = 2;
+
+/// A 64-bit fingerprint (FNV-1a) of a query's shape and operands.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(checksum(bytes))
+}
+
+fn push_part(out: &mut Vec<u8>, part: &[u8]) {
+    out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+    out.extend_from_slice(part);
+}
+
+/// The token that resumes query `fingerprint` of `collection` after `cursor`.
+pub fn encode_query(collection: &str, fingerprint: u64, cursor: &Cursor) -> String {
+    let mut bytes = vec![QUERY_VERSION, collection.len() as u8];
+    bytes.extend_from_slice(collection.as_bytes());
+    bytes.extend_from_slice(&fingerprint.to_be_bytes());
+    bytes.push(cursor.keys.len() as u8);
+    for key in &cursor.keys {
+        push_part(&mut bytes, key);
+    }
+    push_part(&mut bytes, cursor.id.as_bytes());
+    push_part(&mut bytes, cursor.scope.as_bytes());
+    let sum = checksum(&bytes);
+    bytes.extend_from_slice(&sum);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The cursor of a Query token, if it was issued for this collection and query.
+pub fn decode_query(
+    token: &str,
+    collection: &str,
+    fingerprint: u64,
+    keys: usize,
+) -> Result<Cursor, String> {
+    let invalid = || {
+        format!(
+            "page_token {} was not issued by this server for this query of collection `{collection}`: pass the next_page_token of the previous response to the same query unchanged, or an empty token to start from the beginning",
+            crate::quote::shown(token)
+        )
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    if bytes.len() < 2 + CHECKSUM_LEN || bytes[0] != QUERY_VERSION {
+        return Err(invalid());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+    if checksum(body) != sum {
+        return Err(invalid());
+    }
+    let mut rest = &body[1..];
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        if rest.len() < n {
+            return Err(invalid());
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let len = usize::from(take(1)?[0]);
+    if take(len)? != collection.as_bytes() {
+        return Err(invalid());
+    }
+    if take(8)? != fingerprint.to_be_bytes() {
+        return Err(invalid());
+    }
+    if usize::from(take(1)?[0]) != keys {
+        return Err(invalid());
+    }
+    let mut part = || -> Result<Vec<u8>, String> {
+        let n = u32::from_be_bytes(take(4)?.try_into().map_err(|_| invalid())?) as usize;
+        Ok(take(n)?.to_vec())
+    };
+    let keys = (0..keys).map(|_| part()).collect::<Result<Vec<_>, _>>()?;
+    let id = String::from_utf8(part()?).map_err(|_| invalid())?;
+    let scope = String::from_utf8(part()?).map_err(|_| invalid())?;
+    if super::validate::id(&id, "page_token").is_err() {
+        return Err(invalid());
+    }
+    Ok(Cursor { keys, id, scope })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +164,20 @@ mod tests {
         fn belongs_to_its_collection(a in "[a-z]{1,10}", b in "[a-z]{1,10}", id in "[a-z0-9]{1,20}") {
             prop_assume!(a != b);
             prop_assert!(decode(&encode(&a, &id), &b).is_err());
+        }
+
+        #[test]
+        fn query_tokens_round_trip_and_belong_to_their_query(
+            keys in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..20), 0..4),
+            id in "[^\\p{Cc}]{1,64}", scope in "[a-z]{0,8}", fp in any::<u64>(), other in any::<u64>()
+        ) {
+            let cursor = Cursor { keys: keys.clone(), id, scope };
+            let token = encode_query("c", fp, &cursor);
+            prop_assert_eq!(decode_query(&token, "c", fp, keys.len()), Ok(cursor));
+            prop_assume!(fp != other);
+            prop_assert!(decode_query(&token, "c", other, keys.len()).is_err());
+            prop_assert!(decode_query(&token, "d", fp, keys.len()).is_err());
+            prop_assert!(decode(&token, "c").is_err(), "a query token is no List token");
         }
 
         #[test]

@@ -3,6 +3,7 @@
 //! `MIGRATE_`) for `docsidecar migrate`.
 
 use super::mysql_url;
+use crate::policy::Policy;
 use crate::secret::{self, SecretError};
 use crate::store::mysql::{Flavor, MysqlTarget};
 use crate::store::sqlite::SqlitePath;
@@ -68,14 +69,19 @@ fn default_pool_size() -> usize {
 
 impl DbArgs {
     /// Resolves the URL or the discrete settings into the store to open.
-    /// `schema` and `auto_create` come from the common settings and the policy.
-    pub fn target(&self, schema: &str, auto_create: bool) -> Result<Target, ConfigError> {
+    /// `schema` comes from the common settings; `auto_create` and indexes from the policy.
+    pub fn target(&self, schema: &str, policy: Option<&Policy>) -> Result<Target, ConfigError> {
+        // Without a policy (development) tables and indexes appear on first
+        // use; with one, only if the policy says so.
+        let auto_create = policy.is_none_or(|p| p.auto_create);
         let pool_size = self.db_pool_size.unwrap_or_else(default_pool_size).max(1);
         let sqlite = |path| {
             Target::Sqlite(SqliteTarget {
                 path,
                 readers: pool_size,
                 acquire_timeout: self.db_acquire_timeout,
+                indexes: policy.map(|p| p.indexes.clone()).unwrap_or_default(),
+                auto_index: policy.is_none(),
             })
         };
         let p = self.var_prefix;
@@ -331,7 +337,7 @@ mod tests {
 
     impl DbArgs {
         fn database(&self) -> Result<Target, ConfigError> {
-            self.target("docsidecar", true)
+            self.target("docsidecar", None)
         }
     }
 

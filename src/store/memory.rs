@@ -42,6 +42,38 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// The live documents of a query's collection and scopes that match its
+    /// filters, with their parsed data.
+    fn matching(&self, q: &query::Query) -> StoreResult<Vec<(Document, serde_json::Value)>> {
+        let now = self.clock.now();
+        let all = self.read();
+        let Some(docs) = all.get(&q.collection) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for doc in docs.values() {
+            let in_scope = match &q.scopes {
+                Scopes::One(scope) => doc.key.scope == *scope,
+                Scopes::All => true,
+            };
+            if !in_scope || !doc.is_live(now) {
+                continue;
+            }
+            let data: serde_json::Value = serde_json::from_str(&doc.data).map_err(|e| {
+                StoreError::Internal(format!(
+                    "document `{}` in collection `{}` holds invalid JSON: {e}",
+                    doc.key.id, doc.key.collection
+                ))
+            })?;
+            if query::matches(&q.filters, doc, &data) {
+                found.push((doc.clone(), data));
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// Undo record of a write in progress.
 enum Undo {
     /// The previous state of one document.
@@ -167,6 +199,44 @@ impl DocumentStore for MemoryStore {
             }
         }
         Ok(batch)
+    }
+
+    async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
+        let mut found = self.matching(q)?;
+        // Only documents that have every ordered field are returned.
+        let mut positioned: Vec<(Vec<Vec<u8>>, Document)> = Vec::with_capacity(found.len());
+        for (doc, data) in found.drain(..) {
+            if let Some(keys) = query::order_keys(&q.order, &doc, &data) {
+                positioned.push((keys, doc));
+            }
+        }
+        let position = |(keys, doc): &(Vec<Vec<u8>>, Document)| {
+            (keys.clone(), doc.key.id.clone(), doc.key.scope.clone())
+        };
+        positioned.sort_by(|a, b| {
+            let (a, b) = (position(a), position(b));
+            query::compare_positions(&q.order, (&a.0, &a.1, &a.2), (&b.0, &b.1, &b.2))
+        });
+        let rows = positioned
+            .into_iter()
+            .filter(|entry| match &q.after {
+                None => true,
+                Some(c) => {
+                    let p = position(entry);
+                    query::compare_positions(
+                        &q.order,
+                        (&p.0, &p.1, &p.2),
+                        (&c.keys, &c.id, &c.scope),
+                    )
+                    .is_gt()
+                }
+            })
+            .map(|(_, doc)| Ok::<_, StoreError>(doc));
+        Page::collect(rows, q.limit, budget)
+    }
+
+    async fn count(&self, q: &query::Query) -> StoreResult<u64> {
+        Ok(self.matching(q)?.len() as u64)
     }
 
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {

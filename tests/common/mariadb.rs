@@ -42,6 +42,23 @@ pub async fn connect(opts: Opts) -> Result<Conn, String> {
     }
 }
 
+/// Connects, retrying for up to `within` (each failure is logged): for a
+/// node that may be briefly unavailable, e.g. a Galera node around a view
+/// change (mysql_async runs a query while connecting).
+pub async fn connect_retry(opts: Opts, within: Duration) -> Conn {
+    procs::poll("a MariaDB connection", within, || async {
+        connect(opts.clone()).await.inspect_err(|e| {
+            eprintln!(
+                "connecting to {}:{} failed (retrying): {e}",
+                opts.ip_or_hostname(),
+                opts.tcp_port()
+            )
+        })
+    })
+    .await
+    .unwrap()
+}
+
 async fn ping(opts: Opts) -> Result<(), String> {
     let mut conn = connect(opts).await?;
     let one: Option<i64> = conn
@@ -101,7 +118,7 @@ impl MariaDb {
     pub async fn create_on(opts: Opts) -> MariaDb {
         let opts = plain(opts);
         let name = format!("t_{}", uuid::Uuid::now_v7().simple());
-        let mut conn = connect(opts.clone()).await.unwrap();
+        let mut conn = connect_retry(opts.clone(), Duration::from_secs(30)).await;
         conn.query_drop(format!("CREATE DATABASE `{name}`"))
             .await
             .unwrap();
@@ -118,9 +135,9 @@ impl MariaDb {
         self.opts.clone()
     }
 
-    /// A connection to this database.
+    /// A connection to this database (retried for up to 30 s).
     pub async fn conn(&self) -> Conn {
-        connect(self.opts()).await.unwrap()
+        connect_retry(self.opts(), Duration::from_secs(30)).await
     }
 }
 

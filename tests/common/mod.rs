@@ -40,6 +40,8 @@ pub struct TestServer {
     pub admin: Option<String>,
     pub channel: Channel,
     pub backend: Backend,
+    /// The server's clock: move it to cross an expiry without waiting.
+    pub clock: docsidecar::store::Clock,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -129,6 +131,7 @@ impl TestServer {
         let config = cli.serve.resolve().expect("test settings resolve");
         let server = Server::bind(config).await.expect("server starts");
         let addr = format!("http://{}", server.local_addr());
+        let clock = server.clock();
         let admin = server.admin_addr().map(|a| a.to_string());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -149,6 +152,7 @@ impl TestServer {
             client: DocumentServiceClient::new(channel.clone()),
             channel,
             backend,
+            clock,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,

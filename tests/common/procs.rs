@@ -36,13 +36,36 @@ pub fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
-/// `n` distinct free TCP ports on 127.0.0.1. All listeners are held until the
-/// last port is picked, so the ports are distinct; another process may still
-/// take one before the server binds it (rare, and the start then fails loudly).
+/// `n` distinct free TCP ports on 127.0.0.1, below the kernel's ephemeral
+/// range when it leaves room (10000..32768 by default): a server restarted on
+/// its port then never finds it taken by some outgoing connection's local
+/// port, and a client polling a stopped server never connects to itself.
+/// All listeners are held until the last port is picked, so the ports are
+/// distinct; another process may still take one before the server binds it
+/// (rare, and the start then fails loudly).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10000u16, low);
+    let mut listeners = Vec::new();
+    let seed = std::collections::hash_map::RandomState::new();
+    let mut attempt = 0u64;
+    while listeners.len() < n {
+        let port = if to > from + 1000 && attempt < 10_000 {
+            let mut h = seed.build_hasher();
+            h.write_u64(attempt);
+            from + (h.finish() % u64::from(to - from)) as u16
+        } else {
+            0
+        };
+        attempt += 1;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
     listeners
         .iter()
         .map(|l| l.local_addr().unwrap().port())

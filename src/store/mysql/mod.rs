@@ -14,12 +14,14 @@
 //! - [`error`]: server and driver errors in a caller's terms;
 //! - [`ddl`]: tables, catalog and schema version, creation on first write;
 //! - [`write`]: writes, retried as a whole on conflicts (Galera certification);
+//! - [`queries`]: Query and Count, on sort keys computed by the sidecar;
 //! - [`migrate`]: `docsidecar migrate` (tables, catalog, grants).
 
 mod ddl;
 mod error;
 pub mod migrate;
 mod pool;
+mod queries;
 mod write;
 
 use super::tls::DbTls;
@@ -444,6 +446,14 @@ impl DocumentStore for MysqlStore {
         })
         .await?;
         Ok(batch)
+    }
+
+    async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
+        self.run_query(q, budget).await
+    }
+
+    async fn count(&self, q: &query::Query) -> StoreResult<u64> {
+        self.run_count(q).await
     }
 
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {

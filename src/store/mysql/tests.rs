@@ -520,3 +520,13 @@ async fn a_rotated_password_is_used_once_it_works() {
         .unwrap();
     c.disconnect().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_deletes_expired_rows_in_batches() {
+    let Some(db) = database().await else {
+        return;
+    };
+    let clock = Clock::default();
+    let s = store(&db, clock.clone()).await;
+    crate::store::conformance::the_reaper_deletes_expired_rows_in_batches(&s, &clock).await;
+}

@@ -85,13 +85,20 @@ pub(super) fn upgrade_ddl(schema: &str, collection: &str) -> StoreResult<String>
 
 /// The docsidecar schema version this release writes and needs; recorded in
 /// `_migrations` (see `migrate`).
-pub(super) const SCHEMA_VERSION: i32 = 2;
+pub(super) const SCHEMA_VERSION: i32 = 3;
 
 /// Every version, for `_migrations`.
 pub(super) const SCHEMA_CHANGES: &[(i32, &str)] = &[
     (1, "schema and migration history"),
     (2, "row scopes and expiry"),
+    (3, "the sort-key function of queries"),
 ];
+
+/// What every version needs besides the tables: the query key function
+/// (`CREATE OR REPLACE`, so running it again is harmless).
+pub(super) fn schema_objects_ddl(schema: &str) -> String {
+    super::queries::key_function_ddl(schema)
+}
 
 /// The tables of one schema, and those known to exist so that writes need no
 /// catalog lookup for them.
@@ -269,6 +276,9 @@ impl Tables {
             .map_err(pg)?;
         let current = self.version(&*tx).await.map_err(pg)?.unwrap_or(0);
         if current < SCHEMA_VERSION {
+            tx.batch_execute(&schema_objects_ddl(&self.schema))
+                .await
+                .map_err(pg)?;
             for collection in self.collections(&*tx).await.map_err(pg)? {
                 tx.batch_execute(&upgrade_ddl(&self.schema, &collection)?)
                     .await

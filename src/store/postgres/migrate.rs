@@ -4,7 +4,10 @@
 //! read-write tables and SELECT on the read-only ones, nothing else. The serving
 //! sidecar then needs no DDL rights at all.
 
-use super::ddl::{history_ddl, record_versions, table_ddl, upgrade_ddl, Tables, SCHEMA_VERSION};
+use super::ddl::{
+    history_ddl, record_versions, schema_objects_ddl, table_ddl, upgrade_ddl, Tables,
+    SCHEMA_VERSION,
+};
 use super::PgTarget;
 use crate::background::Backoff;
 use crate::store::{StoreError, StoreResult};
@@ -109,6 +112,9 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
             "schema {schema} is at version {current}, newer than this docsidecar supports ({SCHEMA_VERSION}): run a newer docsidecar"
         )));
     }
+    tx.batch_execute(&schema_objects_ddl(&target.schema))
+        .await
+        .map_err(|e| pg_error("creating the query key function", e))?;
     if current < SCHEMA_VERSION {
         // Expand: tables of earlier releases gain the new columns.
         for collection in tables

@@ -16,6 +16,7 @@ mod ddl;
 mod error;
 pub mod migrate;
 mod pool;
+mod queries;
 mod write;
 
 use super::*;
@@ -117,9 +118,13 @@ impl fmt::Debug for PgTarget {
 /// Documents in PostgreSQL: one table per collection in one schema.
 pub struct PostgresStore {
     pools: Arc<Pools>,
+    /// The reaper's connection, outside the pool.
+    reaper: tokio::sync::Mutex<Option<(tokio_postgres::Client, u64)>>,
     tables: ddl::Tables,
     auto_create: bool,
     clock: Clock,
+    /// Indexes created on first use (no policy), so each is created once.
+    indexed: std::sync::Mutex<std::collections::HashSet<String>>,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,
 }
@@ -176,9 +181,11 @@ impl PostgresStore {
         }
         let store = PostgresStore {
             pools,
+            reaper: tokio::sync::Mutex::default(),
             tables,
             auto_create: target.auto_create,
             clock,
+            indexed: Default::default(),
             target: name,
         };
         let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
@@ -295,6 +302,42 @@ impl PostgresStore {
         Ok(rows)
     }
 
+    /// Deletes up to `limit` expired rows, collection by collection, each batch
+    /// one statement: rows other sidecars' reapers hold are skipped, a table
+    /// locked longer than the lock timeout waits for the next round.
+    async fn reap_with(&self, client: &tokio_postgres::Client, limit: usize) -> StoreResult<usize> {
+        let collections = self
+            .tables
+            .collections(client)
+            .await
+            .map_err(|e| self.pg(e))?;
+        let mut reaped = 0;
+        for collection in collections {
+            if reaped >= limit {
+                break;
+            }
+            let table = self.tables.table(&collection)?;
+            let sql = format!(
+                "WITH doomed AS (
+                     SELECT ctid FROM {table} WHERE expire_time <= {NOW}
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM doomed)"
+            );
+            let batch = i64::try_from(limit - reaped).unwrap_or(i64::MAX);
+            match client.execute(&sql, &[&self.clock.offset(), &batch]).await {
+                Ok(n) => reaped += n as usize,
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    tracing::debug!(collection, "reaper skipped a locked table");
+                }
+                Err(e) if error::is_missing_table(&e) => {}
+                Err(e) => return Err(self.pg(e)),
+            }
+        }
+        Ok(reaped)
+    }
+
     fn document(&self, collection: &str, row: &Row) -> StoreResult<Document> {
         row_to_doc(collection, row).map_err(|e| self.pg(e))
     }
@@ -382,29 +425,27 @@ impl DocumentStore for PostgresStore {
         Ok(batch)
     }
 
+    async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
+        self.run_query(q, budget).await
+    }
+
+    async fn count(&self, q: &query::Query) -> StoreResult<u64> {
+        self.run_count(q).await
+    }
+
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {
-        let c = self.pools.acquire().await?;
-        let collections = self.tables.collections(&***c).await;
-        c.release();
-        let mut reaped = 0;
-        for collection in collections.map_err(|e| self.pg(e))? {
-            if reaped >= limit {
-                break;
-            }
-            let table = self.tables.table(&collection)?;
-            // Small batches, rows other sidecars' reapers hold skipped: no
-            // long locks, no two reapers on one row.
-            let sql = format!(
-                "WITH doomed AS (
-                     SELECT ctid FROM {table} WHERE expire_time <= {NOW}
-                     LIMIT $2 FOR UPDATE SKIP LOCKED)
-                 DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM doomed) RETURNING 1"
-            );
-            let batch = i64::try_from(limit - reaped).unwrap_or(i64::MAX);
-            let offset = self.clock.offset();
-            reaped += self.select(&sql, &[&offset, &batch]).await?.len();
-        }
-        Ok(reaped)
+        // The reaper's own connection: it never takes one from traffic, and
+        // its lock_timeout skips a table that DDL holds (next round).
+        // A rotated password retires it like the pool's connections.
+        let mut reaper = self.reaper.lock().await;
+        let generation = self.pools.generation();
+        let client = match reaper.take() {
+            Some((c, made)) if !c.is_closed() && made == generation => c,
+            _ => self.pools.dedicated().await?,
+        };
+        let result = self.reap_with(&client, limit).await;
+        *reaper = Some((client, generation));
+        result
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {

@@ -18,8 +18,11 @@ use tokio_postgres::NoTls;
 /// dropped, never closed, so calls holding or awaiting its connections finish on
 /// them, and those connections close as they come back.
 pub(super) struct Pools {
-    pool: RwLock<Pool>,
-    cfg: tokio_postgres::Config,
+    /// The pool, and the config its connections are made with (the current
+    /// password).
+    pool: RwLock<(Pool, tokio_postgres::Config)>,
+    /// Bumped when the password rotates: connections made before retire.
+    generation: std::sync::atomic::AtomicU64,
     size: usize,
     acquire_timeout: Duration,
     /// `user@host:port/db` for messages and logs; never the password.
@@ -53,8 +56,8 @@ impl Pools {
         target: String,
     ) -> StoreResult<Arc<Pools>> {
         Ok(Arc::new(Pools {
-            pool: RwLock::new(build(cfg.clone(), size, acquire_timeout)?),
-            cfg,
+            pool: RwLock::new((build(cfg.clone(), size, acquire_timeout)?, cfg)),
+            generation: Default::default(),
             size,
             acquire_timeout,
             target,
@@ -62,7 +65,48 @@ impl Pools {
     }
 
     fn current(&self) -> Pool {
-        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.pool
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    fn config(&self) -> tokio_postgres::Config {
+        self.pool
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Which password generation connections made now belong to.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A connection of its own, outside the pool, for background work that
+    /// must neither wait for traffic nor hold traffic's connections (the
+    /// reaper). `lock_timeout` keeps it from queueing behind DDL.
+    pub(super) async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
+        let mut cfg = self.config();
+        let name = format!(
+            "{} (reaper)",
+            cfg.get_application_name().unwrap_or("docsidecar")
+        );
+        cfg.application_name(&name);
+        cfg.options("-c lock_timeout=200 -c statement_timeout=30000");
+        let (client, connection) = cfg.connect(NoTls).await.map_err(|e| {
+            StoreError::unavailable(format!(
+                "cannot connect to PostgreSQL at {}: {}",
+                self.target,
+                describe(&e)
+            ))
+        })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
     }
 
     /// Watches the password file in `tasks`; stops when the pools are gone.
@@ -83,9 +127,9 @@ impl Pools {
     /// Switches to `password` once a connection with it succeeds; until then the
     /// old pool keeps serving.
     async fn rotate(&self, password: &str) -> bool {
-        let mut cfg = self.cfg.clone();
+        let mut cfg = self.config();
         cfg.password(password);
-        let Ok(pool) = build(cfg, self.size, self.acquire_timeout) else {
+        let Ok(pool) = build(cfg.clone(), self.size, self.acquire_timeout) else {
             return false;
         };
         if let Err(e) = pool.get().await {
@@ -96,7 +140,9 @@ impl Pools {
             );
             return false;
         }
-        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = pool;
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = (pool, cfg);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             target_db = %self.target,
             "database password rotated: new connections use it, the old ones retire as their calls finish"

@@ -491,6 +491,18 @@ async fn without_auto_create_the_schema_and_tables_come_from_migrate() {
     assert_eq!(s.list_collections().await.unwrap(), ["docs"]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_reaps() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    crate::store::conformance::the_reaper_deletes_expired_rows_in_batches(
+        &ctx.store,
+        &ctx.store.clock,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_without_leaking_the_password() {
     let cfg: tokio_postgres::Config = "postgres://app:hunter2@127.0.0.1:1/db".parse().unwrap();
@@ -535,4 +547,47 @@ async fn names_are_checked_before_they_reach_sql() {
         assert!(qualified_table("s", bad).is_err(), "{bad:?}");
     }
     assert!(qualified_table("s", &"a".repeat(63)).is_ok());
+}
+
+/// The PL/pgSQL key function and `store::key` agree byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_function_encodes_as_the_sidecar_does() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    use serde_json::json;
+    let mut values = vec![
+        json!(null),
+        json!(true),
+        json!(false),
+        json!(0.0),
+        json!(-0.0),
+        json!(-1.5),
+        json!(1e300),
+        json!(-1e-300),
+        json!(5e-324),
+        json!(123456789.125),
+        json!(""),
+        json!("é\u{1F600}"),
+        json!([]),
+        json!([1, "a", [true, null], {"z": 1, "a": {}}]),
+        json!({"b": [], "a": 1, "": null, "ä": "x", "B": 2}),
+    ];
+    // Shortest round-trip doubles of many magnitudes.
+    let mut x = 0.1f64;
+    for _ in 0..60 {
+        values.push(json!(x));
+        values.push(json!(-x * 3.7));
+        x *= 13.37;
+    }
+    let sql = format!("SELECT \"{}\".docsidecar_key($1::text::jsonb)", ctx.schema);
+    for v in values {
+        let key: Vec<u8> = ctx
+            .admin
+            .query_one(&sql, &[&v.to_string()])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(key, crate::store::key::encode(&v), "{v}");
+    }
 }

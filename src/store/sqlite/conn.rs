@@ -58,7 +58,7 @@ pub(super) fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.set_prepared_statement_cache_capacity(32);
-    Ok(())
+    super::queries::register(conn)
 }
 
 fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {

@@ -8,12 +8,14 @@
 //! - [`schema`]: versioned migrations.
 
 mod conn;
+mod queries;
 pub mod schema;
 
 use super::plan::Action;
 use super::*;
 use conn::{configure, ReaderPool};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Where the database is.
@@ -31,6 +33,11 @@ pub struct SqliteTarget {
     pub readers: usize,
     /// How long a call waits for a connection before UNAVAILABLE.
     pub acquire_timeout: Duration,
+    /// The declared query indexes by collection (the policy's `indexes`).
+    pub indexes: std::collections::BTreeMap<String, Vec<crate::store::query::Index>>,
+    /// Create the index a query needs on first use (development, no policy)
+    /// instead of converging to the declared ones.
+    pub auto_index: bool,
 }
 
 impl std::fmt::Display for SqliteTarget {
@@ -49,6 +56,9 @@ pub struct SqliteStore {
     readers: Option<Arc<ReaderPool>>,
     acquire_timeout: Duration,
     clock: Clock,
+    auto_index: bool,
+    /// Indexes created on first use, so each is created once.
+    indexed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -166,6 +176,8 @@ impl SqliteStore {
             path,
             readers,
             acquire_timeout,
+            indexes,
+            auto_index,
         } = target.clone();
         let (writer, path) = tokio::task::spawn_blocking(move || -> StoreResult<_> {
             let (mut conn, path) = match path {
@@ -186,6 +198,9 @@ impl SqliteStore {
             }
             configure(&conn)?;
             schema::migrate(&mut conn, schema::MIGRATIONS)?;
+            if !auto_index {
+                queries::converge(&conn, &indexes)?;
+            }
             Ok((conn, path))
         })
         .await
@@ -196,6 +211,8 @@ impl SqliteStore {
             readers: path.map(|path| Arc::new(ReaderPool::new(path, readers))),
             acquire_timeout,
             clock,
+            auto_index,
+            indexed: Mutex::default(),
         })
     }
 }
@@ -298,6 +315,14 @@ impl DocumentStore for SqliteStore {
             Ok(batch)
         })
         .await
+    }
+
+    async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
+        self.run_query(q, budget).await
+    }
+
+    async fn count(&self, q: &query::Query) -> StoreResult<u64> {
+        self.run_count(q).await
     }
 
     async fn reap_expired(&self, limit: usize) -> StoreResult<usize> {

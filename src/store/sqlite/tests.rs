@@ -50,6 +50,8 @@ fn target(path: std::path::PathBuf) -> SqliteTarget {
         path: SqlitePath::File(path),
         readers: 2,
         acquire_timeout: Duration::from_secs(5),
+        indexes: Default::default(),
+        auto_index: true,
     }
 }
 
@@ -125,4 +127,83 @@ fn list_pages_are_range_scans_of_an_index() {
     assert!(all.contains("documents_by_id"), "{all}");
     assert!(all.contains("(collection=? AND (id,scope)>(?,?))"), "{all}");
     assert!(!all.contains("TEMP B-TREE"), "no sort step: {all}");
+}
+
+#[tokio::test]
+async fn the_sqlite_store_reaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::default();
+    let store = SqliteStore::open(&target(dir.path().join("reap.db")), clock.clone())
+        .await
+        .unwrap();
+    crate::store::conformance::the_reaper_deletes_expired_rows_in_batches(&store, &clock).await;
+}
+
+#[test]
+fn queries_use_the_declared_indexes() {
+    use crate::store::key::encode;
+    use crate::store::query::{Condition, Field, Filter, Index, Order, Query};
+    let mut conn = Connection::open_in_memory().unwrap();
+    migrate(&mut conn, MIGRATIONS).unwrap();
+    super::queries::register(&conn).unwrap();
+    let indexes = [
+        Index::parse(&["status".into()]).unwrap(),
+        Index::parse(&["customer.id".into(), "created desc".into()]).unwrap(),
+    ];
+    for index in &indexes {
+        conn.execute_batch(&super::queries::declared_index("orders", index))
+            .unwrap();
+    }
+    // 10k rows in the collection, 1k in another; statistics, as a live
+    // database has them.
+    conn.execute_batch("INSERT INTO collections VALUES ('orders', 0), ('other', 0)")
+        .unwrap();
+    {
+        let tx = conn.transaction().unwrap();
+        for i in 0..11_000 {
+            let collection = if i < 10_000 { "orders" } else { "other" };
+            let data = format!(
+                r#"{{"status": "{}", "customer": {{"id": {}}}, "created": {i}}}"#,
+                ["open", "paid", "shipped", "closed", "void"][i % 5],
+                i % 1000
+            );
+            tx.execute(
+                "INSERT INTO documents (collection, scope, id, rev, data, create_time, update_time) VALUES (?1, '', ?2, 'r', ?3, 0, 0)",
+                params![collection, format!("d{i:05}"), data],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    conn.execute_batch("ANALYZE").unwrap();
+    let path = |p: &str| Field::Path(crate::store::FieldPath::parse(p).unwrap());
+    let eq = |p: &str, v: serde_json::Value| Filter {
+        field: path(p),
+        condition: Condition::In(vec![encode(&v)]),
+    };
+    let query = |filters, order| Query {
+        collection: "orders".into(),
+        scopes: Scopes::One(String::new()),
+        filters,
+        order,
+        after: None,
+        limit: 50,
+    };
+    let by_status = query(vec![eq("status", serde_json::json!("open"))], vec![]);
+    let plan = super::queries::explain(&conn, &by_status);
+    assert!(plan.contains("USING INDEX q$orders$"), "{plan}");
+    assert!(!plan.contains("SCAN documents"), "{plan}");
+    let newest_of_customer = query(
+        vec![eq("customer.id", serde_json::json!(42))],
+        vec![Order {
+            field: path("created"),
+            descending: true,
+        }],
+    );
+    let plan = super::queries::explain(&conn, &newest_of_customer);
+    assert!(plan.contains("USING INDEX q$orders$"), "{plan}");
+    assert!(
+        !plan.contains("TEMP B-TREE"),
+        "the index gives the order: {plan}"
+    );
 }
