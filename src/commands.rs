@@ -6,8 +6,7 @@ use crate::config::{
 };
 use crate::policy::{self, Access};
 use crate::server::{self, StartError};
-use crate::store::postgres::migrate::{self, Grant, MigratePlan};
-use crate::store::{self, Target};
+use crate::store::{self, Grant, MigratePlan, Target};
 use crate::telemetry;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -46,28 +45,35 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
     telemetry::init(args.common.log_format);
     let db: DbArgs = args.db.into();
     let policy = policy::load(args.common.policy.as_deref())?;
+    let collections = policy
+        .as_ref()
+        .map(|p| p.collections.clone())
+        .unwrap_or_default();
+    let plan = MigratePlan {
+        collections: collections
+            .into_iter()
+            .map(|(name, access)| {
+                let grant = match access {
+                    Access::ReadWrite => Grant::ReadWrite,
+                    Access::ReadOnly => Grant::ReadOnly,
+                };
+                (name, grant)
+            })
+            .collect(),
+        grant_to: args.grant_to.clone(),
+    };
     match db.target(&args.common.schema, policy.as_ref())? {
         Target::Postgres(target) => {
-            let collections = policy.map(|p| p.collections).unwrap_or_default();
-            let plan = MigratePlan {
-                collections: collections
-                    .into_iter()
-                    .map(|(name, access)| {
-                        let grant = match access {
-                            Access::ReadWrite => Grant::ReadWrite,
-                            Access::ReadOnly => Grant::ReadOnly,
-                        };
-                        (name, grant)
-                    })
-                    .collect(),
-                grant_to: args.grant_to,
-            };
             info!(database = %target, schema = %target.schema, "migrating");
-            migrate::migrate(&target, &plan).await?;
+            store::postgres::migrate::migrate(&target, &plan).await?;
+        }
+        Target::Mysql(target) => {
+            info!(database = %target, "migrating");
+            store::mysql::migrate::migrate(&target, &plan).await?;
         }
         target => {
             if args.grant_to.is_some() {
-                warn!("--grant-to applies to PostgreSQL only; ignored");
+                warn!("--grant-to applies to PostgreSQL and MySQL/MariaDB only; ignored");
             }
             // Opening an embedded store applies its pending migrations.
             let tasks = Tasks::new();

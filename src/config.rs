@@ -1,14 +1,18 @@
 //! Command line and environment: every setting is a flag with an environment
 //! variable (see `docsidecar --help`), resolved once into typed values.
 
+mod db;
+mod mysql_url;
+
+pub use db::{ConfigError, DbArgs, DbType, DEFAULT_SQLITE_FILE};
+
 use crate::api::WatchLimits;
 use crate::policy::{self, Policy, PolicyError};
 use crate::reaper::Reaping;
-use crate::secret::{self, SecretError};
-use crate::store::sqlite::SqlitePath;
-use crate::store::{PgTarget, SqliteTarget, Target};
+use crate::store::tls::SslMode;
+use crate::store::Target;
 use crate::tls::TlsFiles;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -234,8 +238,9 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub db: MigrateDbArgs,
 
-    /// PostgreSQL role that serves at run time: it gets SELECT, INSERT, UPDATE and
-    /// DELETE on the policy's read-write collections and SELECT on its read-only ones.
+    /// The runtime account (a PostgreSQL role, or a MySQL account 'user'@'host'): it
+    /// gets SELECT, INSERT, UPDATE and DELETE on the policy's read-write collections
+    /// and SELECT on its read-only ones.
     #[arg(long, env = "DOCSIDECAR_GRANT_TO")]
     pub grant_to: Option<String>,
 
@@ -336,7 +341,8 @@ macro_rules! db_args {
         #[derive(Debug, Clone, Args)]
         pub struct $name {
             /// Database URL: sqlite://relative.db, sqlite:///absolute.db, sqlite::memory:, memory://,
-            /// postgres://user@host:port/db. Default: sqlite://docsidecar.db
+            /// postgres://user@host:port/db, mysql://user@host:port/db (or mariadb://); several
+            /// hosts as host1:port,host2:port. Default: sqlite://docsidecar.db
             #[arg(long, env = concat!($prefix, "DATABASE_URL"), hide_env_values = true)]
             pub database_url: Option<String>,
             /// File holding the database URL (a mounted secret); used when the URL is not set.
@@ -345,24 +351,38 @@ macro_rules! db_args {
             /// Database type, with the discrete DB_* settings instead of a URL.
             #[arg(long, env = concat!($prefix, "DB_TYPE"), value_enum)]
             pub db_type: Option<DbType>,
-            /// Database host (PostgreSQL).
+            /// Database host; several separated by commas (db-0,db-1,db-2: a Galera
+            /// cluster, a PostgreSQL primary and its standbys): only one that accepts
+            /// writes serves.
             #[arg(long, env = concat!($prefix, "DB_HOST"))]
             pub db_host: Option<String>,
-            /// Database port (PostgreSQL).
+            /// Database port (PostgreSQL 5432, MySQL/MariaDB 3306).
             #[arg(long, env = concat!($prefix, "DB_PORT"))]
             pub db_port: Option<u16>,
-            /// Database name (PostgreSQL), or the SQLite file path.
+            /// Database name (MySQL/MariaDB: docsidecar's own database), or the SQLite file path.
             #[arg(long, env = concat!($prefix, "DB_NAME"))]
             pub db_name: Option<String>,
-            /// Database user (PostgreSQL).
+            /// Database user.
             #[arg(long, env = concat!($prefix, "DB_USER"))]
             pub db_user: Option<String>,
-            /// Database password (PostgreSQL). Prefer the password file.
+            /// Database password. Prefer the password file.
             #[arg(long, env = concat!($prefix, "DB_PASS"), hide_env_values = true)]
             pub db_pass: Option<String>,
             /// File holding the database password (a mounted secret).
             #[arg(long, env = concat!($prefix, "DB_PASS_FILE"))]
             pub db_pass_file: Option<PathBuf>,
+            /// TLS to the database: disable, prefer (the default), require, verify-ca, verify-full.
+            #[arg(long, env = concat!($prefix, "DB_SSLMODE"))]
+            pub db_sslmode: Option<SslMode>,
+            /// PEM file of the CA the database server's certificate must chain to.
+            #[arg(long, env = concat!($prefix, "DB_SSLROOTCERT"))]
+            pub db_sslrootcert: Option<PathBuf>,
+            /// PEM client certificate, for servers that require one (with DB_SSLKEY).
+            #[arg(long, env = concat!($prefix, "DB_SSLCERT"), requires = "db_sslkey")]
+            pub db_sslcert: Option<PathBuf>,
+            /// PEM private key of the client certificate.
+            #[arg(long, env = concat!($prefix, "DB_SSLKEY"), requires = "db_sslcert")]
+            pub db_sslkey: Option<PathBuf>,
             /// Database connections to keep (SQLite: reader connections). Default: 2 x cores + 1.
             #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"))]
             pub db_pool_size: Option<usize>,
@@ -390,6 +410,10 @@ macro_rules! db_args {
                     db_user: a.db_user,
                     db_pass: a.db_pass,
                     db_pass_file: a.db_pass_file,
+                    db_sslmode: a.db_sslmode,
+                    db_sslrootcert: a.db_sslrootcert,
+                    db_sslcert: a.db_sslcert,
+                    db_sslkey: a.db_sslkey,
                     db_pool_size: a.db_pool_size,
                     db_max_retries: a.db_max_retries,
                     db_retry_delay: a.db_retry_delay,
@@ -411,258 +435,9 @@ db_args!(
     "MIGRATE_"
 );
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DbType {
-    Sqlite,
-    #[value(alias = "postgres")]
-    Postgresql,
-    Memory,
-}
-
-/// Database settings as given, before resolution.
-#[derive(Debug, Clone)]
-pub struct DbArgs {
-    /// `""` for serving, `"MIGRATE_"` for migrate: error messages name the variables.
-    pub var_prefix: &'static str,
-    pub database_url: Option<String>,
-    pub database_url_file: Option<PathBuf>,
-    pub db_type: Option<DbType>,
-    pub db_host: Option<String>,
-    pub db_port: Option<u16>,
-    pub db_name: Option<String>,
-    pub db_user: Option<String>,
-    pub db_pass: Option<String>,
-    pub db_pass_file: Option<PathBuf>,
-    pub db_pool_size: Option<usize>,
-    pub db_max_retries: u32,
-    pub db_retry_delay: Duration,
-    pub db_acquire_timeout: Duration,
-}
-
-/// A configuration problem, stated so that an operator can fix it. Never holds a
-/// credential.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Secret(#[from] SecretError),
-}
-
-/// The SQLite file used when no database is configured.
-pub const DEFAULT_SQLITE_FILE: &str = "docsidecar.db";
-
-/// Connections per pool when DB_POOL_SIZE is not set: enough to keep every
-/// core busy while some calls wait on the database.
-fn default_pool_size() -> usize {
-    2 * std::thread::available_parallelism().map_or(1, |n| n.get()) + 1
-}
-
-impl DbArgs {
-    /// Resolves the URL or the discrete settings into the store to open.
-    /// `schema` and `auto_create` come from the common settings and the policy.
-    pub fn target(&self, schema: &str, policy: Option<&Policy>) -> Result<Target, ConfigError> {
-        // Without a policy (development) tables and indexes appear on first
-        // use; with one, only if the policy says so.
-        let auto_create = policy.is_none_or(|p| p.auto_create);
-        let pool_size = self.db_pool_size.unwrap_or_else(default_pool_size).max(1);
-        let sqlite = |path| {
-            Target::Sqlite(SqliteTarget {
-                path,
-                readers: pool_size,
-                acquire_timeout: self.db_acquire_timeout,
-                indexes: policy.map(|p| p.indexes.clone()).unwrap_or_default(),
-                auto_index: policy.is_none(),
-            })
-        };
-        let p = self.var_prefix;
-        let postgres = |config| {
-            self.postgres(config).map(|mut t| {
-                t.schema = schema.to_string();
-                t.auto_create = auto_create;
-                t.pool_size = pool_size;
-                Target::Postgres(Box::new(t))
-            })
-        };
-        if let Some(url) = self.url()? {
-            return match self.parse_url(&url)? {
-                Url::Memory => Ok(Target::Memory),
-                Url::Sqlite(path) => Ok(sqlite(path)),
-                Url::Postgres(config) => postgres(*config),
-            };
-        }
-        match self.db_type {
-            None if self.db_host.is_some() => Err(ConfigError::Invalid(format!(
-                "{p}DB_HOST is set but {p}DB_TYPE is not: set {p}DB_TYPE=postgresql"
-            ))),
-            None => Ok(sqlite(SqlitePath::File(
-                self.db_name
-                    .as_deref()
-                    .unwrap_or(DEFAULT_SQLITE_FILE)
-                    .into(),
-            ))),
-            Some(DbType::Memory) => Ok(Target::Memory),
-            Some(DbType::Sqlite) => Ok(sqlite(match self.db_name.as_deref() {
-                Some(":memory:") => SqlitePath::Memory,
-                name => SqlitePath::File(name.unwrap_or(DEFAULT_SQLITE_FILE).into()),
-            })),
-            Some(DbType::Postgresql) => {
-                let mut cfg = tokio_postgres::Config::new();
-                cfg.host(self.db_host.as_deref().unwrap_or("localhost"))
-                    .port(self.db_port.unwrap_or(5432))
-                    .user(self.db_user.as_deref().unwrap_or("postgres"))
-                    .dbname(self.db_name.as_deref().unwrap_or("postgres"));
-                postgres(cfg)
-            }
-        }
-    }
-
-    fn url(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(url) = &self.database_url {
-            return Ok(Some(url.trim().to_string()));
-        }
-        match &self.database_url_file {
-            Some(path) => Ok(Some(secret::read_text(path, "the database URL")?)),
-            None => Ok(None),
-        }
-    }
-
-    fn parse_url(&self, url: &str) -> Result<Url, ConfigError> {
-        let var = format!("{}DATABASE_URL", self.var_prefix);
-        if url == "memory://" || url == "memory:" {
-            return Ok(Url::Memory);
-        }
-        if url == "sqlite::memory:" || url == "sqlite://:memory:" {
-            return Ok(Url::Sqlite(SqlitePath::Memory));
-        }
-        if let Some(rest) = url.strip_prefix("sqlite:") {
-            let path = rest.strip_prefix("//").unwrap_or(rest);
-            let path = path.split_once('?').map_or(path, |(p, _)| p);
-            if path.is_empty() {
-                return Err(ConfigError::Invalid(format!(
-                    "{var} `sqlite://` names no file: use sqlite://relative/path.db, sqlite:///absolute/path.db or sqlite::memory:"
-                )));
-            }
-            return Ok(Url::Sqlite(SqlitePath::File(PathBuf::from(path))));
-        }
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let cfg = tokio_postgres::Config::from_str(url).map_err(|e| {
-                ConfigError::Invalid(format!("{var} is not a valid PostgreSQL URL: {e}"))
-            })?;
-            return Ok(Url::Postgres(Box::new(cfg)));
-        }
-        // Only the scheme is quoted: the rest may hold a password.
-        let scheme = url.split_once(':').map_or("", |(s, _)| s);
-        Err(ConfigError::Invalid(format!(
-            "{var} has an unsupported scheme `{scheme}`: expected sqlite://, sqlite::memory:, memory:// or postgres://"
-        )))
-    }
-
-    /// The PostgreSQL target: the password settings, the application name and
-    /// the start-up settings applied to `cfg`.
-    fn postgres(&self, mut cfg: tokio_postgres::Config) -> Result<PgTarget, ConfigError> {
-        let mut password_file = None;
-        if let Some(pass) = &self.db_pass {
-            cfg.password(pass.as_str());
-        } else if let Some(path) = &self.db_pass_file {
-            cfg.password(secret::read_text(path, "the database password")?);
-            // A URL's own password is fixed; a mounted password file may rotate.
-            password_file = Some(path.clone());
-        }
-        if cfg.get_application_name().is_none() {
-            cfg.application_name("docsidecar");
-        }
-        if cfg.get_connect_timeout().is_none() {
-            cfg.connect_timeout(Duration::from_secs(5));
-        }
-        Ok(PgTarget {
-            password_file,
-            acquire_timeout: self.db_acquire_timeout,
-            max_retries: self.db_max_retries,
-            retry_delay: self.db_retry_delay,
-            ..PgTarget::new(cfg)
-        })
-    }
-}
-
-/// What a database URL names, before the settings around it are applied.
-enum Url {
-    Memory,
-    Sqlite(SqlitePath),
-    Postgres(Box<tokio_postgres::Config>),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(url: Option<&str>) -> DbArgs {
-        let cli = Cli::parse_from(["docsidecar"]);
-        let mut db: DbArgs = cli.serve.db.into();
-        db.database_url = url.map(String::from);
-        db
-    }
-
-    impl DbArgs {
-        fn database(&self) -> Result<Target, ConfigError> {
-            self.target("docsidecar", None)
-        }
-    }
-
-    fn sqlite_path(target: Target) -> SqlitePath {
-        match target {
-            Target::Sqlite(t) => t.path,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn parses_database_urls() {
-        let db = |u: &str| args(Some(u)).database();
-        assert!(matches!(db("memory://"), Ok(Target::Memory)));
-        assert_eq!(
-            sqlite_path(db("sqlite::memory:").unwrap()),
-            SqlitePath::Memory
-        );
-        assert_eq!(
-            sqlite_path(db("sqlite://data/x.db").unwrap()),
-            SqlitePath::File(PathBuf::from("data/x.db"))
-        );
-        assert_eq!(
-            sqlite_path(db("sqlite:///var/lib/x.db").unwrap()),
-            SqlitePath::File(PathBuf::from("/var/lib/x.db"))
-        );
-        match db("postgresql://app@db:6432/orders").unwrap() {
-            Target::Postgres(t) => assert_eq!(t.to_string(), "app@db:6432/orders"),
-            other => panic!("{other:?}"),
-        }
-        assert!(db("sqlite://")
-            .unwrap_err()
-            .to_string()
-            .contains("names no file"));
-    }
-
-    #[test]
-    fn url_errors_never_echo_credentials() {
-        for url in [
-            "mysql://root:hunter2@db/x",
-            "postgres://u:hunter2@db:notaport/x",
-        ] {
-            let err = args(Some(url)).database().unwrap_err().to_string();
-            assert!(!err.contains("hunter2"), "{err}");
-            assert!(err.contains("DATABASE_URL"), "{err}");
-        }
-        let db = args(Some("postgres://u:hunter2@db/x")).database().unwrap();
-        assert!(!format!("{db:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn default_is_a_sqlite_file() {
-        assert_eq!(
-            sqlite_path(args(None).database().unwrap()),
-            SqlitePath::File(PathBuf::from(DEFAULT_SQLITE_FILE))
-        );
-    }
 
     #[test]
     fn listen_addresses() {

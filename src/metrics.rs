@@ -16,6 +16,8 @@ pub const POOL_WAITING: &str = "docsidecar_pool_waiting";
 pub const DATABASE_ERRORS_TOTAL: &str = "docsidecar_database_errors_total";
 pub const DOCUMENTS_WRITTEN_TOTAL: &str = "docsidecar_documents_written_total";
 pub const DOCUMENTS_DELETED_TOTAL: &str = "docsidecar_documents_deleted_total";
+pub const DATABASE_FAILOVERS_TOTAL: &str = "docsidecar_database_failovers_total";
+pub const TRANSACTION_RETRIES_TOTAL: &str = "docsidecar_transaction_retries_total";
 pub const DOCUMENTS_EXPIRED_TOTAL: &str = "docsidecar_documents_expired_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
 pub const WATCH_STREAMS_OPEN: &str = "docsidecar_watch_streams_open";
@@ -72,6 +74,18 @@ pub fn documents_changed(saved: u64, deleted: u64) {
     if deleted > 0 {
         metrics::counter!(DOCUMENTS_DELETED_TOTAL).increment(deleted);
     }
+}
+
+/// New connections moved to another database host (the one that served
+/// died, or stopped accepting writes).
+pub fn database_failover() {
+    metrics::counter!(DATABASE_FAILOVERS_TOTAL).increment(1);
+}
+
+/// A transaction re-run as a whole after losing to a concurrent one (a
+/// deadlock, a Galera certification conflict, an insert race).
+pub fn transaction_retried() {
+    metrics::counter!(TRANSACTION_RETRIES_TOTAL).increment(1);
 }
 
 /// Expired documents the reaper deleted.

@@ -11,7 +11,9 @@
 //!   [`update`]: merge patches and transforms; [`plan`]: the write planner;
 //!   [`key`]: order-preserving keys of values; [`query`]: queries and the
 //!   index rule;
-//! - [`memory`], [`sqlite`], [`postgres`]: the backends.
+//! - [`memory`], [`sqlite`], [`postgres`], [`mysql`]: the backends;
+//!   [`tls`]: TLS settings of networked databases; [`migrate`]: what
+//!   `docsidecar migrate` applies.
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,17 +24,22 @@ pub mod changes;
 mod error;
 pub mod key;
 pub mod memory;
+pub mod migrate;
+pub mod mysql;
 pub mod path;
 pub mod plan;
 pub mod postgres;
 pub mod query;
 pub mod sql;
 pub mod sqlite;
+pub mod tls;
 pub mod update;
 pub mod value;
 
 pub use error::{Precondition, Protection, StoreError, StoreResult, Unavailable};
 pub use memory::MemoryStore;
+pub use migrate::{Grant, MigratePlan};
+pub use mysql::{MysqlStore, MysqlTarget};
 pub use path::FieldPath;
 pub use postgres::{PgTarget, PostgresStore};
 pub use sqlite::{SqliteStore, SqliteTarget};
@@ -511,6 +518,7 @@ pub enum Target {
     Memory,
     Sqlite(SqliteTarget),
     Postgres(Box<PgTarget>),
+    Mysql(Box<MysqlTarget>),
 }
 
 impl std::fmt::Display for Target {
@@ -520,6 +528,7 @@ impl std::fmt::Display for Target {
             Target::Memory => f.write_str("memory"),
             Target::Sqlite(t) => write!(f, "sqlite ({t})"),
             Target::Postgres(t) => write!(f, "postgresql ({t})"),
+            Target::Mysql(t) => write!(f, "mysql ({t})"),
         }
     }
 }
@@ -538,6 +547,11 @@ pub async fn open(
         Target::Sqlite(t) => Arc::new(SqliteStore::open(t, clock).await?),
         Target::Postgres(t) => {
             let store = Arc::new(PostgresStore::connect(t, tasks, clock).await?);
+            store.start_feed(tasks);
+            store
+        }
+        Target::Mysql(t) => {
+            let store = Arc::new(MysqlStore::connect(t, tasks, clock).await?);
             store.start_feed(tasks);
             store
         }

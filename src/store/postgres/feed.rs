@@ -218,7 +218,10 @@ impl PostgresStore {
                     break;
                 }
                 self.wakeups.notify();
-                if tokio::time::timeout_at(deadline, wakeups.changed()).await.is_err() {
+                if tokio::time::timeout_at(deadline, wakeups.changed())
+                    .await
+                    .is_err()
+                {
                     // The sequencer is elsewhere and slow: "now" is a little earlier.
                     break;
                 }

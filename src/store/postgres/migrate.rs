@@ -11,27 +11,10 @@ use super::ddl::{
 use super::PgTarget;
 use crate::background::Backoff;
 use crate::store::{StoreError, StoreResult};
-use std::collections::BTreeMap;
 use tokio_postgres::NoTls;
 use tracing::{info, warn};
 
-/// What the runtime role may do to a collection's table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
-    /// SELECT, INSERT, UPDATE, DELETE.
-    ReadWrite,
-    /// SELECT.
-    ReadOnly,
-}
-
-/// What to migrate.
-#[derive(Debug, Clone)]
-pub struct MigratePlan {
-    /// The declared collections (from the policy); their tables are created.
-    pub collections: BTreeMap<String, Grant>,
-    /// The runtime role that receives the grants.
-    pub grant_to: Option<String>,
-}
+pub use crate::store::migrate::{Grant, MigratePlan};
 
 /// Role names are identifiers we quote ourselves: keep them to a plain alphabet.
 fn is_valid_role(role: &str) -> bool {

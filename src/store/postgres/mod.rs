@@ -81,18 +81,29 @@ impl PgTarget {
 impl fmt::Display for PgTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cfg = &self.config;
-        let host = cfg
+        let ports = cfg.get_ports();
+        let hosts: Vec<String> = cfg
             .get_hosts()
-            .first()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                };
+                // One port for every host, or one per host.
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                format!("{host}:{port}")
             })
-            .unwrap_or_else(|| "localhost".into());
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+            .collect();
+        let hosts = if hosts.is_empty() {
+            "localhost:5432".to_string()
+        } else {
+            hosts.join(",")
+        };
         write!(
             f,
-            "{}@{host}:{port}/{}",
+            "{}@{hosts}/{}",
             cfg.get_user().unwrap_or("?"),
             cfg.get_dbname().unwrap_or("?")
         )
