@@ -22,6 +22,9 @@ use mysql_async::{Row, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+/// A reaped row: scope, id, rev, and the database's time.
+type Reaped = (Vec<u8>, Vec<u8>, Vec<u8>, i64);
+
 /// Attempts of a write that conflicted with a concurrent transaction.
 const ATTEMPTS: u32 = 8;
 
@@ -299,7 +302,7 @@ impl MysqlStore {
                  ORDER BY expire_time LIMIT ? FOR UPDATE SKIP LOCKED"
             );
             let offset = self.clock.offset();
-            let doomed: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, i64)> =
+            let doomed: Vec<Reaped> =
                 conn.exec(select, (offset, offset, limit as u64)).await?;
             let delete = format!("DELETE FROM {table} WHERE scope = ? AND id = ?");
             let mut expired = Vec::with_capacity(doomed.len());
