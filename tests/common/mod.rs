@@ -104,7 +104,10 @@ impl TestServer {
         let mut pg_schema = None;
         let url = match backend {
             Backend::Memory => "memory://".to_string(),
-            Backend::Sqlite => format!("sqlite://{}", dir.path().join("test.db").display()),
+            // A given URL shares one file between servers (and restarts).
+            Backend::Sqlite => pg_url
+                .map(String::from)
+                .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("test.db").display())),
             Backend::Postgres => {
                 pg_schema = Some(format!("t_{}", uuid::Uuid::now_v7().simple()));
                 pg_url.expect("a PostgreSQL URL").to_string()

@@ -302,8 +302,7 @@ impl MysqlStore {
                  ORDER BY expire_time LIMIT ? FOR UPDATE SKIP LOCKED"
             );
             let offset = self.clock.offset();
-            let doomed: Vec<Reaped> =
-                conn.exec(select, (offset, offset, limit as u64)).await?;
+            let doomed: Vec<Reaped> = conn.exec(select, (offset, offset, limit as u64)).await?;
             let delete = format!("DELETE FROM {table} WHERE scope = ? AND id = ?");
             let mut expired = Vec::with_capacity(doomed.len());
             let mut now = 0;
