@@ -329,7 +329,7 @@ async fn run(backend: Backend, url: Option<&str>, extra: Vec<String>, sidecars: 
         servers.iter().map(|s| s.client.clone()).collect(),
     ));
     // Watchers start before any write: the whole history is theirs to see.
-    let first = clients.read().unwrap()[0].clone();
+    let mut first = clients.read().unwrap()[0].clone();
     let start = first
         .list(ListRequest {
             collection: "ledger".into(),
