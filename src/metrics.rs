@@ -20,6 +20,7 @@ pub const DATABASE_FAILOVERS_TOTAL: &str = "docsidecar_database_failovers_total"
 pub const TRANSACTION_RETRIES_TOTAL: &str = "docsidecar_transaction_retries_total";
 pub const DOCUMENTS_EXPIRED_TOTAL: &str = "docsidecar_documents_expired_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
+pub const MALFORMED_DOCUMENTS_TOTAL: &str = "docsidecar_malformed_documents_total";
 pub const WATCH_STREAMS_OPEN: &str = "docsidecar_watch_streams_open";
 pub const WATCH_EVENTS_SENT_TOTAL: &str = "docsidecar_watch_events_sent_total";
 pub const WATCH_LAG_SECONDS: &str = "docsidecar_watch_lag_seconds";
@@ -114,4 +115,9 @@ pub fn watch_event_sent(lag: f64) {
 /// error, rejected).
 pub fn watch_ended(reason: &'static str) {
     metrics::counter!(WATCH_STREAMS_ENDED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A stored row that is not a JSON object, left out of a response.
+pub fn malformed_document() {
+    metrics::counter!(MALFORMED_DOCUMENTS_TOTAL).increment(1);
 }
