@@ -7,8 +7,7 @@ use crate::config::{
 };
 use crate::policy;
 use crate::server::{self, StartError};
-use crate::store::postgres::migrate::{self, MigratePlan};
-use crate::store::{self, Declared, Target};
+use crate::store::{self, Declared, MigratePlan, Target};
 use crate::telemetry;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -55,23 +54,29 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
         .into());
     }
     let policy = policy::load(args.common.policy.as_deref())?;
+    let plan = MigratePlan {
+        collections: match config::declared(policy.as_ref()) {
+            Declared::Only(collections) => collections,
+            Declared::Any => Default::default(),
+        },
+        grant_to: args.grant_to.clone(),
+        revoke_public_temp: args.revoke_public_temp,
+    };
     match db.target(&args.common.schema, policy.as_ref())? {
         Target::Postgres(target) => {
-            let collections = match config::declared(policy.as_ref()) {
-                Declared::Only(collections) => collections,
-                Declared::Any => Default::default(),
-            };
-            let plan = MigratePlan {
-                collections,
-                grant_to: args.grant_to,
-                revoke_public_temp: args.revoke_public_temp,
-            };
             info!(database = %target, schema = %target.schema, "migrating");
-            migrate::migrate(&target, &plan).await?;
+            store::postgres::migrate::migrate(&target, &plan).await?;
+        }
+        Target::Mysql(target) => {
+            if args.revoke_public_temp {
+                warn!("--revoke-public-temp applies to PostgreSQL only; ignored");
+            }
+            info!(database = %target, "migrating");
+            store::mysql::migrate::migrate(&target, &plan).await?;
         }
         target => {
             if args.grant_to.is_some() || args.revoke_public_temp {
-                warn!("--grant-to and --revoke-public-temp apply to PostgreSQL only; ignored");
+                warn!("--grant-to and --revoke-public-temp apply to networked databases only; ignored");
             }
             // Opening an embedded store applies its pending migrations.
             let tasks = Tasks::new();

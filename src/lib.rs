@@ -21,7 +21,7 @@
 //! - [`policy`] and [`auth`]: which collections the service and each client
 //!   may touch, and the layer that authenticates bearer tokens.
 //! - [`store`]: the [`store::DocumentStore`] trait and one module per backend
-//!   (memory, SQLite, PostgreSQL). No tonic.
+//!   (memory, SQLite, PostgreSQL, MySQL/MariaDB). No tonic.
 //! - [`tls`]: optional TLS and mutual TLS, certificates reloaded on change.
 //! - [`telemetry`]: logging setup and the per-request log layer; [`metrics`]:
 //!   every metric's name, declared once.

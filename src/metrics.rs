@@ -16,6 +16,8 @@ pub const POOL_WAITING: &str = "docsidecar_pool_waiting";
 pub const DATABASE_ERRORS_TOTAL: &str = "docsidecar_database_errors_total";
 pub const DOCUMENTS_WRITTEN_TOTAL: &str = "docsidecar_documents_written_total";
 pub const DOCUMENTS_DELETED_TOTAL: &str = "docsidecar_documents_deleted_total";
+pub const DATABASE_FAILOVERS_TOTAL: &str = "docsidecar_database_failovers_total";
+pub const TRANSACTION_RETRIES_TOTAL: &str = "docsidecar_transaction_retries_total";
 pub const DOCUMENTS_EXPIRED_TOTAL: &str = "docsidecar_documents_expired_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
 pub const POOL_ACQUIRE_TIMEOUTS_TOTAL: &str = "docsidecar_pool_acquire_timeouts_total";
@@ -25,6 +27,7 @@ pub const CONNECTIONS_OPEN: &str = "docsidecar_connections_open";
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "docsidecar_connections_rejected_total";
 pub const CONNECTIONS_CLOSED_IDLE_TOTAL: &str = "docsidecar_connections_closed_idle_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "docsidecar_accept_errors_total";
+pub const MALFORMED_DOCUMENTS_TOTAL: &str = "docsidecar_malformed_documents_total";
 pub const WATCH_STREAMS_OPEN: &str = "docsidecar_watch_streams_open";
 pub const WATCH_EVENTS_SENT_TOTAL: &str = "docsidecar_watch_events_sent_total";
 pub const WATCH_LAG_SECONDS: &str = "docsidecar_watch_lag_seconds";
@@ -79,6 +82,18 @@ pub fn documents_changed(saved: u64, deleted: u64) {
     if deleted > 0 {
         metrics::counter!(DOCUMENTS_DELETED_TOTAL).increment(deleted);
     }
+}
+
+/// New connections moved to another database host (the one that served
+/// died, or stopped accepting writes).
+pub fn database_failover() {
+    metrics::counter!(DATABASE_FAILOVERS_TOTAL).increment(1);
+}
+
+/// A transaction re-run as a whole after losing to a concurrent one (a
+/// deadlock, a Galera certification conflict, an insert race).
+pub fn transaction_retried() {
+    metrics::counter!(TRANSACTION_RETRIES_TOTAL).increment(1);
 }
 
 /// Expired documents the reaper deleted.
@@ -155,4 +170,9 @@ pub fn watch_event_sent(lag: f64) {
 /// error, rejected).
 pub fn watch_ended(reason: &'static str) {
     metrics::counter!(WATCH_STREAMS_ENDED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A stored row that is not a JSON object, left out of a response.
+pub fn malformed_document() {
+    metrics::counter!(MALFORMED_DOCUMENTS_TOTAL).increment(1);
 }

@@ -5,10 +5,15 @@
 
 mod common;
 
+use clap::Parser;
 use common::cluster::{Cluster, ClusterOptions, ServerCert, TlsOptions};
-use common::mariadb::{self, MariaServer, MariaServerOptions, MariaTlsOptions};
+use common::mariadb::{self, MariaDb, MariaServer, MariaServerOptions, MariaTlsOptions};
 use common::pg_pair::pg_error;
 use common::pki;
+use common::{num, object, Backend, TestServer};
+use docsidecar::config::Cli;
+use docsidecar::proto::SaveRequest;
+use docsidecar::server::Server;
 use mysql_async::prelude::*;
 use mysql_async::OptsBuilder;
 use tokio_postgres::config::SslMode;
@@ -213,4 +218,56 @@ async fn mariadb_verify_full_with_the_test_ca_and_secure_transport_required() {
             .is_err_and(|e| e.contains("not valid for name")),
         "skip_domain_validation works now ({still:?}): mysql_async#404 is fixed, update this test"
     );
+
+    // The sidecar with DB_SSLMODE=verify-full against the test CA serves;
+    // the server requires TLS, so every session it opened is encrypted.
+    server.set_server_cert(ServerCert::Localhost).await;
+    let db = MariaDb::create_on(server.opts()).await;
+    let ca = ca_file.display();
+    let url = format!(
+        "mysql://root@localhost:{}/{}?sslmode=verify-full&sslrootcert={ca}",
+        server.port(),
+        db.name
+    );
+    let mut sidecar = TestServer::start_at(Backend::Mariadb, Some(&url), &[]).await;
+    let saved = sidecar
+        .client
+        .save(SaveRequest {
+            collection: "secure".into(),
+            id: "a".into(),
+            data: Some(object(vec![("n", num(1.0))])),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(saved.into_inner().created);
+    sidecar.stop().await;
+    // Settings that cannot work are refused at start-up: no TLS to a server
+    // that requires it, and verify-full of a certificate for another name.
+    let refused = |url: String| async move {
+        let cli = Cli::try_parse_from([
+            "docsidecar",
+            "--listen",
+            "127.0.0.1:0",
+            "--db-max-retries",
+            "1",
+            "--database-url",
+            &url,
+        ])
+        .unwrap();
+        match Server::bind(cli.serve.resolve().unwrap()).await {
+            Ok(_) => panic!("{url} served"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let plain = format!(
+        "mysql://root@localhost:{}/{}?sslmode=disable",
+        server.port(),
+        db.name
+    );
+    let err = refused(plain).await;
+    assert!(err.contains("1045"), "{err}");
+    server.set_server_cert(ServerCert::WrongHost).await;
+    let err = refused(url).await;
+    assert!(err.contains("not valid for name"), "{err}");
 }

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::pg_connect;
+use common::load::Writers;
 use common::pg_pair::{pg_error, PgPair, PgPairOptions};
-use common::procs;
-use std::time::Duration;
+use common::{pg_connect, procs, Backend, TestServer};
+use std::time::{Duration, Instant};
 
 fn table() -> String {
     format!("t_{}", uuid::Uuid::now_v7().simple())
@@ -213,4 +213,56 @@ async fn a_private_pair_with_passwords_replicates_and_is_gone_after_drop() {
             "port {port} still answers"
         );
     }
+}
+
+/// The sidecar given both hosts, the standby first (skipped: it does not
+/// accept writes). Under a steady write load the primary stops and the
+/// standby is promoted: writes resume on the new primary without a restart,
+/// and with `synchronous_commit = remote_apply` every acknowledged write is
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_follows_a_failover_and_loses_no_acknowledged_write() {
+    let Some(pair) = PgPair::shared(true).await else {
+        return;
+    };
+    let p = pair.exclusive().await;
+    let (primary, standby) = (p.primary().port, p.standby().port);
+    let url =
+        format!("postgres://postgres:postgres@127.0.0.1:{standby},127.0.0.1:{primary}/postgres");
+    let schema = table();
+    let server = TestServer::start_at(Backend::Postgres, Some(&url), &["--schema", &schema]).await;
+    let writers = Writers::start(&server.client, "load", 3, Duration::from_millis(10));
+    writers
+        .acked_after(Instant::now(), 50, "writes before the failover")
+        .await;
+
+    p.stop_primary().await;
+    let down = Instant::now();
+    p.promote_standby().await;
+    let promoted = down.elapsed();
+    writers
+        .acked_after(down, 50, "writes after the failover")
+        .await;
+    let load = writers.stop().await;
+    server.stop().await;
+
+    let load = std::mem::take(&mut *load.lock().unwrap());
+    assert_eq!(p.primary().port, standby);
+    let new_primary = pg_connect(&p.primary_url("postgres")).await;
+    let rows = new_primary
+        .query(&format!("SELECT id, rev FROM \"{schema}\".load"), &[])
+        .await
+        .unwrap();
+    let stored = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let missing = load.missing_from(&stored);
+    eprintln!(
+        "PostgreSQL failover under load (remote_apply): {} writes acknowledged, {} lost; errors {:?}; standby promoted {promoted:.1?} after the primary stopped, first write acknowledged {:.1?} after the stop (longest call {:.1?})",
+        load.acked.len(),
+        missing.len(),
+        load.errors,
+        load.recovery(down),
+        load.longest(),
+    );
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    load.assert_errors_retryable();
 }

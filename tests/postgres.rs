@@ -4,7 +4,7 @@ mod common;
 
 use common::cluster::Cluster;
 use common::*;
-use docsidecar::proto::{BatchGetRequest, GetRequest, SaveRequest};
+use docsidecar::proto::{BatchGetRequest, GetRequest, ListRequest, SaveRequest};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -715,4 +715,66 @@ async fn permanent_start_up_errors_fail_at_once_and_transient_ones_are_retried()
     assert_ne!(status.code(), Some(0), "{logs}");
     assert!(logs.contains("not reachable yet; retrying"), "{logs}");
     assert!(logs.contains("after 2 attempt(s)"), "{logs}");
+}
+
+/// Rows written outside the sidecar that are not JSON objects, or whose
+/// times are out of range, do not hide the other documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_rows_do_not_hide_the_others() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let t = TestServer::start_at(Backend::Postgres, Some(&url), &[]).await;
+    let mut c = t.client.clone();
+    for id in ["a", "c"] {
+        c.save(save("mixed", id)).await.unwrap();
+    }
+    let admin = pg_connect(&url).await;
+    let schema = t.pg_schema();
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO \"{schema}\".mixed (id, rev, data, create_time, update_time)
+               VALUES ('b', 'r', '[1, 2]', 0, 0), ('d', 'r', '{{}}', -9223372036854775807, 9223372036854775807)"
+        ))
+        .await
+        .unwrap();
+    let page = c
+        .list(ListRequest {
+            collection: "mixed".into(),
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // "b" is left out, and the walk goes on past it.
+    assert_eq!(
+        page.documents
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    let rest = c
+        .list(ListRequest {
+            collection: "mixed".into(),
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = rest.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["c", "d"]);
+    // Times out of range are clamped to what a Timestamp can hold.
+    let d = &rest.documents[1];
+    assert_eq!(d.create_time.unwrap().seconds, -62_135_596_800);
+    assert_eq!(d.update_time.unwrap().seconds, 253_402_300_799);
+    let status = c.get(get("mixed", "b")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert!(
+        status.message().contains("`b`") && status.message().contains("mixed"),
+        "{}",
+        status.message()
+    );
 }

@@ -204,8 +204,12 @@ fn help_documents_every_setting_with_its_variable() {
 fn bad_configuration_fails_clearly_without_leaking_secrets() {
     let cases: &[(&[(&str, &str)], &str)] = &[
         (
-            &[("DATABASE_URL", "mysql://root:hunter2@db/app")],
-            "unsupported scheme `mysql`",
+            &[("DATABASE_URL", "mongodb://root:hunter2@db/app")],
+            "unsupported scheme `mongodb`",
+        ),
+        (
+            &[("DATABASE_URL", "mysql://root:hunter2@db:notaport/app")],
+            "is not a host, host:port",
         ),
         (
             &[("DATABASE_URL", "postgres://app:hunter2@db:notaport/app")],

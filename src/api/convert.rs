@@ -409,11 +409,33 @@ pub(super) fn op_name(op: &Op) -> &'static str {
     }
 }
 
+/// A Timestamp of microseconds, clamped to the protobuf range (0001-01-01 to
+/// 9999-12-31): a row written outside the sidecar may hold anything.
 pub(super) fn timestamp(micros: Micros) -> Timestamp {
+    const MIN: Micros = -62_135_596_800_000_000;
+    const MAX: Micros = 253_402_300_799_999_999;
+    let micros = micros.clamp(MIN, MAX);
     Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
     }
+}
+
+/// The documents of a page or batch. A stored row whose data is not a JSON
+/// object (written outside the sidecar) does not hide the others: it is left
+/// out, logged at error with its collection and id, and counted
+/// (`docsidecar_malformed_documents_total`); a Get of it fails INTERNAL.
+pub(super) fn documents(docs: Vec<store::Document>) -> Vec<proto::Document> {
+    docs.into_iter()
+        .filter_map(|doc| match document(doc) {
+            Ok(doc) => Some(doc),
+            Err(e) => {
+                tracing::error!(error = %e, "left a malformed document out of a response");
+                crate::metrics::malformed_document();
+                None
+            }
+        })
+        .collect()
 }
 
 pub(super) fn document(doc: store::Document) -> Result<proto::Document, ApiError> {
@@ -431,7 +453,7 @@ pub(super) fn document(doc: store::Document) -> Result<proto::Document, ApiError
     } = doc;
     let data = json::from_json(&data).map_err(|e| {
         StoreError::Internal(format!(
-            "document `{id}` in collection `{collection}` holds invalid JSON: {e}"
+            "document `{id}` in collection `{collection}` does not hold a JSON object ({e}): it was written outside docsidecar; repair or delete it"
         ))
     })?;
     Ok(proto::Document {

@@ -209,11 +209,7 @@ impl DocumentService for DocumentApi {
             Some(last) if page.more => page_token::encode(&list.collection, &last.key.id),
             _ => String::new(),
         };
-        let documents = page
-            .documents
-            .into_iter()
-            .map(document)
-            .collect::<Result<_, _>>()?;
+        let documents = convert::documents(page.documents);
         Ok(Response::new(proto::ListResponse {
             documents,
             next_page_token,
@@ -236,11 +232,7 @@ impl DocumentService for DocumentApi {
             .filter(|id| !present.contains(id.as_str()))
             .cloned()
             .collect();
-        let documents = found
-            .documents
-            .into_iter()
-            .map(document)
-            .collect::<Result<_, _>>()?;
+        let documents = convert::documents(found.documents);
         Ok(Response::new(proto::BatchGetResponse {
             documents,
             missing_ids,
@@ -305,11 +297,7 @@ impl DocumentService for DocumentApi {
             }
             _ => String::new(),
         };
-        let documents = page
-            .documents
-            .into_iter()
-            .map(document)
-            .collect::<Result<_, _>>()?;
+        let documents = convert::documents(page.documents);
         Ok(Response::new(proto::QueryResponse {
             documents,
             next_page_token,

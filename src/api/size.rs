@@ -25,20 +25,12 @@ fn string_field(s: &str) -> usize {
     }
 }
 
-/// A `google.protobuf.Timestamp` field of a whole number of microseconds.
+/// A `google.protobuf.Timestamp` field of a whole number of microseconds, as
+/// the API converts it (clamped to the protobuf range).
 fn timestamp_field(micros: i64) -> usize {
-    let seconds = micros.div_euclid(1_000_000);
-    let nanos = micros.rem_euclid(1_000_000) * 1000;
-    let body = if seconds == 0 {
-        0
-    } else {
-        1 + prost::encoding::encoded_len_varint(seconds as u64)
-    } + if nanos == 0 {
-        0
-    } else {
-        1 + prost::encoding::encoded_len_varint(nanos as u64)
-    };
-    delimited(body)
+    delimited(prost::Message::encoded_len(&super::convert::timestamp(
+        micros,
+    )))
 }
 
 /// The size of `docsidecar.v1.Document` as the API encodes `doc`; a document

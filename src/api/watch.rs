@@ -108,7 +108,15 @@ fn event(
         ChangeKind::Expired => Kind::Expired,
     };
     let document = match r.document {
-        Some(doc) if include_documents && r.kind == ChangeKind::Saved => Some(document(doc)?),
+        Some(doc) if include_documents && r.kind == ChangeKind::Saved => match document(doc) {
+            Ok(doc) => Some(doc),
+            // A row written outside docsidecar: the event goes without it.
+            Err(e) => {
+                tracing::error!(error = %e, "a change's document is malformed; sent without it");
+                crate::metrics::malformed_document();
+                None
+            }
+        },
         _ => None,
     };
     Ok(proto::ChangeEvent {

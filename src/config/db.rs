@@ -1,128 +1,29 @@
-//! Database settings: the URL or the discrete `DB_*` settings, TLS, the pool
-//! and start-up retries, resolved once into the store's [`Target`]. The same
-//! names serve `docsidecar migrate` with the `MIGRATE_` prefix.
+//! Database settings, resolved once into the store to open ([`Target`]):
+//! the URL or the discrete `DB_*` settings, for serving and (prefixed
+//! `MIGRATE_`) for `docsidecar migrate`.
 
-use super::values::{count, seconds};
-use super::ConfigError;
+use super::mysql_url;
 use crate::policy::Policy;
-use crate::secret;
+use crate::secret::{self, SecretError};
+use crate::store::mysql::{Flavor, MysqlTarget};
 use crate::store::sqlite::SqlitePath;
-use crate::store::{PgTarget, PgTls, SqliteTarget, SslMode, Target};
-use clap::{Args, ValueEnum};
+use crate::store::tls::{DbTls, SslMode};
+use crate::store::{PgTarget, SqliteTarget, Target};
+
+/// The URL schemes a database URL may use, for messages.
+const SCHEMES: &str = "sqlite://relative/path.db, sqlite:///absolute/path.db, sqlite::memory:, memory://, postgres:// (or postgresql://), mysql:// or mariadb://";
+use clap::ValueEnum;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
-
-/// Database settings: the same names for serving and, prefixed `MIGRATE_`, for
-/// `docsidecar migrate`, which connects with the admin account.
-macro_rules! db_args {
-    ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Args)]
-        pub struct $name {
-            /// Database URL: sqlite://relative.db, sqlite:///absolute.db, sqlite::memory:, memory://,
-            /// postgres://user@host:port/db[?sslmode=verify-full&sslrootcert=/ca.crt]. It wins over the
-            /// discrete DB_* settings. Default: sqlite://docsidecar.db
-            #[arg(long, env = concat!($prefix, "DATABASE_URL"), hide_env_values = true)]
-            pub database_url: Option<String>,
-            /// File holding the database URL (a mounted secret); used when the URL is not set.
-            #[arg(long, env = concat!($prefix, "DATABASE_URL_FILE"))]
-            pub database_url_file: Option<PathBuf>,
-            /// Database type, with the discrete DB_* settings instead of a URL.
-            #[arg(long, env = concat!($prefix, "DB_TYPE"), value_enum)]
-            pub db_type: Option<DbType>,
-            /// Database host (PostgreSQL).
-            #[arg(long, env = concat!($prefix, "DB_HOST"))]
-            pub db_host: Option<String>,
-            /// Database port (PostgreSQL), 1 to 65535.
-            #[arg(long, env = concat!($prefix, "DB_PORT"), value_parser = count(1u16, u16::MAX, "a port number"))]
-            pub db_port: Option<u16>,
-            /// Database name (PostgreSQL), or the SQLite file path.
-            #[arg(long, env = concat!($prefix, "DB_NAME"))]
-            pub db_name: Option<String>,
-            /// Database user (PostgreSQL).
-            #[arg(long, env = concat!($prefix, "DB_USER"))]
-            pub db_user: Option<String>,
-            /// Database password (PostgreSQL). Prefer the password file.
-            #[arg(long, env = concat!($prefix, "DB_PASS"), hide_env_values = true)]
-            pub db_pass: Option<String>,
-            /// File holding the database password (a mounted secret, re-read when it changes).
-            #[arg(long, env = concat!($prefix, "DB_PASS_FILE"))]
-            pub db_pass_file: Option<PathBuf>,
-            /// TLS to PostgreSQL: disable, prefer (PostgreSQL's default: TLS when the server
-            /// offers it, certificate not checked), require (always TLS), verify-ca (the
-            /// certificate is signed by DB_SSLROOTCERT), verify-full (and issued for DB_HOST).
-            #[arg(long, env = concat!($prefix, "DB_SSLMODE"), value_parser = SslMode::from_str)]
-            pub db_sslmode: Option<SslMode>,
-            /// PEM file of the CA certificates that sign the database server's certificate.
-            #[arg(long, env = concat!($prefix, "DB_SSLROOTCERT"))]
-            pub db_sslrootcert: Option<PathBuf>,
-            /// PEM client certificate for TLS to the database (with DB_SSLKEY).
-            #[arg(long, env = concat!($prefix, "DB_SSLCERT"), requires = "db_sslkey")]
-            pub db_sslcert: Option<PathBuf>,
-            /// PEM private key of the database client certificate.
-            #[arg(long, env = concat!($prefix, "DB_SSLKEY"), requires = "db_sslcert")]
-            pub db_sslkey: Option<PathBuf>,
-            /// Database connections to keep, 1 to 1000 (SQLite: reader connections).
-            /// Default: 2 x cores + 1. PostgreSQL also holds two more (health check, expiry reaper).
-            #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"), value_parser = count(1usize, 1000, "a number of connections"))]
-            pub db_pool_size: Option<usize>,
-            /// Connection attempts at start-up before giving up (0: retry forever).
-            /// Only failures that can heal are retried (refused, timed out, starting up).
-            #[arg(long, env = concat!($prefix, "DB_MAX_RETRIES"), default_value_t = 10)]
-            pub db_max_retries: u32,
-            /// Seconds before the second start-up connection attempt (then doubling, at most
-            /// 30 s); 0.01 to 3600.
-            #[arg(long, env = concat!($prefix, "DB_RETRY_DELAY"), default_value = "1", value_parser = seconds(0.01, 3600.0))]
-            pub db_retry_delay: Duration,
-            /// Seconds a call may wait for a pooled connection before UNAVAILABLE; 0.01 to 3600.
-            #[arg(long, env = concat!($prefix, "DB_ACQUIRE_TIMEOUT"), default_value = "5", value_parser = seconds(0.01, 3600.0))]
-            pub db_acquire_timeout: Duration,
-        }
-
-        impl From<$name> for DbArgs {
-            fn from(a: $name) -> DbArgs {
-                DbArgs {
-                    var_prefix: $prefix,
-                    database_url: a.database_url,
-                    database_url_file: a.database_url_file,
-                    db_type: a.db_type,
-                    db_host: a.db_host,
-                    db_port: a.db_port,
-                    db_name: a.db_name,
-                    db_user: a.db_user,
-                    db_pass: a.db_pass,
-                    db_pass_file: a.db_pass_file,
-                    db_sslmode: a.db_sslmode,
-                    db_sslrootcert: a.db_sslrootcert,
-                    db_sslcert: a.db_sslcert,
-                    db_sslkey: a.db_sslkey,
-                    db_pool_size: a.db_pool_size,
-                    db_max_retries: a.db_max_retries,
-                    db_retry_delay: a.db_retry_delay,
-                    db_acquire_timeout: a.db_acquire_timeout,
-                }
-            }
-        }
-    };
-}
-
-db_args!(
-    /// Runtime database settings.
-    ServeDbArgs,
-    ""
-);
-db_args!(
-    /// Admin database settings for `docsidecar migrate`.
-    MigrateDbArgs,
-    "MIGRATE_"
-);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DbType {
     Sqlite,
     #[value(alias = "postgres")]
     Postgresql,
+    Mysql,
+    Mariadb,
     Memory,
 }
 
@@ -150,33 +51,23 @@ pub struct DbArgs {
     pub db_acquire_timeout: Duration,
 }
 
+/// A configuration problem, stated so that an operator can fix it. Never holds a
+/// credential.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+}
+
 /// The SQLite file used when no database is configured.
 pub const DEFAULT_SQLITE_FILE: &str = "docsidecar.db";
-
-/// The URL schemes a database URL may use, for messages.
-const SCHEMES: &str =
-    "sqlite://relative/path.db, sqlite:///absolute/path.db, sqlite::memory:, memory://, postgres:// (or postgresql://)";
 
 /// Connections per pool when DB_POOL_SIZE is not set: enough to keep every
 /// core busy while some calls wait on the database.
 fn default_pool_size() -> usize {
     2 * std::thread::available_parallelism().map_or(1, |n| n.get()) + 1
-}
-
-/// The TLS parameters a PostgreSQL URL may carry (libpq's names).
-#[derive(Debug, Default)]
-struct UrlTls {
-    sslmode: Option<SslMode>,
-    sslrootcert: Option<PathBuf>,
-    sslcert: Option<PathBuf>,
-    sslkey: Option<PathBuf>,
-}
-
-/// What a database URL names, before the settings around it are applied.
-enum Url {
-    Memory,
-    Sqlite(SqlitePath),
-    Postgres(Box<tokio_postgres::Config>, UrlTls),
 }
 
 impl DbArgs {
@@ -266,7 +157,7 @@ impl DbArgs {
             })
         };
         let p = self.var_prefix;
-        let postgres = |config, url_tls: UrlTls| {
+        let postgres = |config, url_tls| {
             self.postgres(config, url_tls).map(|mut t| {
                 t.schema = schema.to_string();
                 t.auto_create = auto_create;
@@ -275,16 +166,24 @@ impl DbArgs {
                 Target::Postgres(Box::new(t))
             })
         };
+        let mysql = |flavor, url| {
+            self.mysql(flavor, url).map(|mut t| {
+                t.auto_create = auto_create;
+                t.pool_size = pool_size;
+                Target::Mysql(Box::new(t))
+            })
+        };
         if let Some(url) = self.url()? {
             return match self.parse_url(&url)? {
                 Url::Memory => Ok(Target::Memory),
                 Url::Sqlite(path) => Ok(sqlite(path)),
-                Url::Postgres(config, url_tls) => postgres(*config, url_tls),
+                Url::Postgres(config, tls) => postgres(*config, tls),
+                Url::Mysql(flavor, url) => mysql(flavor, *url),
             };
         }
         match self.db_type {
             None if self.db_host.is_some() => Err(ConfigError::Invalid(format!(
-                "{p}DB_HOST is set but {p}DB_TYPE is not: set {p}DB_TYPE=postgresql"
+                "{p}DB_HOST is set but {p}DB_TYPE is not: set {p}DB_TYPE=postgresql, mysql or mariadb"
             ))),
             None => Ok(sqlite(SqlitePath::File(
                 self.db_name
@@ -299,13 +198,116 @@ impl DbArgs {
             })),
             Some(DbType::Postgresql) => {
                 let mut cfg = tokio_postgres::Config::new();
-                cfg.host(self.db_host.as_deref().unwrap_or("localhost"))
-                    .port(self.db_port.unwrap_or(5432))
-                    .user(self.db_user.as_deref().unwrap_or("postgres"))
+                let hosts = self.db_host.as_deref().unwrap_or("localhost");
+                let hosts = mysql_url::parse_hosts(hosts, self.db_port.unwrap_or(5432), &format!("{p}DB_HOST"))?;
+                for host in &hosts {
+                    cfg.host(&host.name).port(host.port);
+                }
+                cfg.user(self.db_user.as_deref().unwrap_or("postgres"))
                     .dbname(self.db_name.as_deref().unwrap_or("postgres"));
                 postgres(cfg, UrlTls::default())
             }
+            Some(flavor @ (DbType::Mysql | DbType::Mariadb)) => {
+                let flavor = if flavor == DbType::Mariadb {
+                    Flavor::Mariadb
+                } else {
+                    Flavor::Mysql
+                };
+                let hosts = self.db_host.as_deref().unwrap_or("localhost");
+                let url = mysql_url::MysqlUrl {
+                    hosts: mysql_url::parse_hosts(
+                        hosts,
+                        self.db_port.unwrap_or(mysql_url::DEFAULT_PORT),
+                        &format!("{p}DB_HOST"),
+                    )?,
+                    user: self.db_user.clone(),
+                    database: self.db_name.clone(),
+                    ..Default::default()
+                };
+                mysql(flavor, url)
+            }
         }
+    }
+
+    /// TLS as the settings say, over what a URL said (warned when both set
+    /// one); a client certificate needs its key.
+    fn tls(&self, url: DbTls, url_mode_set: bool) -> Result<DbTls, ConfigError> {
+        let v = |name: &str| self.var(name);
+        for (param, in_url, setting) in [
+            ("sslmode", url_mode_set, self.db_sslmode.is_some()),
+            (
+                "sslrootcert",
+                url.root_cert.is_some(),
+                self.db_sslrootcert.is_some(),
+            ),
+            (
+                "sslcert",
+                url.client_cert.is_some(),
+                self.db_sslcert.is_some(),
+            ),
+            ("sslkey", url.client_key.is_some(), self.db_sslkey.is_some()),
+        ] {
+            if in_url && setting {
+                tracing::warn!(
+                    "the database URL sets {param} and {} is set too: {} is used",
+                    v(&format!("DB_{}", param.to_uppercase())),
+                    v(&format!("DB_{}", param.to_uppercase()))
+                );
+            }
+        }
+        let tls = DbTls {
+            mode: self.db_sslmode.unwrap_or(url.mode),
+            root_cert: self.db_sslrootcert.clone().or(url.root_cert),
+            client_cert: self.db_sslcert.clone().or(url.client_cert),
+            client_key: self.db_sslkey.clone().or(url.client_key),
+        };
+        if tls.client_cert.is_some() != tls.client_key.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "a client certificate needs both {} and {} (or sslcert and sslkey in the URL)",
+                v("DB_SSLCERT"),
+                v("DB_SSLKEY")
+            )));
+        }
+        Ok(tls)
+    }
+
+    /// The MySQL/MariaDB target: a URL's parts, or the discrete settings in
+    /// the same shape, with the password, TLS and start-up settings.
+    fn mysql(&self, flavor: Flavor, url: mysql_url::MysqlUrl) -> Result<MysqlTarget, ConfigError> {
+        let p = self.var_prefix;
+        let mut target = MysqlTarget::new(
+            url.hosts,
+            url.user.as_deref().unwrap_or("root"),
+            url.database.as_deref().unwrap_or("docsidecar"),
+        );
+        target.flavor = flavor;
+        target.password = url.password;
+        if let Some(pass) = &self.db_pass {
+            target.password = Some(pass.clone());
+        } else if let Some(path) = &self.db_pass_file {
+            target.password = Some(secret::read_text(path, "the database password")?);
+            // A URL's own password is fixed; a mounted password file may rotate.
+            target.password_file = Some(path.clone());
+        }
+        let url_mode_set = url.sslmode.is_some();
+        target.tls = self.tls(
+            DbTls {
+                mode: url.sslmode.unwrap_or_default(),
+                root_cert: url.sslrootcert,
+                client_cert: url.sslcert,
+                client_key: url.sslkey,
+            },
+            url_mode_set,
+        )?;
+        if !crate::store::mysql::is_valid_database(&target.database) {
+            return Err(ConfigError::Invalid(format!(
+                "{p}DB_NAME (or the URL's database) must be ASCII letters, digits, `_`, `$` or `-`, at most 64"
+            )));
+        }
+        target.acquire_timeout = self.db_acquire_timeout;
+        target.max_retries = self.db_max_retries;
+        target.retry_delay = self.db_retry_delay;
+        Ok(target)
     }
 
     fn url(&self) -> Result<Option<String>, ConfigError> {
@@ -342,6 +344,17 @@ impl DbArgs {
                 ConfigError::Invalid(format!("{var} is not a valid PostgreSQL URL: {e}"))
             })?;
             return Ok(Url::Postgres(Box::new(cfg), tls));
+        }
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            let flavor = if url.starts_with("mariadb://") {
+                Flavor::Mariadb
+            } else {
+                Flavor::Mysql
+            };
+            return Ok(Url::Mysql(
+                flavor,
+                Box::new(mysql_url::parse_url(url, &var)?),
+            ));
         }
         // Only the scheme is quoted: the rest may hold a password.
         match url.split_once(':') {
@@ -384,66 +397,40 @@ impl DbArgs {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(Duration::from_secs(5));
         }
+        // Several hosts: a primary and its standbys; only the one that
+        // accepts writes serves (a standby is skipped, and after a failover
+        // new connections find the promoted one).
+        if cfg.get_hosts().len() > 1 {
+            cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        let url_mode_set = url_tls.sslmode.is_some();
+        let tls = self.tls(
+            DbTls {
+                mode: url_tls.sslmode.unwrap_or_default(),
+                root_cert: url_tls.sslrootcert,
+                client_cert: url_tls.sslcert,
+                client_key: url_tls.sslkey,
+            },
+            url_mode_set,
+        )?;
         Ok(PgTarget {
             password_file,
             acquire_timeout: self.db_acquire_timeout,
             max_retries: self.db_max_retries,
             retry_delay: self.db_retry_delay,
-            tls: self.tls(url_tls)?,
+            tls,
             ..PgTarget::new(cfg)
         })
     }
+}
 
-    /// TLS: the URL's parameters win over the DB_SSL* settings (warned).
-    fn tls(&self, url: UrlTls) -> Result<PgTls, ConfigError> {
-        let v = |name: &str| self.var(name);
-        fn pick<T>(from_url: Option<T>, setting: Option<T>, param: &str, var: String) -> Option<T> {
-            if from_url.is_some() && setting.is_some() {
-                tracing::warn!(
-                    "the database URL sets {param} and {var} is set too: the URL's {param} is used"
-                );
-            }
-            from_url.or(setting)
-        }
-        let mode = pick(url.sslmode, self.db_sslmode, "sslmode", v("DB_SSLMODE"));
-        let root_cert = pick(
-            url.sslrootcert,
-            self.db_sslrootcert.clone(),
-            "sslrootcert",
-            v("DB_SSLROOTCERT"),
-        );
-        let cert = pick(
-            url.sslcert,
-            self.db_sslcert.clone(),
-            "sslcert",
-            v("DB_SSLCERT"),
-        );
-        let key = pick(url.sslkey, self.db_sslkey.clone(), "sslkey", v("DB_SSLKEY"));
-        let client_cert = match (cert, key) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
-            _ => {
-                return Err(ConfigError::Invalid(format!(
-                    "a database client certificate needs both {} and {} (or sslcert and sslkey in the URL)",
-                    v("DB_SSLCERT"),
-                    v("DB_SSLKEY")
-                )))
-            }
-        };
-        let mode = mode.unwrap_or_default();
-        if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
-            return Err(ConfigError::Invalid(format!(
-                "{}={mode} checks the server's certificate against a CA: set {} (or sslrootcert in the URL) to the CA's PEM file",
-                v("DB_SSLMODE"),
-                v("DB_SSLROOTCERT")
-            )));
-        }
-        Ok(PgTls {
-            mode,
-            root_cert,
-            client_cert,
-        })
-    }
+/// The TLS parameters a PostgreSQL URL may carry (libpq's names).
+#[derive(Debug, Default)]
+struct UrlTls {
+    sslmode: Option<SslMode>,
+    sslrootcert: Option<PathBuf>,
+    sslcert: Option<PathBuf>,
+    sslkey: Option<PathBuf>,
 }
 
 /// Takes libpq's TLS parameters (`sslmode`, `sslrootcert`, `sslcert`,
@@ -480,11 +467,18 @@ fn split_tls_params(url: &str, var: &str) -> Result<(String, UrlTls), ConfigErro
     Ok((url, tls))
 }
 
+/// What a database URL names, before the settings around it are applied.
+enum Url {
+    Memory,
+    Sqlite(SqlitePath),
+    Postgres(Box<tokio_postgres::Config>, UrlTls),
+    Mysql(Flavor, Box<mysql_url::MysqlUrl>),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Cli;
-    use crate::store::postgres::tls::SSL_MODES;
     use clap::Parser;
 
     fn args(url: Option<&str>) -> DbArgs {
@@ -507,13 +501,6 @@ mod tests {
         }
     }
 
-    fn pg(target: Result<Target, ConfigError>) -> PgTarget {
-        match target {
-            Ok(Target::Postgres(t)) => *t,
-            other => panic!("{other:?}"),
-        }
-    }
-
     #[test]
     fn parses_database_urls() {
         let db = |u: &str| args(Some(u)).database();
@@ -530,14 +517,90 @@ mod tests {
             sqlite_path(db("sqlite:///var/lib/x.db").unwrap()),
             SqlitePath::File(PathBuf::from("/var/lib/x.db"))
         );
-        assert_eq!(
-            pg(db("postgresql://app@db:6432/orders")).to_string(),
-            "app@db:6432/orders"
-        );
+        match db("postgresql://app@db:6432/orders").unwrap() {
+            Target::Postgres(t) => assert_eq!(t.to_string(), "app@db:6432/orders"),
+            other => panic!("{other:?}"),
+        }
         assert!(db("sqlite://")
             .unwrap_err()
             .to_string()
             .contains("names no file"));
+    }
+
+    #[test]
+    fn url_errors_never_echo_credentials() {
+        for url in [
+            "mongodb://root:hunter2@db/x",
+            "postgres://u:hunter2@db:notaport/x",
+            "mysql://u:hunter2@db:notaport/x",
+            "mariadb://u:hunter2@db/x?sslmode=sometimes",
+        ] {
+            let err = args(Some(url)).database().unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("DATABASE_URL"), "{err}");
+        }
+        for url in ["postgres://u:hunter2@db/x", "mysql://u:hunter2@db/x"] {
+            let db = args(Some(url)).database().unwrap();
+            assert!(!format!("{db:?} {db}").contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn mysql_and_mariadb_from_a_url_or_the_discrete_settings() {
+        let mysql = |target| match target {
+            Ok(Target::Mysql(t)) => *t,
+            other => panic!("{other:?}"),
+        };
+        let t = mysql(
+            args(Some(
+                "mysql://app:pw@db-0,db-1:3307/orders?sslmode=verify-ca",
+            ))
+            .database(),
+        );
+        assert_eq!(t.to_string(), "app@db-0:3306,db-1:3307/orders");
+        assert_eq!(t.password.as_deref(), Some("pw"));
+        assert_eq!(t.tls.mode, SslMode::VerifyCa);
+        assert_eq!(t.flavor, Flavor::Mysql);
+        let mut db = args(None);
+        db.db_type = Some(DbType::Mariadb);
+        db.db_host = Some("g-0,g-1,g-2".into());
+        db.db_user = Some("app".into());
+        db.db_sslmode = Some(SslMode::VerifyFull);
+        db.db_sslrootcert = Some("/ca.pem".into());
+        let t = mysql(db.database());
+        assert_eq!(t.to_string(), "app@g-0:3306,g-1:3306,g-2:3306/docsidecar");
+        assert_eq!(
+            (t.flavor, t.tls.mode),
+            (Flavor::Mariadb, SslMode::VerifyFull)
+        );
+        assert_eq!(t.tls.root_cert, Some(PathBuf::from("/ca.pem")));
+        db.db_name = Some("bad`name".into());
+        assert!(db.database().unwrap_err().to_string().contains("DB_NAME"));
+    }
+
+    #[test]
+    fn several_postgres_hosts_skip_standbys() {
+        let pg = |target| match target {
+            Ok(Target::Postgres(t)) => *t,
+            other => panic!("{other:?}"),
+        };
+        let t = pg(args(Some("postgres://app@p-0:5432,p-1:5433/orders")).database());
+        assert_eq!(t.to_string(), "app@p-0:5432,p-1:5433/orders");
+        let read_write = tokio_postgres::config::TargetSessionAttrs::ReadWrite;
+        assert_eq!(t.config.get_target_session_attrs(), read_write);
+        let mut db = args(None);
+        db.db_type = Some(DbType::Postgresql);
+        db.db_host = Some("p-0,p-1".into());
+        let t = pg(db.database());
+        assert_eq!(t.to_string(), "postgres@p-0:5432,p-1:5432/postgres");
+        assert_eq!(t.config.get_target_session_attrs(), read_write);
+    }
+
+    fn pg(target: Result<Target, ConfigError>) -> PgTarget {
+        match target {
+            Ok(Target::Postgres(t)) => *t,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -555,22 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn url_errors_never_echo_credentials() {
-        for url in [
-            "mysql://root:hunter2@db/x",
-            "postgres://u:hunter2@db:notaport/x",
-            "postgres://u:hunter2@db/x?sslmode=hunter2",
-        ] {
-            let err = args(Some(url)).database().unwrap_err().to_string();
-            assert!(!err.contains("hunter2@"), "{err}");
-            assert!(err.contains("DATABASE_URL"), "{err}");
-        }
-        let db = args(Some("postgres://u:hunter2@db/x")).database().unwrap();
-        assert!(!format!("{db:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn tls_from_the_url_or_the_settings() {
+    fn postgres_tls_from_the_url_or_the_settings() {
         let t = pg(args(Some(
             "postgres://app@db/x?sslmode=verify-full&sslrootcert=%2Fca%20dir%2Fca.crt&application_name=x",
         ))
@@ -579,27 +627,24 @@ mod tests {
         assert_eq!(t.tls.root_cert, Some(PathBuf::from("/ca dir/ca.crt")));
         assert_eq!(t.config.get_application_name(), Some("x"));
 
-        let mut a = args(Some("postgres://app@db/x"));
+        let mut a = args(Some("postgres://app@db/x?sslmode=require"));
+        assert_eq!(pg(a.database()).tls.mode, SslMode::Require);
+        // The setting wins over the URL's parameter (and says so).
+        a.db_sslmode = Some(SslMode::VerifyCa);
+        assert_eq!(pg(a.database()).tls.mode, SslMode::VerifyCa);
+        a.db_sslcert = Some("c.pem".into());
+        let err = a.database().unwrap_err().to_string();
+        assert!(err.contains("DB_SSLKEY"), "{err}");
         assert_eq!(
-            pg(a.database()).tls.mode,
+            pg(args(Some("postgres://app@db/x")).database()).tls.mode,
             SslMode::Prefer,
             "libpq's default"
         );
-        a.db_sslmode = Some(SslMode::Require);
-        assert_eq!(pg(a.database()).tls.mode, SslMode::Require);
-        a.db_sslmode = Some(SslMode::VerifyCa);
-        let err = a.database().unwrap_err().to_string();
-        assert!(err.contains("DB_SSLROOTCERT"), "{err}");
-        a.db_sslcert = Some("c.pem".into());
-        a.db_sslrootcert = Some("ca.pem".into());
-        let err = a.database().unwrap_err().to_string();
-        assert!(err.contains("DB_SSLKEY"), "{err}");
-
         let err = args(Some("postgres://app@db/x?sslmode=allow-ish"))
             .database()
             .unwrap_err()
             .to_string();
-        assert!(err.contains(SSL_MODES), "{err}");
+        assert!(err.contains(SslMode::NAMES), "{err}");
     }
 
     #[test]

@@ -99,16 +99,6 @@ pub fn schema(s: &str) -> Result<String, String> {
     }
 }
 
-/// A PostgreSQL role name that `migrate` grants to.
-pub fn role(s: &str) -> Result<String, String> {
-    use crate::store::postgres::migrate::{is_valid_role, ROLE_RULE};
-    if is_valid_role(s) {
-        Ok(s.to_string())
-    } else {
-        Err(format!("{} is not {ROLE_RULE}", crate::quote::shown(s)))
-    }
-}
-
 /// HOST:PORT of a TCP listener (the admin listener).
 pub fn tcp_address(s: &str) -> Result<String, String> {
     match s.parse::<super::ListenAddr>()? {
@@ -161,8 +151,6 @@ mod tests {
     fn names() {
         assert!(schema("docsidecar").is_ok());
         assert!(schema("Bad-Schema").unwrap_err().contains("lowercase"));
-        assert!(role("svc-a").is_ok());
-        assert!(role("a\"; DROP ROLE x").is_err());
         assert!(tcp_address("0.0.0.0:9090").is_ok());
         assert!(tcp_address("unix:/tmp/a").is_err());
         assert!(tcp_address("nowhere").is_err());

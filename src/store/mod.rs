@@ -11,7 +11,9 @@
 //!   [`update`]: merge patches and transforms; [`plan`]: the write planner;
 //!   [`key`]: order-preserving keys of values; [`query`]: queries and the
 //!   index rule;
-//! - [`memory`], [`sqlite`], [`postgres`]: the backends.
+//! - [`memory`], [`sqlite`], [`postgres`], [`mysql`]: the backends;
+//!   [`tls`]: TLS settings of networked databases; [`migrate`]: what
+//!   `docsidecar migrate` applies.
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,19 +24,24 @@ pub mod changes;
 mod error;
 pub mod key;
 pub mod memory;
+pub mod migrate;
+pub mod mysql;
 pub mod path;
 pub mod plan;
 pub mod postgres;
 pub mod query;
 pub mod sql;
 pub mod sqlite;
+pub mod tls;
 pub mod update;
 pub mod value;
 
 pub use error::{Precondition, Protection, StoreError, StoreResult, Unavailable};
 pub use memory::MemoryStore;
+pub use migrate::{Grant, MigratePlan};
+pub use mysql::{MysqlStore, MysqlTarget};
 pub use path::FieldPath;
-pub use postgres::{Declared, PgTarget, PgTls, PostgresStore, SslMode};
+pub use postgres::{Declared, PgTarget, PostgresStore};
 pub use sqlite::{SqliteStore, SqliteTarget};
 pub use update::{Transform, TransformOp};
 
@@ -57,26 +64,6 @@ pub fn is_valid_name(name: &str) -> bool {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
         }
         None => false,
-    }
-}
-
-/// What a service's database role may do to a collection's table: resolved
-/// from a policy's access by `config`, so that stores never import the policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
-    /// SELECT, INSERT, UPDATE, DELETE.
-    ReadWrite,
-    /// SELECT.
-    ReadOnly,
-}
-
-impl Grant {
-    /// The SQL privileges this access needs, in a fixed order.
-    pub fn privileges(self) -> &'static [&'static str] {
-        match self {
-            Grant::ReadWrite => &["SELECT", "INSERT", "UPDATE", "DELETE"],
-            Grant::ReadOnly => &["SELECT"],
-        }
     }
 }
 
@@ -531,6 +518,7 @@ pub enum Target {
     Memory,
     Sqlite(SqliteTarget),
     Postgres(Box<PgTarget>),
+    Mysql(Box<MysqlTarget>),
 }
 
 impl std::fmt::Display for Target {
@@ -540,6 +528,7 @@ impl std::fmt::Display for Target {
             Target::Memory => f.write_str("memory"),
             Target::Sqlite(t) => write!(f, "sqlite ({t})"),
             Target::Postgres(t) => write!(f, "postgresql ({t})"),
+            Target::Mysql(t) => write!(f, "mysql ({t})"),
         }
     }
 }
@@ -558,6 +547,11 @@ pub async fn open(
         Target::Sqlite(t) => Arc::new(SqliteStore::open(t, clock).await?),
         Target::Postgres(t) => {
             let store = Arc::new(PostgresStore::connect(t, tasks, clock).await?);
+            store.start_feed(tasks);
+            store
+        }
+        Target::Mysql(t) => {
+            let store = Arc::new(MysqlStore::connect(t, tasks, clock).await?);
             store.start_feed(tasks);
             store
         }

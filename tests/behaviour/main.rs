@@ -46,6 +46,7 @@ suite!(
         memory => Memory,
         sqlite => Sqlite,
         postgres => Postgres,
+        mariadb => Mariadb,
     ],
     [
         round_trips_every_json_type,

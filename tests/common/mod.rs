@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod galera;
+pub mod load;
 pub mod mariadb;
 pub mod pg_pair;
 pub mod pki;
@@ -26,6 +27,8 @@ pub enum Backend {
     Memory,
     Sqlite,
     Postgres,
+    /// The local MariaDB, a fresh database per test (tests/common/mariadb.rs).
+    Mariadb,
 }
 
 /// A running server and a client for it.
@@ -44,6 +47,8 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
     pg_url: Option<String>,
     pg_schema: Option<String>,
+    /// The test's own MariaDB database, dropped with the server.
+    maria: Option<mariadb::MariaDb>,
 }
 
 /// The PostgreSQL server of the test run, or `None` to skip. With
@@ -80,23 +85,34 @@ impl TestServer {
     pub async fn start(backend: Backend, extra: &[&str]) -> Option<TestServer> {
         let url = match backend {
             Backend::Postgres => Some(postgres_url().await?),
+            Backend::Mariadb => {
+                let db = mariadb::MariaDb::create().await?;
+                let mut server = Self::start_at(backend, Some(&db.url), extra).await;
+                server.maria = Some(db);
+                return Some(server);
+            }
             _ => None,
         };
         Some(Self::start_at(backend, url.as_deref(), extra).await)
     }
 
-    /// Starts a server on `backend`; PostgreSQL needs `pg_url` and gets a fresh schema.
+    /// Starts a server on `backend`; PostgreSQL needs `pg_url` and gets a fresh
+    /// schema; MariaDB needs the URL of its database in `pg_url`.
     pub async fn start_at(backend: Backend, pg_url: Option<&str>, extra: &[&str]) -> TestServer {
         init_logs();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut pg_schema = None;
         let url = match backend {
             Backend::Memory => "memory://".to_string(),
-            Backend::Sqlite => format!("sqlite://{}", dir.path().join("test.db").display()),
+            // A given URL shares one file between servers (and restarts).
+            Backend::Sqlite => pg_url
+                .map(String::from)
+                .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("test.db").display())),
             Backend::Postgres => {
                 pg_schema = Some(format!("t_{}", uuid::Uuid::now_v7().simple()));
                 pg_url.expect("a PostgreSQL URL").to_string()
             }
+            Backend::Mariadb => pg_url.expect("a MariaDB database URL").to_string(),
         };
         let mut args = vec![
             "docsidecar",
@@ -145,6 +161,7 @@ impl TestServer {
             _dir: dir,
             pg_url: pg_url.map(String::from),
             pg_schema,
+            maria: None,
         }
     }
 

@@ -142,6 +142,69 @@ def batch_and_write():
     assert list(cols.collections) == ["pages", "people"], cols.collections
 
 
+def error_details():
+    """The standard rich error model, decoded as grpcio-status does."""
+    from grpc_status import rpc_status
+    from google.rpc import error_details_pb2
+
+    def details(fn):
+        try:
+            fn()
+        except grpc.RpcError as e:
+            status = rpc_status.from_call(e)
+            assert status is not None, "no grpc-status-details-bin"
+            found = {}
+            for any_ in status.details:
+                for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
+                             error_details_pb2.RetryInfo):
+                    if any_.Is(kind.DESCRIPTOR):
+                        msg = kind()
+                        any_.Unpack(msg)
+                        found[kind.__name__] = msg
+            return e.code(), found
+        raise AssertionError("the call should fail")
+
+    code, found = details(lambda: docs.Get(pb.GetRequest(collection="people", id="nobody")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert found["ErrorInfo"].reason == "DOCUMENT_NOT_FOUND" and found["ErrorInfo"].domain == "docsidecar.dev"
+    current = docs.Get(pb.GetRequest(collection="people", id="ada")).rev
+    code, found = details(lambda: docs.Save(
+        pb.SaveRequest(collection="people", id="ada", data=struct({}), expected_rev="stale")))
+    assert code == grpc.StatusCode.ABORTED
+    assert found["ErrorInfo"].reason == "REV_MISMATCH"
+    assert found["ErrorInfo"].metadata["current_rev"] == current, found["ErrorInfo"]
+    mutations = [pb.Mutation(save=pb.SaveRequest(collection="people", id=f"w{i}", data=struct({})))
+                 for i in range(3)]
+    mutations.append(pb.Mutation(save=pb.SaveRequest(collection="people", id="w3")))
+    code, found = details(lambda: docs.Write(pb.WriteRequest(mutations=mutations)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert found["BadRequest"].field_violations[0].field == "mutations[3].save.data", found["BadRequest"]
+
+
+def paginated_query():
+    for n in range(12):
+        docs.Save(pb.SaveRequest(collection="orders", id=f"o{n:02d}",
+                                 data=struct({"status": "open" if n % 3 else "closed", "total": n})))
+    from google.protobuf.struct_pb2 import Value
+    request = pb.QueryRequest(
+        collection="orders",
+        filters=[pb.Filter(field="status", op=pb.Filter.OPERATOR_EQUAL, value=Value(string_value="open"))],
+    )
+    request.order_by.append(pb.Order(field="total", direction=pb.Order.DIRECTION_DESCENDING))
+    request.page_size = 3
+    seen = []
+    while True:
+        page = docs.Query(request)
+        seen += [int(d.data["total"]) for d in page.documents]
+        assert page.resume_token, "a query page carries a resume token"
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert seen == [11, 10, 8, 7, 5, 4, 2, 1], seen
+    count = docs.Count(pb.CountRequest(collection="orders", filters=request.filters))
+    assert count.count == 8, count
+
+
 def health():
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     stub = health_pb2_grpc.HealthStub(channel)
@@ -160,6 +223,7 @@ def reflection():
 
 for name, fn in [("round trip", round_trip), ("generated id", generated_id), ("status codes", statuses),
                  ("pagination", pagination), ("batch get and atomic write", batch_and_write),
+                 ("error details", error_details), ("paginated query", paginated_query),
                  ("health", health), ("reflection", reflection)]:
     check(name, fn)
 

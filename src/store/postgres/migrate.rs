@@ -12,22 +12,12 @@ use super::ddl::{
 use super::error::{describe, is_transient_connect};
 use super::PgTarget;
 use crate::background::Backoff;
-use crate::store::{is_valid_name, Grant, StoreError, StoreResult, NAME_RULE};
+use crate::store::{is_valid_name, StoreError, StoreResult, NAME_RULE};
 use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::Transaction;
 use tracing::{info, warn};
 
-/// What to migrate.
-#[derive(Debug, Clone)]
-pub struct MigratePlan {
-    /// The declared collections (from the policy); their tables are created.
-    pub collections: BTreeMap<String, Grant>,
-    /// The runtime role that receives the grants.
-    pub grant_to: Option<String>,
-    /// Revoke TEMPORARY on the database from PUBLIC, so that the runtime role
-    /// cannot create temporary tables. Affects every role of the database.
-    pub revoke_public_temp: bool,
-}
+pub use crate::store::migrate::{Grant, MigratePlan};
 
 /// What the runtime role needs of the schema's own objects: to read the
 /// schema version in the migration history, and the change feed's.
@@ -75,8 +65,8 @@ fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
 /// [`is_transient_connect`]): a wrong password or a missing database fails at once.
 async fn connect(target: &PgTarget) -> StoreResult<tokio_postgres::Client> {
     let mut config = target.config.clone();
-    target.tls.apply(&mut config);
-    let tls = target.tls.connector()?;
+    super::tls::apply(&target.tls, &mut config);
+    let tls = super::tls::connector(&target.tls)?;
     let mut backoff = Backoff::new(target.max_retries, target.retry_delay);
     let (client, connection) = backoff
         .retry(

@@ -25,8 +25,6 @@ pub mod tls;
 mod verify;
 mod write;
 
-pub use tls::{PgTls, SslMode};
-
 use super::*;
 use crate::background::{Backoff, Tasks};
 use error::{map_pg_error, OpError};
@@ -69,7 +67,7 @@ pub struct PgTarget {
     /// where `docsidecar migrate` creates them and the runtime role has no DDL rights.
     pub auto_create: bool,
     /// TLS to the server.
-    pub tls: PgTls,
+    pub tls: crate::store::tls::DbTls,
     /// The collections a policy declares and what each needs: start-up checks
     /// that their tables exist and that the role holds those privileges.
     pub declared: Declared,
@@ -96,7 +94,7 @@ impl PgTarget {
             max_retries: 10,
             retry_delay: Duration::from_secs(1),
             auto_create: true,
-            tls: PgTls::default(),
+            tls: Default::default(),
             declared: Declared::Any,
         }
     }
@@ -105,18 +103,29 @@ impl PgTarget {
 impl fmt::Display for PgTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cfg = &self.config;
-        let host = cfg
+        let ports = cfg.get_ports();
+        let hosts: Vec<String> = cfg
             .get_hosts()
-            .first()
-            .map(|h| match h {
-                tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                };
+                // One port for every host, or one per host.
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                format!("{host}:{port}")
             })
-            .unwrap_or_else(|| "localhost".into());
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+            .collect();
+        let hosts = if hosts.is_empty() {
+            "localhost:5432".to_string()
+        } else {
+            hosts.join(",")
+        };
         write!(
             f,
-            "{}@{host}:{port}/{}",
+            "{}@{hosts}/{}",
             cfg.get_user().unwrap_or("?"),
             cfg.get_dbname().unwrap_or("?")
         )
@@ -190,10 +199,10 @@ impl PostgresStore {
         let name = target.to_string();
         let pool_size = target.pool_size.max(1);
         let mut config = target.config.clone();
-        target.tls.apply(&mut config);
+        tls::apply(&target.tls, &mut config);
         let pools = Pools::new(
             config,
-            target.tls.connector()?,
+            tls::connector(&target.tls)?,
             pool_size,
             target.acquire_timeout,
             name.clone(),

@@ -6,10 +6,13 @@
 //! | `disable` | never | — |
 //! | `prefer` (PostgreSQL's default) | when the server offers it | not checked |
 //! | `require` | always | not checked (checked against the CA when `sslrootcert` is given, as libpq does) |
-//! | `verify-ca` | always | signed by the CA in `sslrootcert` |
-//! | `verify-full` | always | signed by that CA and issued for the host connected to |
+//! | `verify-ca` | always | chains to the CA in `sslrootcert` (the public roots without one) |
+//! | `verify-full` | always | chains to that CA and is issued for the host connected to |
+//!
+//! The settings ([`DbTls`]) are the same for every networked store.
 
 use crate::secret;
+use crate::store::tls::{DbTls, SslMode};
 use crate::store::{StoreError, StoreResult};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -17,148 +20,85 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 use std::sync::Arc;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The TLS connector every PostgreSQL connection of a store uses.
 pub type Connector = MakeRustlsConnect;
 
-/// libpq's `sslmode` values (the ones that mean something to a client).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SslMode {
-    Disable,
-    /// PostgreSQL's own default.
-    #[default]
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
+/// Sets the mode tokio-postgres knows (whether TLS is tried, and required).
+pub(super) fn apply(tls: &DbTls, config: &mut tokio_postgres::Config) {
+    use tokio_postgres::config::SslMode as Pg;
+    config.ssl_mode(match tls.mode {
+        SslMode::Disable => Pg::Disable,
+        SslMode::Prefer => Pg::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Pg::Require,
+    });
 }
 
-/// The names `sslmode` takes, for messages.
-pub const SSL_MODES: &str = "disable, prefer, require, verify-ca, verify-full";
+/// Whether the server's certificate is checked against the CA, and its name.
+fn verification(tls: &DbTls) -> Verification {
+    match tls.mode {
+        SslMode::VerifyFull => Verification::Full,
+        _ if tls.verifies_ca() => Verification::Ca,
+        _ => Verification::None,
+    }
+}
 
-impl FromStr for SslMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<SslMode, String> {
-        Ok(match s {
-            "disable" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(format!(
-                    "`{}` is not an sslmode: use one of {SSL_MODES}",
-                    crate::quote::shown(other).trim_matches('"')
-                ))
+/// The connector: reads the PEM files now, so unusable ones stop start-up.
+pub(super) fn connector(tls: &DbTls) -> StoreResult<Connector> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(format!("TLS set-up: {e}")))?;
+    let builder = match verification(tls) {
+        Verification::None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified(provider))),
+        verification => {
+            let mut roots = RootCertStore::empty();
+            match &tls.root_cert {
+                Some(path) => {
+                    for cert in certificates(path)? {
+                        roots
+                            .add(cert)
+                            .map_err(|e| tls_error(format!("{}: {e}", path.display())))?;
+                    }
+                }
+                // As for MySQL: without a CA file, the usual public roots.
+                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
             }
-        })
-    }
-}
-
-impl fmt::Display for SslMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        })
-    }
-}
-
-/// How a store's connections use TLS: the mode and the PEM files.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PgTls {
-    pub mode: SslMode,
-    /// CA certificates that sign the server's certificate (`sslrootcert`).
-    pub root_cert: Option<PathBuf>,
-    /// A client certificate and its key (`sslcert`, `sslkey`).
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-}
-
-impl PgTls {
-    /// Whether the server's certificate is checked against the CA, and its name.
-    fn verification(&self) -> Verification {
-        match self.mode {
-            SslMode::VerifyFull => Verification::Full,
-            SslMode::VerifyCa => Verification::Ca,
-            // libpq: with a root certificate, `require` verifies the chain.
-            SslMode::Require if self.root_cert.is_some() => Verification::Ca,
-            SslMode::Disable | SslMode::Prefer | SslMode::Require => Verification::None,
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| tls_error(format!("the CA certificates: {e}")))?;
+            match verification {
+                Verification::Full => builder.with_webpki_verifier(webpki),
+                _ => builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyName(webpki))),
+            }
         }
-    }
-
-    /// Sets the mode tokio-postgres knows (whether TLS is tried, and required).
-    pub(super) fn apply(&self, config: &mut tokio_postgres::Config) {
-        use tokio_postgres::config::SslMode as Pg;
-        config.ssl_mode(match self.mode {
-            SslMode::Disable => Pg::Disable,
-            SslMode::Prefer => Pg::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Pg::Require,
-        });
-    }
-
-    /// The connector: reads the PEM files now, so unusable ones stop start-up.
-    pub(super) fn connector(&self) -> StoreResult<Connector> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| tls_error(format!("TLS set-up: {e}")))?;
-        let builder = match self.verification() {
-            Verification::None => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unverified(provider))),
-            verification => {
-                let Some(path) = &self.root_cert else {
-                    return Err(tls_error(format!(
-                        "sslmode {} checks the server's certificate against a CA: set the CA file (DB_SSLROOTCERT or ?sslrootcert=)",
-                        self.mode
-                    )));
-                };
-                let mut roots = RootCertStore::empty();
-                for cert in certificates(path)? {
-                    roots
-                        .add(cert)
-                        .map_err(|e| tls_error(format!("{}: {e}", path.display())))?;
-                }
-                let webpki =
-                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .build()
-                        .map_err(|e| tls_error(format!("{}: {e}", path.display())))?;
-                match verification {
-                    Verification::Full => builder.with_webpki_verifier(webpki),
-                    _ => builder
-                        .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(AnyName(webpki))),
-                }
-            }
-        };
-        let config = match &self.client_cert {
-            None => builder.with_no_client_auth(),
-            Some((cert, key)) => {
-                let chain = certificates(cert)?;
-                let pem = secret::read_bytes(key, "the database client key")
-                    .map_err(|e| tls_error(e.to_string()))?;
-                let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-                    tls_error(format!(
-                        "{} holds no valid PEM private key: {e}",
-                        key.display()
-                    ))
-                })?;
-                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
-                    tls_error(format!("{} and {}: {e}", cert.display(), key.display()))
-                })?
-            }
-        };
-        Ok(MakeRustlsConnect::new(config))
-    }
+    };
+    let config = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = certificates(cert)?;
+            let pem = secret::read_bytes(key, "the database client key")
+                .map_err(|e| tls_error(e.to_string()))?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+                tls_error(format!(
+                    "{} holds no valid PEM private key: {e}",
+                    key.display()
+                ))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| tls_error(format!("{} and {}: {e}", cert.display(), key.display())))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(MakeRustlsConnect::new(config))
 }
 
 enum Verification {
@@ -294,7 +234,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modes_parse_as_libpq_spells_them() {
+    fn connectors_for_every_mode() {
         for mode in [
             SslMode::Disable,
             SslMode::Prefer,
@@ -302,23 +242,18 @@ mod tests {
             SslMode::VerifyCa,
             SslMode::VerifyFull,
         ] {
-            assert_eq!(mode.to_string().parse::<SslMode>(), Ok(mode));
-        }
-        let err = "allow-ish".parse::<SslMode>().unwrap_err();
-        assert!(err.contains(SSL_MODES), "{err}");
-        assert_eq!(SslMode::default(), SslMode::Prefer);
-    }
-
-    #[test]
-    fn verifying_modes_need_a_ca() {
-        for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
-            let tls = PgTls {
+            let tls = DbTls {
                 mode,
-                ..PgTls::default()
+                ..DbTls::default()
             };
-            let err = tls.connector().err().unwrap().to_string();
-            assert!(err.contains("DB_SSLROOTCERT"), "{err}");
+            assert!(connector(&tls).is_ok(), "{mode}");
         }
-        assert!(PgTls::default().connector().is_ok());
+        let missing = DbTls {
+            mode: SslMode::VerifyFull,
+            root_cert: Some("/nonexistent/ca.pem".into()),
+            ..DbTls::default()
+        };
+        let err = connector(&missing).err().unwrap().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 }

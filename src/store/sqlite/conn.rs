@@ -89,19 +89,19 @@ impl SqliteStore {
     /// Such a read takes a few microseconds, less than the two thread hand-offs
     /// of `spawn_blocking`, which made up most of a Get's cost (BENCHMARKS.md).
     /// It never waits there: with no idle connection to reuse, or a database
-    /// locked by another process, the read goes to [`Self::read`] instead.
+    /// locked by another process, the read goes to [`Self::with_reader`] instead.
     pub(super) async fn read_point<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let Some(pool) = &self.readers else {
-            return self.write(move |conn| Ok(f(conn)?)).await;
+            return self.with_writer(move |conn| Ok(f(conn)?)).await;
         };
         let permit = self.reader_permit(pool).await?;
         let Some(conn) = pool.take_idle() else {
             drop(permit);
-            return self.read(move |conn| Ok(f(conn)?)).await;
+            return self.with_reader(move |conn| Ok(f(conn)?)).await;
         };
         // No lock waits on a worker thread: a busy database fails at once here.
         let result = conn.busy_timeout(Duration::ZERO).and_then(|()| f(&conn));
@@ -111,19 +111,19 @@ impl SqliteStore {
             Err(_) => drop((conn, permit)),
         }
         match result {
-            Err(e) if is_busy(&e) => self.read(move |conn| Ok(f(conn)?)).await,
+            Err(e) if is_busy(&e) => self.with_reader(move |conn| Ok(f(conn)?)).await,
             result => Ok(result?),
         }
     }
 
     /// Runs `f` on a read connection, off the async workers.
-    pub(super) async fn read<T, F>(&self, f: F) -> StoreResult<T>
+    pub(super) async fn with_reader<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
         let Some(pool) = &self.readers else {
-            return self.write(move |conn| f(conn)).await;
+            return self.with_writer(move |conn| f(conn)).await;
         };
         let permit = self.reader_permit(pool).await?;
         let pool = pool.clone();
@@ -140,7 +140,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the single writer connection, off the async workers.
-    pub(super) async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    pub(super) async fn with_writer<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,

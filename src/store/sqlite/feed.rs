@@ -80,7 +80,7 @@ fn head(conn: &Connection) -> rusqlite::Result<u64> {
 impl SqliteStore {
     pub(super) async fn read_changes(&self, op: &ChangesOp) -> StoreResult<Changes> {
         let op = op.clone();
-        self.read(move |conn| {
+        self.with_reader(move |conn| {
             // One read transaction: the records and the head from one snapshot.
             let tx = conn.unchecked_transaction()?;
             // NULL: every collection.
@@ -108,7 +108,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn bounds(&self) -> StoreResult<FeedBounds> {
-        self.read(|conn| {
+        self.with_reader(|conn| {
             let tx = conn.unchecked_transaction()?;
             let (id, pruned_through): (Vec<u8>, i64) = tx.query_row(
                 "SELECT feed_id, pruned_through FROM feed WHERE one = 1",
@@ -130,7 +130,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn prune(&self, before: Micros, limit: usize) -> StoreResult<usize> {
-        self.write(move |conn| {
+        self.with_writer(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // The oldest changes, a prefix of the positions: a token is either
             // resumable or expired, never resumed over a hole.

@@ -246,7 +246,7 @@ impl DocumentStore for SqliteStore {
     async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
         let now = self.clock.now();
         let result = self
-            .write(move |conn| {
+            .with_writer(move |conn| {
                 let tx = immediate(conn)?;
                 let mut results = Vec::with_capacity(mutations.len());
                 for (index, mutation) in mutations.iter().enumerate() {
@@ -275,7 +275,7 @@ impl DocumentStore for SqliteStore {
     async fn list(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
         let now = self.clock.now();
         let op = op.clone();
-        self.read(move |conn| {
+        self.with_reader(move |conn| {
             let fetch = i64::try_from(Page::fetch_limit(op.limit)).unwrap_or(i64::MAX);
             let (after_id, after_scope) = op.after.clone().unwrap_or_default();
             // Keyset pagination: a range scan of an index from `after`, never
@@ -307,7 +307,7 @@ impl DocumentStore for SqliteStore {
     async fn batch_get(&self, op: &BatchGetOp, budget: Budget) -> StoreResult<Batch> {
         let now = self.clock.now();
         let op = op.clone();
-        self.read(move |conn| {
+        self.with_reader(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM documents WHERE collection = ?1 AND scope = ?2 AND id = ?3 AND {LIVE}"
             ))?;
@@ -341,7 +341,7 @@ impl DocumentStore for SqliteStore {
         let now = self.clock.now();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let reaped = self
-            .write(move |conn| {
+            .with_writer(move |conn| {
                 // One short transaction per batch: the writer is free in between.
                 let tx = immediate(conn)?;
                 let gone: Vec<plan::Change> = tx
@@ -391,7 +391,7 @@ impl DocumentStore for SqliteStore {
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
-        self.read(|conn| {
+        self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached("SELECT name FROM collections ORDER BY name")?;
             let names = stmt
                 .query_map([], |r| r.get(0))?
@@ -402,7 +402,7 @@ impl DocumentStore for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+        self.with_reader(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
             .await
     }
 
@@ -435,7 +435,7 @@ impl DocumentStore for SqliteStore {
             pool.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         let result = self
-            .write(|conn| {
+            .with_writer(|conn| {
                 // Fold the WAL back into the database file so it is complete on its own.
                 conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
                 Ok(())

@@ -186,7 +186,7 @@ impl SqliteStore {
             return Ok(());
         }
         let ddl = index_ddl(&q.collection, &index);
-        self.write(move |conn| Ok(conn.execute_batch(&ddl)?))
+        self.with_writer(move |conn| Ok(conn.execute_batch(&ddl)?))
             .await?;
         tracing::info!(collection = %q.collection, index = %index, "created an index on first use (no policy)");
         self.indexed
@@ -200,7 +200,7 @@ impl SqliteStore {
         self.index_for(q).await?;
         let now = self.clock.now();
         let q = q.clone();
-        self.read(move |conn| {
+        self.with_reader(move |conn| {
             let (sql, params) = statement(&q, false);
             let params = bind(now, &params);
             let mut stmt = conn.prepare_cached(&sql)?;
@@ -222,7 +222,7 @@ impl SqliteStore {
         self.index_for(q).await?;
         let now = self.clock.now();
         let q = q.clone();
-        self.read(move |conn| {
+        self.with_reader(move |conn| {
             let (sql, params) = statement(&q, true);
             let params = bind(now, &params);
             let n: i64 = conn

@@ -211,3 +211,51 @@ fn queries_use_the_declared_indexes() {
         "the index gives the order: {plan}"
     );
 }
+
+/// A full volume (here: SQLite's page limit) is DISK_FULL, not INTERNAL, and
+/// reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&target(dir.path().join("full.db")), Clock::default())
+        .await
+        .unwrap();
+    let save = |id: String, size: usize| {
+        Mutation::Save(SaveOp {
+            key: Key::new("docs", "", id),
+            data: format!("{{\"x\": \"{}\"}}", "y".repeat(size)),
+            expected_rev: None,
+            create_only: false,
+            expiry: Expiry::Never,
+            protected: Arc::default(),
+        })
+    };
+    DocumentStore::write(&store, vec![save("kept".into(), 10)])
+        .await
+        .unwrap();
+    let pages: i64 = store
+        .with_writer(|conn| Ok(conn.query_row("PRAGMA page_count", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    store
+        .with_writer(move |conn| {
+            conn.pragma_update(None, "max_page_count", pages + 4)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let mut full = None;
+    for i in 0..100 {
+        if let Err(e) = DocumentStore::write(&store, vec![save(format!("big{i}"), 20_000)]).await {
+            full = Some(e.outside_mutation());
+            break;
+        }
+    }
+    let err = full.expect("the page limit is reached");
+    assert!(
+        matches!(err, StoreError::DiskFull(ref m) if m.contains("full")),
+        "{err:?}"
+    );
+    let kept = store.get(&Key::new("docs", "", "kept")).await.unwrap();
+    assert_eq!(kept.data, "{\"x\": \"yyyyyyyyyy\"}");
+}

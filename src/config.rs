@@ -8,21 +8,25 @@
 //!   variable a bad value came from.
 
 pub mod cli;
-pub mod db;
+mod db;
+mod mysql_url;
 pub mod values;
 
+pub use crate::telemetry::LogFormat;
+pub use crate::transport::ListenAddr;
 pub use cli::parse;
-pub use db::{DbArgs, DbType, MigrateDbArgs, ServeDbArgs, DEFAULT_SQLITE_FILE};
+pub use db::{ConfigError, DbArgs, DbType, DEFAULT_SQLITE_FILE};
 
 use crate::api::WatchLimits;
 use crate::policy::{self, Access, Policy, PolicyError};
 use crate::reaper::Reaping;
-use crate::secret::SecretError;
+use crate::store::tls::SslMode;
 use crate::store::{Declared, Grant, Target};
 use crate::tls::TlsFiles;
 use crate::transport;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 use values::{count, duration, seconds};
 
@@ -273,8 +277,6 @@ impl ServeArgs {
     /// Reads the policy and resolves the database settings.
     pub fn resolve(self) -> Result<ServeConfig, ResolveError> {
         let policy = policy::load(self.common.policy.as_deref())?;
-        // Without a policy (development) tables appear on first write; with one,
-        // only if the policy says so.
         let db: DbArgs = self.db.into();
         let target = db.target(&self.common.schema, policy.as_ref())?;
         let tls = match (self.tls_cert, self.tls_key) {
@@ -339,16 +341,18 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub db: MigrateDbArgs,
 
-    /// PostgreSQL role that serves at run time: its privileges in the schema become
-    /// exactly the policy's: SELECT, INSERT, UPDATE and DELETE on the read-write
-    /// collections, SELECT on the read-only ones, nothing on any other table
-    /// (a collection removed from the policy loses its grants). Each change is logged.
-    #[arg(long, env = "DOCSIDECAR_GRANT_TO", value_parser = values::role)]
+    /// The runtime account (a PostgreSQL role, or a MySQL account 'user'@'host'): its
+    /// privileges become exactly the policy's: SELECT, INSERT, UPDATE and DELETE on
+    /// the read-write collections, SELECT on the read-only ones, nothing on any other
+    /// table (a collection removed from the policy loses its grants). Each change is
+    /// logged.
+    #[arg(long, env = "DOCSIDECAR_GRANT_TO")]
     pub grant_to: Option<String>,
 
-    /// Also revoke TEMPORARY on the database from PUBLIC, so that the runtime role
-    /// cannot create temporary tables. This affects EVERY role of the database:
-    /// roles that need temporary tables must then be granted TEMPORARY themselves.
+    /// PostgreSQL: also revoke TEMPORARY on the database from PUBLIC, so that the
+    /// runtime role cannot create temporary tables. This affects EVERY role of the
+    /// database: roles that need temporary tables must then be granted TEMPORARY
+    /// themselves.
     #[arg(long, env = "DOCSIDECAR_REVOKE_PUBLIC_TEMP")]
     pub revoke_public_temp: bool,
 
@@ -374,15 +378,112 @@ pub struct CommonArgs {
     pub schema: String,
 }
 
-pub use crate::telemetry::LogFormat;
-pub use crate::transport::ListenAddr;
+/// Database settings: the same names for serving and, prefixed `MIGRATE_`, for
+/// `docsidecar migrate`, which connects with the admin account.
+macro_rules! db_args {
+    ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Args)]
+        pub struct $name {
+            /// Database URL: sqlite://relative.db, sqlite:///absolute.db, sqlite::memory:, memory://,
+            /// postgres://user@host:port/db[?sslmode=verify-full&sslrootcert=/ca.crt],
+            /// mysql://user@host:port/db (or mariadb://); several hosts as host1:port,host2:port.
+            /// It wins over the discrete DB_* settings. Default: sqlite://docsidecar.db
+            #[arg(long, env = concat!($prefix, "DATABASE_URL"), hide_env_values = true)]
+            pub database_url: Option<String>,
+            /// File holding the database URL (a mounted secret); used when the URL is not set.
+            #[arg(long, env = concat!($prefix, "DATABASE_URL_FILE"))]
+            pub database_url_file: Option<PathBuf>,
+            /// Database type, with the discrete DB_* settings instead of a URL.
+            #[arg(long, env = concat!($prefix, "DB_TYPE"), value_enum)]
+            pub db_type: Option<DbType>,
+            /// Database host; several separated by commas (db-0,db-1,db-2: a Galera
+            /// cluster, a PostgreSQL primary and its standbys): only one that accepts
+            /// writes serves.
+            #[arg(long, env = concat!($prefix, "DB_HOST"))]
+            pub db_host: Option<String>,
+            /// Database port (PostgreSQL 5432, MySQL/MariaDB 3306), 1 to 65535.
+            #[arg(long, env = concat!($prefix, "DB_PORT"), value_parser = count(1u16, u16::MAX, "a port number"))]
+            pub db_port: Option<u16>,
+            /// Database name (MySQL/MariaDB: docsidecar's own database), or the SQLite file path.
+            #[arg(long, env = concat!($prefix, "DB_NAME"))]
+            pub db_name: Option<String>,
+            /// Database user.
+            #[arg(long, env = concat!($prefix, "DB_USER"))]
+            pub db_user: Option<String>,
+            /// Database password. Prefer the password file.
+            #[arg(long, env = concat!($prefix, "DB_PASS"), hide_env_values = true)]
+            pub db_pass: Option<String>,
+            /// File holding the database password (a mounted secret, re-read when it changes).
+            #[arg(long, env = concat!($prefix, "DB_PASS_FILE"))]
+            pub db_pass_file: Option<PathBuf>,
+            /// TLS to the database: disable, prefer (the default: TLS when the server offers
+            /// it, certificate not checked), require (always TLS), verify-ca (the certificate
+            /// chains to DB_SSLROOTCERT, or to the public roots without it), verify-full (and
+            /// names the host). It wins over a URL's sslmode.
+            #[arg(long, env = concat!($prefix, "DB_SSLMODE"), value_parser = SslMode::from_str)]
+            pub db_sslmode: Option<SslMode>,
+            /// PEM file of the CA the database server's certificate must chain to.
+            #[arg(long, env = concat!($prefix, "DB_SSLROOTCERT"))]
+            pub db_sslrootcert: Option<PathBuf>,
+            /// PEM client certificate, for servers that require one (with DB_SSLKEY).
+            #[arg(long, env = concat!($prefix, "DB_SSLCERT"), requires = "db_sslkey")]
+            pub db_sslcert: Option<PathBuf>,
+            /// PEM private key of the client certificate.
+            #[arg(long, env = concat!($prefix, "DB_SSLKEY"), requires = "db_sslcert")]
+            pub db_sslkey: Option<PathBuf>,
+            /// Database connections to keep, 1 to 1000 (SQLite: reader connections).
+            /// Default: 2 x cores + 1. PostgreSQL also holds dedicated ones (health check,
+            /// expiry reaper, change feed).
+            #[arg(long, env = concat!($prefix, "DB_POOL_SIZE"), value_parser = count(1usize, 1000, "a number of connections"))]
+            pub db_pool_size: Option<usize>,
+            /// Connection attempts at start-up before giving up (0: retry forever).
+            /// Only failures that can heal are retried (refused, timed out, starting up).
+            #[arg(long, env = concat!($prefix, "DB_MAX_RETRIES"), default_value_t = 10)]
+            pub db_max_retries: u32,
+            /// Seconds before the second start-up connection attempt (then doubling, at most
+            /// 30 s); 0.01 to 3600.
+            #[arg(long, env = concat!($prefix, "DB_RETRY_DELAY"), default_value = "1", value_parser = seconds(0.01, 3600.0))]
+            pub db_retry_delay: Duration,
+            /// Seconds a call may wait for a pooled connection before UNAVAILABLE; 0.01 to 3600.
+            #[arg(long, env = concat!($prefix, "DB_ACQUIRE_TIMEOUT"), default_value = "5", value_parser = seconds(0.01, 3600.0))]
+            pub db_acquire_timeout: Duration,
+        }
 
-/// A configuration problem, stated so that an operator can fix it. Never holds a
-/// credential.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Secret(#[from] SecretError),
+        impl From<$name> for DbArgs {
+            fn from(a: $name) -> DbArgs {
+                DbArgs {
+                    var_prefix: $prefix,
+                    database_url: a.database_url,
+                    database_url_file: a.database_url_file,
+                    db_type: a.db_type,
+                    db_host: a.db_host,
+                    db_port: a.db_port,
+                    db_name: a.db_name,
+                    db_user: a.db_user,
+                    db_pass: a.db_pass,
+                    db_pass_file: a.db_pass_file,
+                    db_sslmode: a.db_sslmode,
+                    db_sslrootcert: a.db_sslrootcert,
+                    db_sslcert: a.db_sslcert,
+                    db_sslkey: a.db_sslkey,
+                    db_pool_size: a.db_pool_size,
+                    db_max_retries: a.db_max_retries,
+                    db_retry_delay: a.db_retry_delay,
+                    db_acquire_timeout: a.db_acquire_timeout,
+                }
+            }
+        }
+    };
 }
+
+db_args!(
+    /// Runtime database settings.
+    ServeDbArgs,
+    ""
+);
+db_args!(
+    /// Admin database settings for `docsidecar migrate`.
+    MigrateDbArgs,
+    "MIGRATE_"
+);
