@@ -192,6 +192,46 @@ impl MysqlStore {
         })
     }
 
+    /// The bounds once every change committed before the call is numbered
+    /// ("from now"): waits briefly for the sequencer to number the newest
+    /// change now visible.
+    pub(super) async fn settled_bounds(&self) -> StoreResult<FeedBounds> {
+        let mut newest = None;
+        self.scan("SELECT max(seq) FROM `_changes`", Vec::new(), |mut row| {
+            newest = int(&mut row, 0);
+            Ok(false)
+        })
+        .await?;
+        if let Some(newest) = newest {
+            let mut wakeups = self.wakeups.subscribe();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                let mut waiting = false;
+                self.scan(
+                    "SELECT EXISTS (SELECT 1 FROM `_changes` WHERE position IS NULL AND seq <= ?)",
+                    vec![Value::Int(newest)],
+                    |mut row| {
+                        waiting = int(&mut row, 0).unwrap_or_default() != 0;
+                        Ok(false)
+                    },
+                )
+                .await?;
+                if !waiting {
+                    break;
+                }
+                self.wakeups.notify();
+                if tokio::time::timeout_at(deadline, wakeups.changed())
+                    .await
+                    .is_err()
+                {
+                    // The sequencer is elsewhere and slow: "now" is a little earlier.
+                    break;
+                }
+            }
+        }
+        self.bounds().await
+    }
+
     /// Numbers the committed unnumbered changes in one transaction under the
     /// `_feed` row's lock; how many it numbered.
     async fn sequence(&self) -> Result<u64, OpError> {

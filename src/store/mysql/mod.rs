@@ -472,6 +472,10 @@ impl DocumentStore for MysqlStore {
         self.bounds().await
     }
 
+    async fn feed_now(&self) -> StoreResult<changes::FeedBounds> {
+        self.settled_bounds().await
+    }
+
     async fn prune_changes(&self, before: Micros, limit: usize) -> StoreResult<usize> {
         self.prune(before, limit).await
     }
