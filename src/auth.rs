@@ -1,12 +1,12 @@
 //! Client authentication: bearer tokens read from files (Kubernetes Secrets),
 //! re-read when they change, compared in constant time. A tower layer in front
-//! of the DocumentService turns the token into the caller's [`Scope`].
+//! of the DocumentService turns the token into the caller's [`Permissions`].
 //!
 //! Health and reflection stay unauthenticated: probes and grpcurl carry no token
 //! and reveal no data.
 
 use crate::background::FileWatcher;
-use crate::policy::{ClientSpec, Scope};
+use crate::policy::{ClientSpec, Permissions};
 use crate::proto::document_service_server::SERVICE_NAME;
 use crate::secret::{self, SecretError};
 use crate::status::{status, Reason};
@@ -41,8 +41,8 @@ struct Client {
 /// The configured clients and their current tokens.
 pub struct Authenticator {
     clients: RwLock<Vec<Client>>,
-    /// The scope of an unauthenticated deployment (no clients configured).
-    service_scope: Scope,
+    /// The permissions of an unauthenticated deployment (no clients configured).
+    service_permissions: Arc<Permissions>,
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
@@ -58,7 +58,10 @@ fn read_token(path: &Path) -> Result<Vec<u8>, AuthError> {
 
 impl Authenticator {
     /// Reads every token file once: a missing or empty one stops start-up.
-    pub fn new(specs: Vec<ClientSpec>, service_scope: Scope) -> Result<Authenticator, AuthError> {
+    pub fn new(
+        specs: Vec<ClientSpec>,
+        service_permissions: Arc<Permissions>,
+    ) -> Result<Authenticator, AuthError> {
         let clients = specs
             .into_iter()
             .map(|spec| {
@@ -70,7 +73,7 @@ impl Authenticator {
             .collect::<Result<Vec<_>, AuthError>>()?;
         Ok(Authenticator {
             clients: RwLock::new(clients),
-            service_scope,
+            service_permissions,
         })
     }
 
@@ -113,11 +116,11 @@ impl Authenticator {
         })
     }
 
-    /// The caller's scope from its `authorization` metadata.
-    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Scope, Status> {
+    /// The caller's permissions from its `authorization` metadata.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Arc<Permissions>, Status> {
         let clients = self.clients.read().unwrap_or_else(|e| e.into_inner());
         if clients.is_empty() {
-            return Ok(self.service_scope.clone());
+            return Ok(self.service_permissions.clone());
         }
         let Some(header) = authorization else {
             return Err(status(
@@ -136,7 +139,7 @@ impl Authenticator {
         let mut found = None;
         for client in clients.iter() {
             if bool::from(client.token.as_slice().ct_eq(presented)) && found.is_none() {
-                found = Some(client.spec.scope.clone());
+                found = Some(client.spec.permissions.clone());
             }
         }
         found.ok_or_else(|| {
@@ -212,8 +215,8 @@ where
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.as_bytes());
             match self.auth.authenticate(header) {
-                Ok(scope) => {
-                    request.extensions_mut().insert(scope);
+                Ok(permissions) => {
+                    request.extensions_mut().insert(permissions);
                 }
                 Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
             }
@@ -225,7 +228,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Access, Need};
+    use crate::policy::{Access, Need, Rights, Rows};
     use proptest::prelude::*;
     use tonic::Code;
 
@@ -236,22 +239,27 @@ mod tests {
             .map(|(i, t)| {
                 let path = dir.join(format!("token{i}"));
                 std::fs::write(&path, format!("{t}\n")).unwrap();
-                let scope = if i == 0 {
-                    Scope::of([("a".to_string(), Access::ReadWrite)].into())
+                let access = if i == 0 {
+                    Access::ReadWrite
                 } else {
-                    Scope::of([("a".to_string(), Access::ReadOnly)].into())
+                    Access::ReadOnly
+                };
+                let rights = Rights {
+                    access,
+                    rows: Rows::Unscoped,
+                    protected: Default::default(),
                 };
                 ClientSpec {
                     token_file: path,
-                    scope,
+                    permissions: Arc::new(Permissions::of([("a".to_string(), rights)].into())),
                 }
             })
             .collect();
-        Authenticator::new(specs, Scope::open()).unwrap()
+        Authenticator::new(specs, Arc::new(Permissions::open())).unwrap()
     }
 
     #[test]
-    fn tokens_select_their_scope() {
+    fn tokens_select_their_permissions() {
         let dir = tempfile::tempdir().unwrap();
         let auth = authenticator(dir.path(), &["writer-token-0123", "reader-token-0123"]);
         let writer = auth
@@ -318,9 +326,9 @@ mod tests {
         std::fs::write(&path, "12345\n").unwrap();
         let spec = ClientSpec {
             token_file: path,
-            scope: Scope::open(),
+            permissions: Arc::new(Permissions::open()),
         };
-        let err = Authenticator::new(vec![spec], Scope::open())
+        let err = Authenticator::new(vec![spec], Arc::new(Permissions::open()))
             .err()
             .unwrap()
             .to_string();
@@ -335,10 +343,10 @@ mod tests {
     }
 
     #[test]
-    fn no_clients_means_the_service_scope() {
-        let auth = Authenticator::new(vec![], Scope::open()).unwrap();
+    fn no_clients_means_the_service_permissions() {
+        let auth = Authenticator::new(vec![], Arc::new(Permissions::open())).unwrap();
         assert!(!auth.enabled());
-        assert_eq!(auth.authenticate(None).unwrap(), Scope::open());
+        assert_eq!(*auth.authenticate(None).unwrap(), Permissions::open());
     }
 
     proptest! {

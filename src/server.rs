@@ -11,7 +11,7 @@ use crate::background::Tasks;
 use crate::config::{ConfigError, ListenAddr, ServeConfig};
 use crate::deadline::DeadlineLayer;
 use crate::limits::RequestLimitsLayer;
-use crate::policy::{ClientSpec, PolicyError, Scope};
+use crate::policy::{ClientSpec, Permissions, PolicyError};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
 use crate::store::{self, Clock, DocumentStore, StoreError};
 use crate::telemetry::RequestLogLayer;
@@ -107,7 +107,7 @@ pub struct Server {
     listener: Listener,
     store: Arc<dyn DocumentStore>,
     auth: Arc<Authenticator>,
-    scope: Scope,
+    permissions: Arc<Permissions>,
     lifecycle: Arc<Lifecycle>,
     admin_addr: Option<SocketAddr>,
     /// Every background task: watchers, health checks, the admin listener.
@@ -119,10 +119,12 @@ pub struct Server {
 impl Server {
     /// Binds the listener and opens the store. `--listen 127.0.0.1:0` picks a free port.
     pub async fn bind(config: ServeConfig) -> Result<Server, StartError> {
-        let scope = config
-            .policy
-            .as_ref()
-            .map_or_else(Scope::open, |p| p.scope());
+        let permissions = Arc::new(
+            config
+                .policy
+                .as_ref()
+                .map_or_else(Permissions::open, |p| p.permissions()),
+        );
         let mut clients = config
             .policy
             .as_ref()
@@ -131,10 +133,10 @@ impl Server {
         if let Some(token_file) = &config.token_file {
             clients.push(ClientSpec {
                 token_file: token_file.clone(),
-                scope: scope.clone(),
+                permissions: permissions.clone(),
             });
         }
-        let auth = Arc::new(Authenticator::new(clients, scope.clone())?);
+        let auth = Arc::new(Authenticator::new(clients, permissions.clone())?);
         if !auth.enabled() {
             warn!("no client tokens configured: calls are not authenticated; listen on a Unix socket or loopback only");
         }
@@ -171,7 +173,7 @@ impl Server {
             listener,
             store,
             auth,
-            scope,
+            permissions,
             lifecycle,
             admin_addr,
             tasks,
@@ -214,7 +216,7 @@ impl Server {
             listener,
             store,
             auth,
-            scope,
+            permissions,
             lifecycle,
             admin_addr: _,
             tasks,
@@ -258,7 +260,7 @@ impl Server {
             indexes,
             config.watch.clone(),
             draining,
-            scope,
+            permissions,
         );
         let documents = DocumentServiceServer::new(api)
             .max_decoding_message_size(config.max_message_bytes)

@@ -1,8 +1,8 @@
 //! Protobuf to store types and back. Each request is destructured in full, so
 //! a new field breaks the build here instead of being ignored.
 
+use super::access::Caller;
 use super::{json, validate, ApiError, Limits};
-use crate::policy::{Need, Scope};
 use crate::proto::{self, field_transform, mutation::Op};
 use crate::store::{
     self, Expiry, FieldPath, Key, Micros, Protected, StoreError, Transform, TransformOp,
@@ -24,7 +24,7 @@ pub(super) trait Accept: Sized {
 fn key(collection: String, scope: String, id: String) -> Result<Key, ApiError> {
     validate::collection(&collection)?;
     validate::id(&id, "id")?;
-    validate::no_scope(&collection, &scope)?;
+    validate::scope(&scope)?;
     Ok(Key::new(collection, scope, id))
 }
 
@@ -319,15 +319,15 @@ impl Accept for proto::ListRequest {
             scope,
         } = self;
         validate::collection(&collection)?;
-        validate::no_scope(&collection, &scope)?;
+        validate::scope(&scope)?;
         let limit = validate::page_size(page_size)?;
         let after = match page_token.as_str() {
             "" => None,
-            token => Some((
-                super::page_token::decode(token, &collection).map_err(ApiError::page_token)?,
-                String::new(),
-            )),
+            token => {
+                Some(super::page_token::decode(token, &collection).map_err(ApiError::page_token)?)
+            }
         };
+        // The requested scope, until the caller's permissions resolve it.
         Ok(store::ListOp {
             collection,
             scopes: store::Scopes::One(scope),
@@ -351,7 +351,7 @@ impl Accept for proto::BatchGetRequest {
             scope,
         } = self;
         validate::collection(&collection)?;
-        validate::no_scope(&collection, &scope)?;
+        validate::scope(&scope)?;
         validate::count("ids", ids.len(), validate::MAX_BATCH_GET_IDS)?;
         for (i, id) in ids.iter().enumerate() {
             validate::id(id, &format!("ids[{i}]"))?;
@@ -372,10 +372,10 @@ impl Accept for proto::BatchGetRequest {
 
 /// Validates and authorizes every mutation of a Write, in order: the first
 /// failing one names the error (`mutation N: …`).
-pub(super) fn mutations(
+pub(super) async fn mutations(
     mutations: Vec<proto::Mutation>,
     limits: &Limits,
-    caller: &Scope,
+    caller: &Caller<'_>,
 ) -> Result<Vec<store::Mutation>, ApiError> {
     validate::count("mutations", mutations.len(), validate::MAX_WRITE_MUTATIONS)?;
     let mut ops = Vec::with_capacity(mutations.len());
@@ -390,11 +390,11 @@ pub(super) fn mutations(
                 "op",
                 "op is not set: give a save, an update or a delete",
             )),
-        }
-        .and_then(|op| {
-            caller.check(op.collection(), Need::Write)?;
-            Ok(op)
-        });
+        };
+        let op = match op {
+            Ok(mut op) => caller.mutation(&mut op).await.map(|()| op),
+            Err(e) => Err(e),
+        };
         ops.push(op.map_err(|e| e.in_mutation(index, kind))?);
     }
     Ok(ops)

@@ -1,6 +1,7 @@
 //! The gRPC layer: validate, authorize, call the store, convert. No SQL here;
 //! every error becomes a `Status` in one place (`error.rs`).
 
+mod access;
 mod convert;
 mod error;
 pub mod json;
@@ -16,10 +17,11 @@ pub use watch::WatchLimits;
 pub use error::ApiError;
 
 use crate::metrics;
-use crate::policy::{Need, Scope};
+use crate::policy::{Need, Permissions};
 use crate::proto::{self, document_service_server::DocumentService};
 use crate::store::{self, DocumentStore};
 use crate::telemetry::record_collection;
+use access::Caller;
 use convert::{document, timestamp, Accept};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -49,18 +51,18 @@ pub struct DocumentApi {
     watch_slots: Arc<tokio::sync::Semaphore>,
     /// Turns true when the sidecar starts shutting down: watch streams end.
     draining: tokio::sync::watch::Receiver<bool>,
-    /// The service's scope, for calls that the auth layer did not narrow.
-    scope: Scope,
+    /// The service's permissions, for calls the auth layer did not narrow.
+    permissions: Arc<Permissions>,
 }
 
-/// The caller, as the auth layer established it.
-struct Caller(Scope);
+/// A document as the caller may see it: hidden fields removed.
+fn shown(mut doc: store::Document, protected: &store::Protected) -> store::Document {
+    doc.data = protected.strip(doc.data);
+    doc
+}
 
-impl Caller {
-    fn authorize(&self, collection: &str, need: Need) -> Result<(), Status> {
-        self.0.check(collection, need).map_err(ApiError::from)?;
-        Ok(())
-    }
+fn shown_all(docs: Vec<store::Document>, protected: &store::Protected) -> Vec<proto::Document> {
+    convert::documents(docs.into_iter().map(|d| shown(d, protected)).collect())
 }
 
 impl DocumentApi {
@@ -70,7 +72,7 @@ impl DocumentApi {
         indexes: Indexes,
         watch: WatchLimits,
         draining: tokio::sync::watch::Receiver<bool>,
-        scope: Scope,
+        permissions: Arc<Permissions>,
     ) -> Self {
         DocumentApi {
             store,
@@ -79,7 +81,7 @@ impl DocumentApi {
             watch_slots: Arc::new(tokio::sync::Semaphore::new(watch.max_streams)),
             watch,
             draining,
-            scope,
+            permissions,
         }
     }
 
@@ -90,16 +92,17 @@ impl DocumentApi {
         Ok(watch::resume_token(bounds.feed_id, bounds.head))
     }
 
-    /// The caller's scope, as the auth layer established it (the service's own
-    /// when it did not narrow it).
-    fn caller<T>(&self, request: &Request<T>) -> Caller {
-        Caller(
-            request
+    /// The caller's permissions, as the auth layer established them (the
+    /// service's own when it did not narrow them).
+    fn caller<T>(&self, request: &Request<T>) -> Caller<'_> {
+        Caller {
+            permissions: request
                 .extensions()
-                .get::<Scope>()
-                .unwrap_or(&self.scope)
+                .get::<Arc<Permissions>>()
+                .unwrap_or(&self.permissions)
                 .clone(),
-        )
+            store: self.store.as_ref(),
+        }
     }
 
     /// Applies one save or update, with a plain call's error.
@@ -121,7 +124,7 @@ impl DocumentApi {
 
     /// The opening of every handler: the caller, the collection named in the
     /// request's span, the request validated.
-    fn accept<T: Accept>(&self, request: Request<T>) -> Result<(Caller, T::Valid), Status> {
+    fn accept<T: Accept>(&self, request: Request<T>) -> Result<(Caller<'_>, T::Valid), Status> {
         let caller = self.caller(&request);
         let request = request.into_inner();
         record_collection(request.collection());
@@ -144,18 +147,18 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::Document>, Status> {
-        let (caller, key) = self.accept(request)?;
-        caller.authorize(&key.collection, Need::Read)?;
+        let (caller, mut key) = self.accept(request)?;
+        let protected = caller.document(&mut key, Need::Read).await?;
         let doc = self.store.get(&key).await?;
-        Ok(Response::new(document(doc)?))
+        Ok(Response::new(document(shown(doc, &protected))?))
     }
 
     async fn save(
         &self,
         request: Request<proto::SaveRequest>,
     ) -> Result<Response<proto::SaveResponse>, Status> {
-        let (caller, op) = self.accept(request)?;
-        caller.authorize(&op.key.collection, Need::Write)?;
+        let (caller, mut op) = self.accept(request)?;
+        op.protected = caller.document(&mut op.key, Need::Write).await?;
         let saved = self.write_one(store::Mutation::Save(op)).await?;
         Ok(Response::new(proto::SaveResponse {
             id: saved.document.key.id,
@@ -169,10 +172,11 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::UpdateRequest>,
     ) -> Result<Response<proto::UpdateResponse>, Status> {
-        let (caller, op) = self.accept(request)?;
-        caller.authorize(&op.key.collection, Need::Write)?;
+        let (caller, mut op) = self.accept(request)?;
+        op.protected = caller.document(&mut op.key, Need::Write).await?;
+        let protected = op.protected.clone();
         let saved = self.write_one(store::Mutation::Update(op)).await?;
-        let doc = saved.document;
+        let doc = shown(saved.document, &protected);
         Ok(Response::new(proto::UpdateResponse {
             id: doc.key.id.clone(),
             rev: doc.rev.clone(),
@@ -186,8 +190,8 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let (caller, op) = self.accept(request)?;
-        caller.authorize(&op.key.collection, Need::Write)?;
+        let (caller, mut op) = self.accept(request)?;
+        caller.document(&mut op.key, Need::Write).await?;
         let written = self
             .store
             .write(vec![store::Mutation::Delete(op)])
@@ -201,15 +205,22 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
-        let (caller, list) = self.accept(request)?;
-        caller.authorize(&list.collection, Need::Read)?;
+        let (caller, mut list) = self.accept(request)?;
+        let requested = match &list.scopes {
+            store::Scopes::One(scope) => scope.as_str(),
+            store::Scopes::All => "",
+        };
+        let (scopes, protected) = caller.read(&list.collection, requested)?;
+        list.scopes = scopes;
         let resume_token = self.resume_token().await?;
         let page = self.store.list(&list, RESPONSE_BUDGET).await?;
         let next_page_token = match page.documents.last() {
-            Some(last) if page.more => page_token::encode(&list.collection, &last.key.id),
+            Some(last) if page.more => {
+                page_token::encode(&list.collection, &last.key.id, &last.key.scope)
+            }
             _ => String::new(),
         };
-        let documents = convert::documents(page.documents);
+        let documents = shown_all(page.documents, &protected);
         Ok(Response::new(proto::ListResponse {
             documents,
             next_page_token,
@@ -221,8 +232,11 @@ impl DocumentService for DocumentApi {
         &self,
         request: Request<proto::BatchGetRequest>,
     ) -> Result<Response<proto::BatchGetResponse>, Status> {
-        let (caller, batch) = self.accept(request)?;
-        caller.authorize(&batch.collection, Need::Read)?;
+        let (caller, mut batch) = self.accept(request)?;
+        let (scope, protected) = caller
+            .scope(&batch.collection, &batch.scope, Need::Read)
+            .await?;
+        batch.scope = scope;
         let found = self.store.batch_get(&batch, RESPONSE_BUDGET).await?;
         let mut ids = batch.ids.into_iter();
         let looked_up: Vec<String> = ids.by_ref().take(found.looked_up).collect();
@@ -232,7 +246,7 @@ impl DocumentService for DocumentApi {
             .filter(|id| !present.contains(id.as_str()))
             .cloned()
             .collect();
-        let documents = convert::documents(found.documents);
+        let documents = shown_all(found.documents, &protected);
         Ok(Response::new(proto::BatchGetResponse {
             documents,
             missing_ids,
@@ -250,7 +264,7 @@ impl DocumentService for DocumentApi {
             .iter()
             .map(|m| m.op.as_ref().map_or("op", convert::op_name))
             .collect();
-        let ops = convert::mutations(mutations, &self.limits, &caller.0)?;
+        let ops = convert::mutations(mutations, &self.limits, &caller).await?;
         let ids: Vec<String> = ops.iter().map(|op| op.id().to_string()).collect();
         let outcomes = self
             .store
@@ -279,8 +293,7 @@ impl DocumentService for DocumentApi {
         let caller = self.caller(&request);
         let request = request.into_inner();
         record_collection(&request.collection);
-        let query::Validated { query, fingerprint } = query::query(request, &self.limits)?;
-        caller.authorize(&query.collection, Need::Read)?;
+        let (query::Validated { query, fingerprint }, protected) = query::query(request, &caller)?;
         self.indexes.check(&query)?;
         let resume_token = self.resume_token().await?;
         let page = self.store.query(&query, RESPONSE_BUDGET).await?;
@@ -297,7 +310,7 @@ impl DocumentService for DocumentApi {
             }
             _ => String::new(),
         };
-        let documents = convert::documents(page.documents);
+        let documents = shown_all(page.documents, &protected);
         Ok(Response::new(proto::QueryResponse {
             documents,
             next_page_token,
@@ -312,8 +325,7 @@ impl DocumentService for DocumentApi {
         let caller = self.caller(&request);
         let request = request.into_inner();
         record_collection(&request.collection);
-        let query = query::count(request)?;
-        caller.authorize(&query.collection, Need::Read)?;
+        let query = query::count(request, &caller)?;
         self.indexes.check(&query)?;
         let count = self.store.count(&query).await?;
         Ok(Response::new(proto::CountResponse {
@@ -335,7 +347,7 @@ impl DocumentService for DocumentApi {
         } = request.into_inner();
         // Empty: every collection the caller may read.
         let collections = if collections.is_empty() {
-            caller.0.collections()
+            caller.permissions.collections()
         } else {
             for (i, c) in collections.iter().enumerate() {
                 validate::collection(c).map_err(|e| match e {
@@ -348,7 +360,7 @@ impl DocumentService for DocumentApi {
                     },
                     e => e,
                 })?;
-                caller.authorize(c, Need::Read)?;
+                caller.rights(c, Need::Read)?;
             }
             Some(collections)
         };
@@ -376,6 +388,7 @@ impl DocumentService for DocumentApi {
             include_documents,
             limits: self.watch.clone(),
             draining: self.draining.clone(),
+            permissions: caller.permissions.clone(),
         };
         Ok(Response::new(watcher.stream(permit)))
     }
@@ -386,7 +399,7 @@ impl DocumentService for DocumentApi {
     ) -> Result<Response<proto::ListCollectionsResponse>, Status> {
         let caller = self.caller(&request);
         // With a policy, the caller's declared collections; open, whatever exists.
-        let collections = match caller.0.collections() {
+        let collections = match caller.permissions.collections() {
             Some(collections) => collections,
             None => self.store.list_collections().await?,
         };

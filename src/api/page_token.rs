@@ -1,7 +1,8 @@
 //! Page tokens: opaque to clients, validated (never trusted) by the server.
 //!
-//! A List token is base64url of `1 | collection length | collection | last id |
-//! checksum`; a Query token of `2 | collection length | collection | query
+//! A List token is base64url of `3 | collection length | collection | last id
+//! length (4 bytes) | last id | last scope | checksum` (version 1, from
+//! earlier releases, has no scope and is still read); a Query token of `2 | collection length | collection | query
 //! fingerprint (8 bytes) | the last document's order keys, id and scope, each
 //! length-prefixed | checksum`, so it resumes only the query it came from. It holds no server state, so it stays valid across restarts and
 //! replicas; the checksum and the collection check turn a token the server did
@@ -11,7 +12,9 @@ use crate::store::query::Cursor;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 3;
+/// List tokens of earlier releases: no scope.
+const VERSION_UNSCOPED: u8 = 1;
 const CHECKSUM_LEN: usize = 8;
 
 /// FNV-1a: detects corruption and invented tokens, not a security boundary
@@ -25,21 +28,24 @@ fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
     hash.to_be_bytes()
 }
 
-/// The token that resumes a walk of `collection` after `last_id`.
-pub fn encode(collection: &str, last_id: &str) -> String {
-    let mut bytes = Vec::with_capacity(2 + collection.len() + last_id.len() + CHECKSUM_LEN);
+/// The token that resumes a walk of `collection` after `(last_id, last_scope)`.
+pub fn encode(collection: &str, last_id: &str, last_scope: &str) -> String {
+    let mut bytes =
+        Vec::with_capacity(6 + collection.len() + last_id.len() + last_scope.len() + CHECKSUM_LEN);
     bytes.push(VERSION);
     // Collection names are at most 63 bytes (validated before a token is made).
     bytes.push(collection.len() as u8);
     bytes.extend_from_slice(collection.as_bytes());
-    bytes.extend_from_slice(last_id.as_bytes());
+    push_part(&mut bytes, last_id.as_bytes());
+    bytes.extend_from_slice(last_scope.as_bytes());
     let sum = checksum(&bytes);
     bytes.extend_from_slice(&sum);
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The last id of the previous page, if `token` was issued for `collection`.
-pub fn decode(token: &str, collection: &str) -> Result<String, String> {
+/// The last (id, scope) of the previous page, if `token` was issued for
+/// `collection`.
+pub fn decode(token: &str, collection: &str) -> Result<(String, String), String> {
     let invalid = || {
         format!(
             "page_token {} was not issued by this server for collection `{collection}`: pass the next_page_token of the previous List response unchanged, or an empty token to start from the beginning",
@@ -47,7 +53,7 @@ pub fn decode(token: &str, collection: &str) -> Result<String, String> {
         )
     };
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-    if bytes.len() < 2 + CHECKSUM_LEN || bytes[0] != VERSION {
+    if bytes.len() < 2 + CHECKSUM_LEN || ![VERSION, VERSION_UNSCOPED].contains(&bytes[0]) {
         return Err(invalid());
     }
     let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
@@ -59,11 +65,27 @@ pub fn decode(token: &str, collection: &str) -> Result<String, String> {
     if rest.len() < len || &rest[..len] != collection.as_bytes() {
         return Err(invalid());
     }
-    let last_id = std::str::from_utf8(&rest[len..]).map_err(|_| invalid())?;
-    if super::validate::id(last_id, "page_token").is_err() {
+    let rest = &rest[len..];
+    let (id, scope) = if body[0] == VERSION_UNSCOPED {
+        (rest, &[][..])
+    } else {
+        let n = rest
+            .get(..4)
+            .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+            .ok_or_else(invalid)?;
+        let id = rest.get(4..4 + n).ok_or_else(invalid)?;
+        (id, &rest[4 + n..])
+    };
+    let text = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .map(str::to_string)
+            .map_err(|_| invalid())
+    };
+    let (id, scope) = (text(id)?, text(scope)?);
+    if super::validate::id(&id, "page_token").is_err() || super::validate::scope(&scope).is_err() {
         return Err(invalid());
     }
-    Ok(last_id.to_string())
+    Ok((id, scope))
 }
 
 /// The version byte of Query tokens.
@@ -155,15 +177,25 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trips(collection in "[a-z][a-z0-9_]{0,62}", id in "[^\\p{Cc}]{1,128}") {
-            let token = encode(&collection, &id);
-            prop_assert_eq!(decode(&token, &collection), Ok(id));
+        fn round_trips(collection in "[a-z][a-z0-9_]{0,62}", id in "[^\\p{Cc}]{1,128}", scope in "[^\\p{Cc}]{0,16}") {
+            let token = encode(&collection, &id, &scope);
+            prop_assert_eq!(decode(&token, &collection), Ok((id, scope)));
+        }
+
+        #[test]
+        fn tokens_of_earlier_releases_are_read(id in "[^\\p{Cc}]{1,128}") {
+            let mut bytes = vec![VERSION_UNSCOPED, 1, b'c'];
+            bytes.extend_from_slice(id.as_bytes());
+            let sum = checksum(&bytes);
+            bytes.extend_from_slice(&sum);
+            let token = URL_SAFE_NO_PAD.encode(bytes);
+            prop_assert_eq!(decode(&token, "c"), Ok((id, String::new())));
         }
 
         #[test]
         fn belongs_to_its_collection(a in "[a-z]{1,10}", b in "[a-z]{1,10}", id in "[a-z0-9]{1,20}") {
             prop_assume!(a != b);
-            prop_assert!(decode(&encode(&a, &id), &b).is_err());
+            prop_assert!(decode(&encode(&a, &id, ""), &b).is_err());
         }
 
         #[test]
@@ -188,7 +220,7 @@ mod tests {
 
         #[test]
         fn tampering_is_detected(id in "[a-z0-9]{1,40}", flip in 0usize..1000, bit in 0u8..8) {
-            let token = encode("c", &id);
+            let token = encode("c", &id, "s");
             let mut bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
             let i = flip % bytes.len();
             bytes[i] ^= 1 << bit;

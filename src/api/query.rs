@@ -1,15 +1,17 @@
 //! Query and Count requests: validated into a store query (filters as sort-key
 //! conditions, see `store::key`), checked against the declared indexes.
 
-use super::{json, page_token, validate, ApiError, Limits};
+use super::access::{self, Caller};
+use super::{json, page_token, validate, ApiError};
 use crate::proto::{self, filter::Operator, order::Direction};
 use crate::status::Reason;
 use crate::store::key::{encode, type_range};
 use crate::store::query::{Condition, Field, Filter, Index, Order, Query};
-use crate::store::{FieldPath, Scopes};
+use crate::store::{FieldPath, Protected, Scopes};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
+use std::sync::Arc;
 
 /// At most this many values in an IN, NOT_IN or ARRAY_CONTAINS_ANY list.
 const MAX_LIST: usize = 30;
@@ -124,24 +126,43 @@ fn shape(collection: &str, scopes: &Scopes, filters: &[Filter], order: &[Order])
     text.into_bytes()
 }
 
-/// Converts the parts every query request shares.
+/// A query field, refused when it would reveal a hidden field.
+fn readable(field: &Field, protected: &Protected) -> Result<(), ApiError> {
+    match field {
+        Field::Path(path) => access::readable(protected, path),
+        Field::Id => Ok(()),
+    }
+}
+
+/// Converts and authorizes the parts every query request shares: the rows
+/// the caller may read, and filters on fields it may see.
 fn parts(
     collection: &str,
     scope: &str,
     filters: Vec<proto::Filter>,
-) -> Result<(Scopes, Vec<Filter>), ApiError> {
+    caller: &Caller<'_>,
+) -> Result<(Scopes, Arc<Protected>, Vec<Filter>), ApiError> {
     validate::collection(collection)?;
-    validate::no_scope(collection, scope)?;
+    validate::scope(scope)?;
+    let (scopes, protected) = caller.read(collection, scope)?;
     validate::count("filters", filters.len(), MAX_FILTERS)?;
     let filters = filters
         .into_iter()
         .enumerate()
         .map(|(i, f)| filter(f, i))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((Scopes::One(scope.to_string()), filters))
+    for f in &filters {
+        readable(&f.field, &protected)?;
+    }
+    Ok((scopes, protected, filters))
 }
 
-pub(super) fn query(req: proto::QueryRequest, _: &Limits) -> Result<Validated, ApiError> {
+/// Validates and authorizes a Query; also the fields hidden from the caller,
+/// to strip from the results.
+pub(super) fn query(
+    req: proto::QueryRequest,
+    caller: &Caller<'_>,
+) -> Result<(Validated, Arc<Protected>), ApiError> {
     let proto::QueryRequest {
         collection,
         scope,
@@ -150,7 +171,7 @@ pub(super) fn query(req: proto::QueryRequest, _: &Limits) -> Result<Validated, A
         page_size,
         page_token,
     } = req;
-    let (scopes, filters) = parts(&collection, &scope, filters)?;
+    let (scopes, protected, filters) = parts(&collection, &scope, filters, caller)?;
     validate::count("order_by", order_by.len(), MAX_ORDER)?;
     let mut order: Vec<Order> = Vec::with_capacity(order_by.len());
     for (i, o) in order_by.into_iter().enumerate() {
@@ -166,6 +187,7 @@ pub(super) fn query(req: proto::QueryRequest, _: &Limits) -> Result<Validated, A
                 format!("order_by names `{name}` twice"),
             ));
         }
+        readable(&field, &protected)?;
         let descending = Direction::try_from(direction) == Ok(Direction::Descending);
         order.push(Order { field, descending });
     }
@@ -178,7 +200,7 @@ pub(super) fn query(req: proto::QueryRequest, _: &Limits) -> Result<Validated, A
                 .map_err(ApiError::page_token)?,
         ),
     };
-    Ok(Validated {
+    let validated = Validated {
         query: Query {
             collection,
             scopes,
@@ -188,16 +210,17 @@ pub(super) fn query(req: proto::QueryRequest, _: &Limits) -> Result<Validated, A
             limit,
         },
         fingerprint,
-    })
+    };
+    Ok((validated, protected))
 }
 
-pub(super) fn count(req: proto::CountRequest) -> Result<Query, ApiError> {
+pub(super) fn count(req: proto::CountRequest, caller: &Caller<'_>) -> Result<Query, ApiError> {
     let proto::CountRequest {
         collection,
         scope,
         filters,
     } = req;
-    let (scopes, filters) = parts(&collection, &scope, filters)?;
+    let (scopes, _, filters) = parts(&collection, &scope, filters, caller)?;
     Ok(Query {
         collection,
         scopes,

@@ -60,18 +60,13 @@ pub fn id(id: &str, field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A `scope` on a collection without row scopes.
-pub fn no_scope(collection: &str, scope: &str) -> Result<(), ApiError> {
+/// A request's `scope`: empty (the caller's own rows) or a scope by the id
+/// rule; whether the caller reaches it is the policy's question.
+pub fn scope(scope: &str) -> Result<(), ApiError> {
     if scope.is_empty() {
         return Ok(());
     }
-    Err(ApiError::invalid(
-        "scope",
-        format!(
-        "scope {} was given, but collection `{collection}` has no row scopes: leave scope empty",
-        shown(scope)
-    ),
-    ))
+    id(scope, "scope")
 }
 
 /// The effective page size: 0 means the default, large values are capped.

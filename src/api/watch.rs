@@ -7,6 +7,7 @@
 use super::convert::{document, timestamp};
 use super::ApiError;
 use crate::metrics;
+use crate::policy::{Need, Permissions};
 use crate::proto::{self, change_event::Kind};
 use crate::status::{status, Failure, Reason};
 use crate::store::changes::{ChangeRecord, ChangesOp, FeedBounds, Position};
@@ -165,6 +166,9 @@ pub struct Watcher {
     pub limits: WatchLimits,
     /// Turns true when the sidecar starts shutting down.
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// The caller's: events of rows it does not reach are left out, and
+    /// hidden fields are removed from documents.
+    pub permissions: Arc<Permissions>,
 }
 
 pub type WatchStream = futures_util::stream::BoxStream<'static, Result<proto::ChangeEvent, Status>>;
@@ -223,9 +227,17 @@ impl Watcher {
                 .await
                 .map_err(|e| ("error", Status::from(e)))?;
             let full = changes.records.len() == READ;
-            for record in changes.records {
-                let lag = crate::store::now_micros() - record.commit_time;
+            for mut record in changes.records {
                 let at = record.position;
+                let rights = self.permissions.check(&record.key.collection, Need::Read);
+                let Some(rights) = rights.ok().filter(|r| r.sees(&record.key.scope)) else {
+                    position = at;
+                    continue;
+                };
+                if let Some(doc) = record.document.as_mut() {
+                    doc.data = rights.protected.strip(std::mem::take(&mut doc.data));
+                }
+                let lag = crate::store::now_micros() - record.commit_time;
                 let event = event(record, self.include_documents, self.feed_id)
                     .map_err(|e| ("error", Status::from(e)))?;
                 self.send(tx, event).await?;

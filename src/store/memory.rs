@@ -357,6 +357,14 @@ impl DocumentStore for MemoryStore {
         self.wakeups.clone()
     }
 
+    async fn has_scopes(&self, collection: &str) -> StoreResult<bool> {
+        Ok(self
+            .read()
+            .docs
+            .get(collection)
+            .is_some_and(|docs| docs.values().any(|d| !d.key.scope.is_empty())))
+    }
+
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
         Ok(self.read().docs.keys().cloned().collect())
     }

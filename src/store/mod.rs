@@ -10,7 +10,7 @@
 //! - [`path`]: field paths; [`value`]: the value rules (order, equality);
 //!   [`update`]: merge patches and transforms; [`plan`]: the write planner;
 //!   [`key`]: order-preserving keys of values; [`query`]: queries and the
-//!   index rule;
+//!   index rule; [`protect`]: read-only and hidden fields;
 //! - [`memory`], [`sqlite`], [`postgres`], [`mysql`]: the backends;
 //!   [`tls`]: TLS settings of networked databases; [`migrate`]: what
 //!   `docsidecar migrate` applies.
@@ -29,6 +29,7 @@ pub mod mysql;
 pub mod path;
 pub mod plan;
 pub mod postgres;
+mod protect;
 pub mod query;
 pub mod sql;
 pub mod sqlite;
@@ -42,6 +43,7 @@ pub use migrate::{Grant, MigratePlan};
 pub use mysql::{MysqlStore, MysqlTarget};
 pub use path::FieldPath;
 pub use postgres::{Declared, PgTarget, PostgresStore};
+pub use protect::Protected;
 pub use sqlite::{SqliteStore, SqliteTarget};
 pub use update::{Transform, TransformOp};
 
@@ -127,25 +129,6 @@ pub enum Expiry {
     At(Micros),
     /// This long after the write; positive.
     After(Micros),
-}
-
-/// The fields a service may not set or see, from its policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Protected {
-    pub read_only: Vec<FieldPath>,
-    pub hidden: Vec<FieldPath>,
-}
-
-impl Protected {
-    pub fn is_empty(&self) -> bool {
-        self.read_only.is_empty() && self.hidden.is_empty()
-    }
-
-    /// Every protected path with its kind.
-    pub fn fields(&self) -> impl Iterator<Item = (&FieldPath, Protection)> {
-        let read_only = self.read_only.iter().map(|p| (p, Protection::ReadOnly));
-        read_only.chain(self.hidden.iter().map(|p| (p, Protection::Hidden)))
-    }
 }
 
 /// Creates or replaces one document.
@@ -485,6 +468,10 @@ pub trait DocumentStore: Send + Sync + 'static {
 
     /// Names of the collections that exist, sorted.
     async fn list_collections(&self) -> StoreResult<Vec<String>>;
+
+    /// Whether any row of `collection` has a row scope (a collection never
+    /// written has none). Asked only when a multi-scope reader names no scope.
+    async fn has_scopes(&self, collection: &str) -> StoreResult<bool>;
 
     /// Succeeds when the database answers.
     async fn ping(&self) -> StoreResult<()>;

@@ -10,10 +10,10 @@
 //! before its own change.
 
 use super::update::{apply_transforms, merge_patch};
-use super::value::{self, parent_mut};
+use super::value;
 use super::{
-    new_rev, Document, Expiry, Key, Micros, Mutation, Protected, Saved, StoreError, StoreResult,
-    Written, MAX_DEPTH,
+    new_rev, Document, Expiry, Key, Micros, Mutation, Saved, StoreError, StoreResult, Written,
+    MAX_DEPTH,
 };
 use serde_json::Value;
 
@@ -94,8 +94,9 @@ impl Mutation {
                     op.data.clone()
                 } else {
                     let mut data: Value = parse(&op.data, key)?;
+                    op.protected.check_save(&data)?;
                     let old = live.map(|d| parse(&d.data, key)).transpose()?;
-                    protect(&mut data, old.as_ref(), &op.protected, true)?;
+                    op.protected.apply(&mut data, old.as_ref(), true)?;
                     data.to_string()
                 };
                 let expire_time = expire_time(op.expiry, live, now, "expire_time")?;
@@ -104,6 +105,8 @@ impl Mutation {
             }
             Mutation::Update(op) => {
                 check_rev(&op.expected_rev)?;
+                op.protected
+                    .check_update(op.merge.as_ref(), &op.transforms)?;
                 if live.is_none() && !op.allow_missing {
                     return Err(StoreError::not_found(&key.collection, &key.id));
                 }
@@ -117,7 +120,7 @@ impl Mutation {
                 apply_transforms(&mut data, &op.transforms, now).map_err(|(i, message)| {
                     StoreError::invalid(format!("transforms[{i}]"), message)
                 })?;
-                protect(&mut data, old.as_ref(), &op.protected, false)?;
+                op.protected.apply(&mut data, old.as_ref(), false)?;
                 if value::depth(&data) > MAX_DEPTH {
                     return Err(StoreError::invalid(
                         "merge",
@@ -252,45 +255,10 @@ fn put(
     }
 }
 
-/// Enforces the protected fields on a written document: its value at each
-/// protected path must equal the stored one (both absent counts as equal).
-/// With `keep_omitted` (a Save), a path the new document leaves out takes the
-/// stored value first, so a Save that omits protected fields keeps them.
-fn protect(
-    new: &mut Value,
-    old: Option<&Value>,
-    protected: &Protected,
-    keep_omitted: bool,
-) -> StoreResult<()> {
-    for (path, protection) in protected.fields() {
-        let stored = old.and_then(|o| value::get(o, path));
-        if keep_omitted && value::get(new, path).is_none() {
-            if let Some(stored) = stored {
-                let leaf = path.segments().last().expect("a parsed path has a key");
-                if let Ok(Some(parent)) = parent_mut(new, path, true) {
-                    parent.insert(leaf.clone(), stored.clone());
-                }
-            }
-        }
-        let same = match (value::get(new, path), stored) {
-            (None, None) => true,
-            (Some(a), Some(b)) => value::equal(a, b),
-            _ => false,
-        };
-        if !same {
-            return Err(StoreError::Protected {
-                field: path.to_string(),
-                protection,
-            });
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeleteOp, FieldPath, SaveOp, Transform, TransformOp, UpdateOp};
+    use crate::store::{DeleteOp, FieldPath, Protected, SaveOp, Transform, TransformOp, UpdateOp};
     use serde_json::json;
     use std::sync::Arc;
 

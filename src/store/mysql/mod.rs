@@ -498,6 +498,19 @@ impl DocumentStore for MysqlStore {
         Ok(reaped)
     }
 
+    async fn has_scopes(&self, collection: &str) -> StoreResult<bool> {
+        let table = ddl::table(collection)?;
+        // A range of the primary key (scope, id).
+        let sql = format!("SELECT 1 FROM {table} WHERE scope > '' LIMIT 1");
+        let mut found = false;
+        self.scan(&sql, Vec::new(), |_| {
+            found = true;
+            Ok(false)
+        })
+        .await?;
+        Ok(found)
+    }
+
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
         // The catalog's collections whose tables this account can see (it
         // sees only tables it holds a privilege on), compared as bytes.

@@ -550,6 +550,14 @@ impl DocumentStore for PostgresStore {
         result
     }
 
+    async fn has_scopes(&self, collection: &str) -> StoreResult<bool> {
+        let table = self.tables.table(collection)?;
+        // A range of the primary key (scope, id).
+        let sql = format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE scope > '')");
+        let rows = self.select(&sql, &[]).await?;
+        Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
         // Only tables this role may read: roles scoped to their own tables see
         // their own collections. A missing schema matches nothing.

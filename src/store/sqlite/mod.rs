@@ -390,6 +390,18 @@ impl DocumentStore for SqliteStore {
         self.wakeups.clone()
     }
 
+    async fn has_scopes(&self, collection: &str) -> StoreResult<bool> {
+        let collection = collection.to_string();
+        self.with_reader(move |conn| {
+            // A range of the primary key (collection, scope, id).
+            let mut stmt = conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM documents WHERE collection = ?1 AND scope > '')",
+            )?;
+            Ok(stmt.query_row([collection], |r| r.get(0))?)
+        })
+        .await
+    }
+
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached("SELECT name FROM collections ORDER BY name")?;
