@@ -7,13 +7,6 @@ use docsidecar::proto::{mutation::Op, BatchGetRequest, Mutation, SaveRequest, Wr
 use tonic::Code;
 use tonic_types::StatusExt;
 
-fn reason(status: &tonic::Status) -> String {
-    let details = status.get_error_details();
-    let info = details.error_info().expect("an ErrorInfo");
-    assert_eq!(info.domain, "docsidecar.dev");
-    info.reason.clone()
-}
-
 pub async fn errors_carry_reasons_and_details(mut t: TestServer) {
     let c = &mut t.client;
     let status = c.get(get("docs", "nope")).await.unwrap_err();

@@ -11,6 +11,7 @@ mod errors;
 mod expiry;
 mod limits;
 mod queries;
+mod scopes;
 mod support;
 mod updates;
 mod watch;
@@ -22,6 +23,7 @@ use errors::*;
 use expiry::*;
 use limits::*;
 use queries::*;
+use scopes::*;
 use updates::*;
 use watch::*;
 use writes::*;
@@ -96,3 +98,17 @@ suite!(
         resume_tokens_are_validated,
     ]
 );
+
+/// Cases of services sharing one database: every store but memory, which
+/// lives in one process.
+mod shared {
+    use super::*;
+
+    suite!(
+        [sqlite => Sqlite, postgres => Postgres, mariadb => Mariadb],
+        [
+            each_scope_sees_only_its_own_rows,
+            read_only_and_hidden_fields_are_enforced,
+        ]
+    );
+}

@@ -6,6 +6,15 @@ use docsidecar::proto::{
 };
 use prost_types::Struct;
 use tonic::Code;
+use tonic_types::StatusExt;
+
+/// The ErrorInfo reason of an error.
+pub fn reason(status: &tonic::Status) -> String {
+    let details = status.get_error_details();
+    let info = details.error_info().expect("an ErrorInfo");
+    assert_eq!(info.domain, "docsidecar.dev");
+    info.reason.clone()
+}
 
 pub fn save(collection: &str, id: &str, data: Struct) -> SaveRequest {
     SaveRequest {

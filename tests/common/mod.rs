@@ -47,6 +47,8 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
     pg_url: Option<String>,
     pg_schema: Option<String>,
+    /// The database URL the server was given.
+    database_url: String,
     /// The test's own MariaDB database, dropped with the server.
     maria: Option<mariadb::MariaDb>,
 }
@@ -161,8 +163,26 @@ impl TestServer {
             _dir: dir,
             pg_url: pg_url.map(String::from),
             pg_schema,
+            database_url: url,
             maria: None,
         }
+    }
+
+    /// Another server on this one's database (another service sharing it),
+    /// with its own flags; the first server keeps owning the database. The
+    /// memory store lives in one process and cannot be shared.
+    pub async fn share(&self, extra: &[&str]) -> TestServer {
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(schema) = &self.pg_schema {
+            args.extend(["--schema", schema.as_str()]);
+        }
+        args.extend(extra);
+        assert_ne!(
+            self.backend,
+            Backend::Memory,
+            "the memory store cannot be shared"
+        );
+        Self::start_at(self.backend, Some(&self.database_url), &args).await
     }
 
     /// The PostgreSQL schema of this test's collections.
