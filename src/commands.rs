@@ -61,6 +61,16 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
         },
         grant_to: args.grant_to.clone(),
         revoke_public_temp: args.revoke_public_temp,
+        service: policy
+            .as_ref()
+            .map(|p| p.service.clone())
+            .unwrap_or_default(),
+        scopes: policy
+            .as_ref()
+            .map(|p| p.scopes.clone())
+            .unwrap_or_default(),
+        adopt_owner_field: args.adopt_owner_field.clone(),
+        contract: args.contract,
     };
     match db.target(&args.common.schema, policy.as_ref())? {
         Target::Postgres(target) => {

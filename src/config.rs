@@ -356,6 +356,18 @@ pub struct MigrateArgs {
     #[arg(long, env = "DOCSIDECAR_REVOKE_PUBLIC_TEMP")]
     pub revoke_public_temp: bool,
 
+    /// Moving from the hand-written row-level security recipe: rows of a scoped
+    /// collection that have no scope yet and hold an account name in this
+    /// document field (`owner`) get the scope that account's policy declares.
+    #[arg(long, env = "DOCSIDECAR_ADOPT_OWNER_FIELD", value_name = "FIELD")]
+    pub adopt_owner_field: Option<String>,
+
+    /// Re-key tables made by releases before row scopes (primary key `id`) by
+    /// `(scope, id)`, which a scoped collection needs. Sidecars of those
+    /// releases can no longer write them afterwards: run it once none runs.
+    #[arg(long, env = "DOCSIDECAR_CONTRACT")]
+    pub contract: bool,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -4,13 +4,12 @@
 
 mod common;
 
+use common::pg_roles::*;
 use common::*;
 use docsidecar::proto::{GetRequest, ListCollectionsRequest, ListRequest, SaveRequest};
 use prost_types::Struct;
 use std::process::Command;
 use tonic::Code;
-
-const BIN: &str = env!("CARGO_BIN_EXE_docsidecar");
 
 fn save(collection: &str, id: &str, data: Struct) -> SaveRequest {
     SaveRequest {
@@ -18,100 +17,6 @@ fn save(collection: &str, id: &str, data: Struct) -> SaveRequest {
         id: id.into(),
         data: Some(data),
         ..Default::default()
-    }
-}
-
-/// A URL for `user` (password `password`) on the test server's host and database.
-fn url_as(admin_url: &str, user: &str, password: &str) -> String {
-    let cfg: tokio_postgres::Config = admin_url.parse().unwrap();
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "postgres://{user}:{password}@{host}:{port}/{}",
-        cfg.get_dbname().unwrap_or("postgres")
-    )
-}
-
-fn migrate(
-    admin_url: &str,
-    schema: &str,
-    policy: &std::path::Path,
-    role: &str,
-) -> std::process::Output {
-    migrate_with(admin_url, schema, policy, &["--grant-to", role])
-}
-
-fn migrate_with(
-    admin_url: &str,
-    schema: &str,
-    policy: &std::path::Path,
-    args: &[&str],
-) -> std::process::Output {
-    Command::new(BIN)
-        .arg("migrate")
-        .args(args)
-        .env_clear()
-        .env("MIGRATE_DATABASE_URL", admin_url)
-        .env("DOCSIDECAR_SCHEMA", schema)
-        .env("DOCSIDECAR_POLICY", policy)
-        .output()
-        .unwrap()
-}
-
-/// Runs a command to its end; (success, stdout + stderr).
-fn outcome(out: std::process::Output) -> (bool, String) {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// `url` with another database.
-fn url_of_database(url: &str, database: &str) -> String {
-    let cfg: tokio_postgres::Config = url.parse().unwrap();
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    let password = cfg
-        .get_password()
-        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
-        .unwrap_or_default();
-    format!(
-        "postgres://{}{password}@{host}:{port}/{database}",
-        cfg.get_user().unwrap_or("postgres")
-    )
-}
-
-struct Fixture {
-    admin: tokio_postgres::Client,
-    schema: String,
-    roles: Vec<String>,
-}
-
-impl Fixture {
-    async fn cleanup(&self) {
-        let _ = self
-            .admin
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-                self.schema
-            ))
-            .await;
-        for role in &self.roles {
-            let _ = self
-                .admin
-                .batch_execute(&format!(
-                    "DROP OWNED BY \"{role}\"; DROP ROLE IF EXISTS \"{role}\""
-                ))
-                .await;
-        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod galera;
 pub mod load;
 pub mod mariadb;
 pub mod pg_pair;
+pub mod pg_roles;
 pub mod pki;
 pub mod procs;
 pub mod sidecar;

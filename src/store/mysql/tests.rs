@@ -380,8 +380,7 @@ async fn without_auto_create_the_tables_come_from_migrate() {
     );
     let plan = MigratePlan {
         collections: [("docs".to_string(), Grant::ReadWrite)].into(),
-        grant_to: None,
-        revoke_public_temp: false,
+        ..Default::default()
     };
     migrate::migrate(&t, &plan).await.unwrap();
     migrate::migrate(&t, &plan).await.unwrap();

@@ -46,7 +46,7 @@ pub fn is_valid_role(role: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
 }
 
-fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
+pub(super) fn pg_error(context: &str, e: tokio_postgres::Error) -> StoreError {
     let detail = e
         .as_db_error()
         .map_or_else(|| describe(&e), |db| db.message().to_string());
@@ -175,6 +175,7 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
             .map_err(|e| pg_error(&format!("creating the table of `{collection}`"), e))?;
     }
 
+    super::scopes::converge(&tx, &target.schema, plan).await?;
     if let Some(role) = &plan.grant_to {
         converge_grants(&tx, &target.schema, role, &plan.collections).await?;
     }

@@ -21,6 +21,7 @@ mod feed;
 pub mod migrate;
 mod pool;
 mod queries;
+mod scopes;
 pub mod tls;
 mod verify;
 mod write;

@@ -461,8 +461,7 @@ async fn without_auto_create_the_schema_and_tables_come_from_migrate() {
 
     let plan = migrate::MigratePlan {
         collections: [("docs".to_string(), Grant::ReadWrite)].into(),
-        grant_to: None,
-        revoke_public_temp: false,
+        ..Default::default()
     };
     migrate::migrate(&target, &plan).await.unwrap();
     let s = PostgresStore::connect(&target, &Tasks::new(), Clock::default())
