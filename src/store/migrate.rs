@@ -167,17 +167,29 @@ mod tests {
         let discord = d("discord", Grant::ReadWrite, Some("discord"));
         let report = d("report", Grant::ReadOnly, None);
         let rogue = d("rogue", Grant::ReadWrite, None);
-        assert!(check_declarations(&[twitch.clone()], &[discord.clone(), report.clone()]).is_ok());
-        assert!(check_declarations(&[report], &[twitch.clone()]).is_ok());
-        let err = check_declarations(&[rogue.clone()], &[twitch.clone()]).unwrap_err();
+        let none: Vec<String> = Vec::new();
+        let check = |ours: &Declaration, others: &[Declaration]| {
+            check_declarations(std::slice::from_ref(ours), others)
+        };
+        assert_eq!(check(&twitch, &[discord, report.clone()]), Ok(none.clone()));
+        assert_eq!(
+            check(&report, std::slice::from_ref(&twitch)),
+            Ok(none.clone())
+        );
+        let err = check(&rogue, std::slice::from_ref(&twitch)).unwrap_err();
         assert!(
             err.contains("`rogue`") && err.contains("scope `twitch`"),
             "{err}"
         );
-        assert!(check_declarations(&[twitch], &[rogue]).is_err());
+        // Becoming scoped while another writer is not yet: a warning.
+        let warnings = check(&twitch, &[rogue]).unwrap();
+        assert!(
+            warnings[0].contains("until its policy names a scope"),
+            "{warnings:?}"
+        );
         // Unscoped writers may share an unscoped collection.
         let a = d("a", Grant::ReadWrite, None);
         let b = d("b", Grant::ReadWrite, None);
-        assert!(check_declarations(&[a], &[b]).is_ok());
+        assert_eq!(check(&a, &[b]), Ok(none));
     }
 }
