@@ -251,6 +251,7 @@ impl Server {
                 .as_ref()
                 .map(|p| p.allow_scans.clone())
                 .unwrap_or_default(),
+            logged: Default::default(),
         };
         let api = DocumentApi::new(
             store.clone(),

@@ -238,15 +238,23 @@ pub struct Indexes {
     /// `None` without a policy.
     pub declared: Option<BTreeMap<String, Vec<Index>>>,
     pub allow_scans: BTreeSet<String>,
+    /// Query shapes without a policy already logged with the index that
+    /// would serve them (once each).
+    pub logged: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl Indexes {
     /// Refuses a query no declared index serves, unless its collection may scan.
     pub(super) fn check(&self, q: &Query) -> Result<(), ApiError> {
-        let Some(declared) = &self.declared else {
+        let Some(needed) = q.needed_index() else {
             return Ok(());
         };
-        let Some(needed) = q.needed_index() else {
+        let Some(declared) = &self.declared else {
+            let shape = format!("{} {needed}", q.collection);
+            let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+            if logged.len() < 1000 && logged.insert(shape) {
+                tracing::info!(collection = %q.collection, index = %needed, "a query that no declared index serves ran (no policy: development); with a policy, declare indexes = [{needed}] for collection `{}`", q.collection);
+            }
             return Ok(());
         };
         if self.allow_scans.contains(&q.collection) {
