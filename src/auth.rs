@@ -6,6 +6,7 @@
 //! and reveal no data.
 
 use crate::background::FileWatcher;
+use crate::metrics::SharedLabel;
 use crate::policy::{ClientSpec, Permissions};
 use crate::proto::document_service_server::SERVICE_NAME;
 use crate::secret::{self, SecretError};
@@ -36,6 +37,8 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 struct Client {
     spec: ClientSpec,
     token: Vec<u8>,
+    /// `spec.name`, as the metrics label it.
+    label: SharedLabel,
 }
 
 /// The configured clients and their current tokens.
@@ -67,6 +70,7 @@ impl Authenticator {
             .map(|spec| {
                 Ok(Client {
                     token: read_token(&spec.token_file)?,
+                    label: SharedLabel::from(Arc::<str>::from(spec.name.as_str())),
                     spec,
                 })
             })
@@ -139,10 +143,13 @@ impl Authenticator {
         let mut found = None;
         for client in clients.iter() {
             if bool::from(client.token.as_slice().ct_eq(presented)) && found.is_none() {
-                found = Some(client.spec.permissions.clone());
+                found = Some(client);
             }
         }
-        found.ok_or_else(|| {
+        if let Some(client) = found {
+            crate::telemetry::record_client(&client.label);
+        }
+        found.map(|c| c.spec.permissions.clone()).ok_or_else(|| {
             status(
                 Reason::Unauthenticated,
                 "the bearer token is not valid for this sidecar",
@@ -250,6 +257,7 @@ mod tests {
                     protected: Default::default(),
                 };
                 ClientSpec {
+                    name: format!("client{i}"),
                     token_file: path,
                     permissions: Arc::new(Permissions::of([("a".to_string(), rights)].into())),
                 }
@@ -325,6 +333,7 @@ mod tests {
         let path = dir.path().join("t");
         std::fs::write(&path, "12345\n").unwrap();
         let spec = ClientSpec {
+            name: "t".into(),
             token_file: path,
             permissions: Arc::new(Permissions::open()),
         };

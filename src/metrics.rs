@@ -3,6 +3,8 @@
 //! text format (see `admin`).
 
 use crate::store::PoolStats;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 pub const REQUESTS_TOTAL: &str = "docsidecar_requests_total";
@@ -33,10 +35,112 @@ pub const WATCH_EVENTS_SENT_TOTAL: &str = "docsidecar_watch_events_sent_total";
 pub const WATCH_LAG_SECONDS: &str = "docsidecar_watch_lag_seconds";
 pub const WATCH_STREAMS_ENDED_TOTAL: &str = "docsidecar_watch_streams_ended_total";
 
-/// One finished call: its method, status and latency.
-pub fn request(method: &'static str, code: &'static str, seconds: f64) {
-    metrics::histogram!(REQUEST_DURATION_SECONDS, "method" => method).record(seconds);
-    metrics::counter!(REQUESTS_TOTAL, "method" => method, "code" => code).increment(1);
+/// A label value shared between calls without copying (the service, a
+/// client's name, a collection).
+pub type SharedLabel = metrics::SharedString;
+
+/// The label given to collections past the bound, and to names that are not
+/// collections.
+pub const OTHER_COLLECTION: &str = "other";
+
+/// Without a policy, at most this many collections get their own label; the
+/// rest are counted as [`OTHER_COLLECTION`], so a client cannot grow the
+/// series without bound.
+pub const MAX_COLLECTION_LABELS: usize = 50;
+
+/// The bounded values of the `collection` label.
+#[derive(Debug)]
+pub enum CollectionLabels {
+    /// The policy's collections: nothing else exists for callers.
+    Declared(BTreeMap<String, SharedLabel>),
+    /// No policy: the first [`MAX_COLLECTION_LABELS`] valid names seen.
+    Open(RwLock<HashMap<String, SharedLabel>>),
+}
+
+impl CollectionLabels {
+    pub fn declared<'a>(names: impl IntoIterator<Item = &'a String>) -> CollectionLabels {
+        CollectionLabels::Declared(
+            names
+                .into_iter()
+                .map(|n| (n.clone(), SharedLabel::from(Arc::<str>::from(n.as_str()))))
+                .collect(),
+        )
+    }
+
+    pub fn open() -> CollectionLabels {
+        CollectionLabels::Open(RwLock::new(HashMap::new()))
+    }
+
+    /// The label of `collection`: its own name while the bound allows, else
+    /// [`OTHER_COLLECTION`].
+    pub fn label(&self, collection: &str) -> SharedLabel {
+        let other = || SharedLabel::const_str(OTHER_COLLECTION);
+        match self {
+            CollectionLabels::Declared(names) => {
+                names.get(collection).cloned().unwrap_or_else(other)
+            }
+            CollectionLabels::Open(seen) => {
+                if let Some(label) = seen
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(collection)
+                {
+                    return label.clone();
+                }
+                if !crate::store::is_valid_name(collection) {
+                    return other();
+                }
+                let mut seen = seen.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(label) = seen.get(collection) {
+                    return label.clone();
+                }
+                if seen.len() >= MAX_COLLECTION_LABELS {
+                    return other();
+                }
+                let label = SharedLabel::from(Arc::<str>::from(collection));
+                seen.insert(collection.to_string(), label.clone());
+                label
+            }
+        }
+    }
+}
+
+/// The labels of one finished call. The service, collection and client are
+/// left out when there is none (no policy; a call that names no collection;
+/// no client tokens).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLabels<'a> {
+    pub method: &'static str,
+    pub code: &'static str,
+    pub service: Option<&'a SharedLabel>,
+    pub collection: Option<&'a SharedLabel>,
+    pub client: Option<&'a SharedLabel>,
+}
+
+impl RequestLabels<'_> {
+    fn common(&self) -> Vec<metrics::Label> {
+        let mut labels = Vec::with_capacity(5);
+        labels.push(metrics::Label::from_static_parts("method", self.method));
+        let optional = [
+            ("service", self.service),
+            ("collection", self.collection),
+            ("client", self.client),
+        ];
+        for (key, value) in optional {
+            if let Some(value) = value {
+                labels.push(metrics::Label::new(key, value.clone()));
+            }
+        }
+        labels
+    }
+}
+
+/// One finished call: its labels and latency.
+pub fn request(labels: RequestLabels<'_>, seconds: f64) {
+    let mut common = labels.common();
+    metrics::histogram!(REQUEST_DURATION_SECONDS, common.clone()).record(seconds);
+    common.push(metrics::Label::from_static_parts("code", labels.code));
+    metrics::counter!(REQUESTS_TOTAL, common).increment(1);
 }
 
 /// Counts a call in flight for as long as it lives, even if it is dropped.

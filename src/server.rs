@@ -14,7 +14,7 @@ use crate::limits::RequestLimitsLayer;
 use crate::policy::{ClientSpec, Permissions, PolicyError};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
 use crate::store::{self, Clock, DocumentStore, StoreError};
-use crate::telemetry::RequestLogLayer;
+use crate::telemetry::{self, RequestLogLayer, TracedStore};
 use crate::tls::{TlsError, TlsReloader};
 use crate::transport::{self, Listener};
 use std::convert::Infallible;
@@ -73,10 +73,13 @@ pub enum Stop {
 
 /// Serves until SIGTERM or SIGINT.
 pub async fn serve(config: ServeConfig) -> Result<(), StartError> {
-    Server::bind(config)
+    let served = Server::bind(config)
         .await?
         .run_until(shutdown_signal())
-        .await
+        .await;
+    // The exporter's last batch; it blocks, and its calls need the runtime.
+    let _ = tokio::task::spawn_blocking(telemetry::shutdown_tracing).await;
+    served
 }
 
 /// Resolves when SIGTERM (Kubernetes' graceful stop) or SIGINT (Ctrl-C) arrives.
@@ -132,6 +135,7 @@ impl Server {
             .unwrap_or_default();
         if let Some(token_file) = &config.token_file {
             clients.push(ClientSpec {
+                name: ClientSpec::name_of(token_file),
                 token_file: token_file.clone(),
                 permissions: permissions.clone(),
             });
@@ -166,7 +170,10 @@ impl Server {
             None => None,
         };
         let clock = Clock::default();
-        let store = store::open(&config.target, &tasks, clock.clone()).await?;
+        let mut store = store::open(&config.target, &tasks, clock.clone()).await?;
+        if telemetry::tracing_enabled() {
+            store = Arc::new(TracedStore::new(store, db_system(&config.target)));
+        }
         let stats = store.clone();
         lifecycle.set_pool_stats(Box::new(move || stats.pool_stats()));
         Ok(Server {
@@ -283,6 +290,12 @@ impl Server {
         let service = tower::ServiceBuilder::new()
             .layer(RequestLogLayer::new(
                 config.policy.as_ref().map(|p| p.service.as_str()),
+                config
+                    .policy
+                    .as_ref()
+                    .map_or_else(crate::metrics::CollectionLabels::open, |p| {
+                        crate::metrics::CollectionLabels::declared(p.collections.keys())
+                    }),
             ))
             .layer(RequestLimitsLayer::new(
                 config.connections.max_header_bytes,
@@ -310,6 +323,16 @@ impl Server {
         store.close().await;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// The database as OpenTelemetry's `db.system` names it.
+fn db_system(target: &store::Target) -> &'static str {
+    match target {
+        store::Target::Memory => "memory",
+        store::Target::Sqlite(_) => "sqlite",
+        store::Target::Postgres(_) => "postgresql",
+        store::Target::Mysql(_) => "mysql",
     }
 }
 

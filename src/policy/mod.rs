@@ -59,6 +59,8 @@ struct CollectionEntry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientEntry {
+    /// Names the client in metrics; the token file's name when absent.
+    name: Option<String>,
     token_file: PathBuf,
     collections: Option<Vec<String>>,
     access: Option<Access>,
@@ -89,8 +91,19 @@ pub struct Policy {
 /// A client authenticated by the token in a file.
 #[derive(Debug, Clone)]
 pub struct ClientSpec {
+    /// Names the client in metrics (the `client` label).
+    pub name: String,
     pub token_file: PathBuf,
     pub permissions: Arc<Permissions>,
+}
+
+impl ClientSpec {
+    /// A client's default name: its token file's (`report-token`).
+    pub fn name_of(token_file: &Path) -> String {
+        token_file
+            .file_name()
+            .map_or_else(|| "client".into(), |n| n.to_string_lossy().into_owned())
+    }
 }
 
 /// A policy file that cannot be used; the message points at the line.
@@ -228,6 +241,9 @@ impl Policy {
                     .map_err(|e| format!("{}clients[{i}]: {e}", at("scope = ")))?;
             }
             policy.clients.push(ClientSpec {
+                name: client
+                    .name
+                    .unwrap_or_else(|| ClientSpec::name_of(&client.token_file)),
                 token_file: client.token_file,
                 permissions: Arc::new(Permissions::of(rights)),
             });

@@ -454,7 +454,10 @@ impl Pools {
     /// A pooled connection within the acquire timeout, or UNAVAILABLE.
     pub(super) async fn acquire(&self) -> StoreResult<Conn> {
         let started = Instant::now();
-        let acquired = tokio::time::timeout(self.acquire_timeout, self.pool.get()).await;
+        // A span of its own when the call is traced: pool saturation shows in traces.
+        let wait = tokio::time::timeout(self.acquire_timeout, self.pool.get());
+        let acquired =
+            tracing::Instrument::instrument(wait, crate::telemetry::pool_wait_span()).await;
         metrics::pool_acquired(started);
         match acquired {
             Ok(Ok(object)) => Ok(Conn(Some(object))),

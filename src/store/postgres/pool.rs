@@ -250,7 +250,10 @@ impl Pools {
         // The pool's own timeouts name the stage that was slow; this one bounds the total.
         let pool = self.current();
         let started = Instant::now();
-        let acquired = tokio::time::timeout(self.acquire_timeout, pool.get()).await;
+        // A span of its own when the call is traced: pool saturation shows in traces.
+        let wait = tokio::time::timeout(self.acquire_timeout, pool.get());
+        let acquired =
+            tracing::Instrument::instrument(wait, crate::telemetry::pool_wait_span()).await;
         metrics::pool_acquired(started);
         match acquired {
             Ok(Ok(object)) => Ok(Conn {

@@ -1,21 +1,34 @@
-//! Logging: subscriber set-up, a tower layer that gives every gRPC call one
-//! span (service, method, collection) and one event (code, latency), and a
-//! rate limit for lines that a client could make frequent.
+//! Logs, traces and the request layer.
+//!
+//! # Layout
+//! - here: subscriber set-up, the JSON span fields, the per-call labels,
+//!   a rate limit for lines that a client could make frequent;
+//! - `request`: the tower layer that gives every gRPC call one span (service,
+//!   method, collection), one event (code, latency) and its metrics;
+//! - `otel`: OpenTelemetry export over OTLP, on when `OTEL_EXPORTER_OTLP_*`
+//!   names an endpoint, and the W3C trace context of incoming calls;
+//! - `store`: a store decorator that opens a span per store call (tracing only).
 
-use crate::metrics;
+mod otel;
+mod request;
+mod store;
+
+pub use otel::{enabled as tracing_enabled, pool_wait_span, shutdown as shutdown_tracing};
+pub use request::{RequestLog, RequestLogLayer};
+pub use store::TracedStore;
+
+use crate::metrics::{CollectionLabels, SharedLabel};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tonic::Code;
-use tower::{Layer, Service};
-use tracing::{field, Instrument, Level, Span};
+use tracing::Span;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::{FormatFields, Writer};
 use tracing_subscriber::fmt::FormattedFields;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -29,26 +42,31 @@ pub enum LogFormat {
 /// Installs the global subscriber once; later calls (tests) are no-ops.
 /// Levels come from `RUST_LOG` (default `info`). Lines go to stdout, in colour
 /// only when stdout is a terminal and `NO_COLOR` is not set: a log collector
-/// or a file gets no escape sequences.
+/// or a file gets no escape sequences. Spans are exported over OTLP when the
+/// standard `OTEL_*` variables name an endpoint (see `otel`); call it within
+/// the Tokio runtime, which the exporter uses.
 pub fn init(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let colour = std::io::stdout().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_target(false);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .fmt_fields(JsonSpanFields)
-            .try_init(),
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(otel::layer())
+        .try_init();
 }
 
 /// Span fields as one JSON object, byte for byte as tracing-subscriber's
@@ -86,7 +104,10 @@ impl tracing::field::Visit for FieldValues {
     }
 
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name(), value.into());
+        // The span's name and kind for OpenTelemetry: not for the logs.
+        if !field.name().starts_with("otel.") {
+            self.0.insert(field.name(), value.into());
+        }
     }
 
     fn record_bytes(&mut self, field: &tracing::field::Field, value: &[u8]) {
@@ -96,7 +117,7 @@ impl tracing::field::Visit for FieldValues {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
         match field.name() {
             // Log records bridged from the `log` crate: metadata, not fields.
-            name if name.starts_with("log.") => {}
+            name if name.starts_with("log.") || name.starts_with("otel.") => {}
             name => {
                 let name = name.strip_prefix("r#").unwrap_or(name);
                 self.0.insert(name, format!("{value:?}").into());
@@ -152,13 +173,49 @@ impl<'writer> FormatFields<'writer> for JsonSpanFields {
     }
 }
 
-/// Names the collection of the current request in its span.
+/// What the request layer labels one call's metrics with, filled in as the
+/// call is understood: the collection by the handler, the client by the auth
+/// layer. Reached through [`CALL`], which the request layer sets around the call.
+#[derive(Debug)]
+pub(crate) struct CallLabels {
+    collections: Arc<CollectionLabels>,
+    collection: OnceLock<SharedLabel>,
+    client: OnceLock<SharedLabel>,
+}
+
+impl CallLabels {
+    fn new(collections: Arc<CollectionLabels>) -> CallLabels {
+        CallLabels {
+            collections,
+            collection: OnceLock::new(),
+            client: OnceLock::new(),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The labels of the call this task serves (set by the request layer).
+    pub(crate) static CALL: Arc<CallLabels>;
+}
+
+/// Names the collection of the current request in its span and its metrics.
 pub fn record_collection(collection: &str) {
+    let _ = CALL.try_with(|call| {
+        let _ = call.collection.set(call.collections.label(collection));
+    });
     if crate::store::is_valid_name(collection) {
         Span::current().record("collection", collection);
     } else {
         Span::current().record("collection", crate::quote::shown(collection).as_str());
     }
+}
+
+/// Names the authenticated client (its `[[clients]]` entry) in the current
+/// call's metrics.
+pub fn record_client(name: &SharedLabel) {
+    let _ = CALL.try_with(|call| {
+        let _ = call.client.set(name.clone());
+    });
 }
 
 /// The gRPC status name as the protocol spells it.
@@ -214,207 +271,10 @@ impl RateLimited {
     }
 }
 
-/// Success and a client's own cancellation are routine (debug), a caller's
-/// mistake is worth a note (info), the sidecar's or the database's trouble is
-/// a warning or an error.
-fn level(code: Code) -> Level {
-    match code {
-        Code::Ok | Code::Cancelled => Level::DEBUG,
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => Level::WARN,
-        Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => Level::ERROR,
-        _ => Level::INFO,
-    }
-}
-
-/// Reads the status of a gRPC response from its headers: errors of unary calls
-/// come as trailers-only responses; no `grpc-status` header means the call is
-/// streaming its answer, which for unary calls is success.
-fn response_code<B>(response: &http::Response<B>) -> (Code, String) {
-    let headers = response.headers();
-    let code = headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map_or(Code::Ok, Code::from_i32);
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(percent_decode)
-        .unwrap_or_default();
-    (code, message)
-}
-
-/// grpc-message is percent-encoded on the wire.
-fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
-/// A bounded set of method labels for metrics, whatever paths clients send.
-fn method_label(method: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "Get",
-        "Save",
-        "Delete",
-        "List",
-        "BatchGet",
-        "Write",
-        "ListCollections",
-        "Check",
-        "Watch",
-        "ServerReflectionInfo",
-    ];
-    KNOWN
-        .iter()
-        .find(|m| **m == method)
-        .copied()
-        .unwrap_or("other")
-}
-
-/// Tower layer that logs and measures every request; see [`RequestLog`].
-#[derive(Debug, Clone, Default)]
-pub struct RequestLogLayer {
-    /// The policy's `service`, a field of every call's span.
-    service: Option<Arc<str>>,
-}
-
-impl RequestLogLayer {
-    /// `service` names this sidecar's service (the policy's) in every call's span.
-    pub fn new(service: Option<&str>) -> RequestLogLayer {
-        RequestLogLayer {
-            service: service.map(Arc::from),
-        }
-    }
-}
-
-impl<S> Layer<S> for RequestLogLayer {
-    type Service = RequestLog<S>;
-
-    fn layer(&self, inner: S) -> RequestLog<S> {
-        RequestLog {
-            inner,
-            service: self.service.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RequestLog<S> {
-    inner: S,
-    service: Option<Arc<str>>,
-}
-
-/// One call's accounting: it logs and counts the call exactly once, when it
-/// finishes or, if the call is dropped first (the client reset its stream
-/// while the handler ran), when it is dropped, as CANCELLED.
-struct Outcome {
-    span: Span,
-    label: &'static str,
-    start: Instant,
-    recorded: bool,
-    _in_flight: metrics::InFlight,
-}
-
-impl Outcome {
-    fn record(&mut self, code: Code, detail: &str) {
-        self.recorded = true;
-        let elapsed = self.start.elapsed().as_secs_f64();
-        let latency_ms = elapsed * 1000.0;
-        let code_name = code_name(code);
-        metrics::request(self.label, code_name, elapsed);
-        let _entered = self.span.enter();
-        macro_rules! log {
-            ($level:expr) => {
-                if code == Code::Ok {
-                    tracing::event!($level, code = code_name, latency_ms, "request")
-                } else {
-                    tracing::event!($level, code = code_name, latency_ms, detail = %detail, "request")
-                }
-            };
-        }
-        match level(code) {
-            Level::DEBUG => log!(Level::DEBUG),
-            Level::INFO => log!(Level::INFO),
-            Level::WARN => log!(Level::WARN),
-            _ => log!(Level::ERROR),
-        }
-    }
-}
-
-impl Drop for Outcome {
-    fn drop(&mut self) {
-        if !self.recorded {
-            self.record(
-                Code::Cancelled,
-                "the client cancelled the call (its stream was reset)",
-            );
-        }
-    }
-}
-
-impl<S, B, RB> Service<http::Request<B>> for RequestLog<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    S::Error: std::fmt::Display,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        let method = path.rsplit('/').next().unwrap_or(path);
-        // Recorded with the span: each field recorded later costs a formatting pass.
-        let grpc_service = path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default();
-        let span = tracing::info_span!(
-            "rpc",
-            service = self.service.as_deref(),
-            method,
-            grpc_service,
-            collection = field::Empty
-        );
-        let mut outcome = Outcome {
-            span: span.clone(),
-            label: method_label(method),
-            start: Instant::now(),
-            recorded: false,
-            _in_flight: metrics::InFlight::start(),
-        };
-        let future = {
-            let _entered = span.enter();
-            self.inner.call(request)
-        };
-        Box::pin(async move {
-            let result = future.instrument(span).await;
-            match &result {
-                Ok(response) => {
-                    let (code, detail) = response_code(response);
-                    outcome.record(code, &detail);
-                }
-                Err(e) => {
-                    outcome.recorded = true;
-                    let _entered = outcome.span.enter();
-                    tracing::error!(error = %e, "request failed in transport");
-                }
-            }
-            result
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing::field;
 
     /// The log lines of one span with fields recorded late, as `fields` writes them.
     fn json_lines<N>(fields: N) -> Vec<serde_json::Value>
@@ -502,12 +362,5 @@ mod tests {
         let limit = RateLimited::new(Duration::ZERO);
         assert_eq!(limit.allow(), Some(0));
         assert_eq!(limit.allow(), Some(0));
-    }
-
-    #[test]
-    fn decodes_grpc_messages() {
-        assert_eq!(percent_decode("a%20b%3A%25"), "a b:%");
-        assert_eq!(percent_decode("50%"), "50%");
-        assert_eq!(percent_decode("%e2%82%ac"), "€");
     }
 }

@@ -1,0 +1,170 @@
+//! OpenTelemetry: spans exported over OTLP/gRPC, and the W3C trace context
+//! (`traceparent`, `tracestate`) of incoming calls.
+//!
+//! Configured by the standard variables only: on when
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+//! (and neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`);
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)`,
+//! `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` and `…_TIMEOUT` are read
+//! by the SDK. Off, nothing is extracted, recorded or allocated for tracing:
+//! the layer is absent and the request layer asks [`enabled`] first.
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{Status, TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use tonic::Code;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Whether spans are exported: the request layer and the store decorator do
+/// their tracing work only then.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The export layer when the environment asks for traces. Only the sidecar's
+/// own spans are exported (not hyper's or h2's, nor the exporter's own calls).
+pub(super) fn layer<S>() -> Option<Box<dyn Layer<S> + Send + Sync>>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
+    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
+    {
+        return None;
+    }
+    let protocol =
+        var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"));
+    if let Some(protocol) = protocol.filter(|p| p != "grpc") {
+        // The subscriber is not installed yet: say it on stderr.
+        eprintln!(
+            "docsidecar: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported (only grpc, port 4317): tracing is off"
+        );
+        return None;
+    }
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+    {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("docsidecar: cannot export traces over OTLP ({e}): tracing is off");
+            return None;
+        }
+    };
+    let mut resource = Resource::builder();
+    // The SDK's default is `unknown_service`.
+    let named = var("OTEL_SERVICE_NAME").is_some()
+        || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    if !named {
+        resource = resource.with_service_name("docsidecar");
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer("docsidecar");
+    let _ = PROVIDER.set(provider);
+    ENABLED.store(true, Ordering::Relaxed);
+    Some(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(Targets::new().with_target("docsidecar", LevelFilter::INFO))
+            .boxed(),
+    )
+}
+
+/// Sends the spans still buffered, at exit (bounded by the exporter's timeout).
+pub fn shutdown() {
+    if let Some(provider) = PROVIDER.get() {
+        if let Err(e) = provider.shutdown() {
+            tracing::warn!(error = %e, "could not export the last spans");
+        }
+    }
+}
+
+/// gRPC metadata as the propagator reads it.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` the server span of a call: a child of the caller's span when
+/// the call carries a W3C `traceparent`, with the RPC attributes of the
+/// OpenTelemetry conventions, and its trace id in the logs.
+pub(super) fn server_span(span: &Span, headers: &http::HeaderMap, service: &str, method: &str) {
+    if headers.contains_key("traceparent") {
+        let parent = TraceContextPropagator::new().extract(&Headers(headers));
+        let _ = span.set_parent(parent);
+    }
+    span.record("otel.name", format!("{service}/{method}"));
+    span.record("otel.kind", "server");
+    span.set_attribute("rpc.system", "grpc");
+    span.set_attribute("rpc.service", service.to_string());
+    span.set_attribute("rpc.method", method.to_string());
+    record_trace_id(span, span);
+}
+
+/// Writes the trace id of `of` into the `trace_id` field of `span`, for the logs.
+pub(super) fn record_trace_id(span: &Span, of: &Span) {
+    let context = of.context();
+    let trace = context.span().span_context().trace_id();
+    if trace != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace));
+    }
+}
+
+/// The call's gRPC status on its server span; the codes that are the server's
+/// fault mark it as an error, as the RPC conventions say.
+pub(super) fn record_status(span: &Span, code: Code) {
+    span.set_attribute("rpc.grpc.status_code", code as i64);
+    if matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    ) {
+        span.set_status(Status::error(super::code_name(code)));
+    }
+}
+
+/// A span around waiting for a pooled connection, when tracing is on and a
+/// call is being traced; otherwise a disabled span that costs nothing.
+pub fn pool_wait_span() -> Span {
+    if !enabled() || Span::current().is_none() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        "pool.acquire",
+        otel.name = "pool.acquire",
+        otel.kind = "internal"
+    )
+}

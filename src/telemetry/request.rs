@@ -1,0 +1,255 @@
+//! The request layer: every gRPC call gets one span (service, method,
+//! collection; a child of the caller's trace when tracing is on), one log
+//! event (code, latency) and its metrics.
+
+use super::{code_name, otel, CallLabels, CALL};
+use crate::metrics;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::{field, Instrument, Level, Span};
+
+/// Success and a client's own cancellation are routine (debug), a caller's
+/// mistake is worth a note (info), the sidecar's or the database's trouble is
+/// a warning or an error.
+fn level(code: Code) -> Level {
+    match code {
+        Code::Ok | Code::Cancelled => Level::DEBUG,
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => Level::WARN,
+        Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented => Level::ERROR,
+        _ => Level::INFO,
+    }
+}
+
+/// Reads the status of a gRPC response from its headers: errors of unary calls
+/// come as trailers-only responses; no `grpc-status` header means the call is
+/// streaming its answer, which for unary calls is success.
+fn response_code<B>(response: &http::Response<B>) -> (Code, String) {
+    let headers = response.headers();
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32);
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(percent_decode)
+        .unwrap_or_default();
+    (code, message)
+}
+
+/// grpc-message is percent-encoded on the wire.
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// A bounded set of method labels for metrics, whatever paths clients send.
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "Get",
+        "Save",
+        "Delete",
+        "List",
+        "BatchGet",
+        "Write",
+        "ListCollections",
+        "Check",
+        "Watch",
+        "ServerReflectionInfo",
+    ];
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Tower layer that logs, traces and measures every request; see [`RequestLog`].
+#[derive(Debug, Clone)]
+pub struct RequestLogLayer {
+    /// The policy's `service`, a field of every call's span and a label of its metrics.
+    service: Option<metrics::SharedLabel>,
+    /// The bounded collection labels of the metrics.
+    collections: Arc<metrics::CollectionLabels>,
+}
+
+impl RequestLogLayer {
+    /// `service` names this sidecar's service (the policy's) in every call's
+    /// span and metrics; `collections` bounds the collection label.
+    pub fn new(service: Option<&str>, collections: metrics::CollectionLabels) -> RequestLogLayer {
+        RequestLogLayer {
+            service: service.map(|s| metrics::SharedLabel::from(Arc::<str>::from(s))),
+            collections: Arc::new(collections),
+        }
+    }
+}
+
+impl<S> Layer<S> for RequestLogLayer {
+    type Service = RequestLog<S>;
+
+    fn layer(&self, inner: S) -> RequestLog<S> {
+        RequestLog {
+            inner,
+            service: self.service.clone(),
+            collections: self.collections.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestLog<S> {
+    inner: S,
+    service: Option<metrics::SharedLabel>,
+    collections: Arc<metrics::CollectionLabels>,
+}
+
+/// One call's accounting: it logs and counts the call exactly once, when it
+/// finishes or, if the call is dropped first (the client reset its stream
+/// while the handler ran), when it is dropped, as CANCELLED.
+struct Outcome {
+    span: Span,
+    method: &'static str,
+    service: Option<metrics::SharedLabel>,
+    labels: Arc<CallLabels>,
+    start: Instant,
+    recorded: bool,
+    _in_flight: metrics::InFlight,
+}
+
+impl Outcome {
+    fn record(&mut self, code: Code, detail: &str) {
+        self.recorded = true;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let latency_ms = elapsed * 1000.0;
+        let code_name = code_name(code);
+        metrics::request(
+            metrics::RequestLabels {
+                method: self.method,
+                code: code_name,
+                service: self.service.as_ref(),
+                collection: self.labels.collection.get(),
+                client: self.labels.client.get(),
+            },
+            elapsed,
+        );
+        if otel::enabled() {
+            otel::record_status(&self.span, code);
+        }
+        let _entered = self.span.enter();
+        macro_rules! log {
+            ($level:expr) => {
+                if code == Code::Ok {
+                    tracing::event!($level, code = code_name, latency_ms, "request")
+                } else {
+                    tracing::event!($level, code = code_name, latency_ms, detail = %detail, "request")
+                }
+            };
+        }
+        match level(code) {
+            Level::DEBUG => log!(Level::DEBUG),
+            Level::INFO => log!(Level::INFO),
+            Level::WARN => log!(Level::WARN),
+            _ => log!(Level::ERROR),
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(
+                Code::Cancelled,
+                "the client cancelled the call (its stream was reset)",
+            );
+        }
+    }
+}
+
+impl<S, B, RB> Service<http::Request<B>> for RequestLog<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: std::fmt::Display,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let method = path.rsplit('/').next().unwrap_or(path);
+        // Recorded with the span: each field recorded later costs a formatting pass.
+        let grpc_service = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "rpc",
+            service = self.service.as_deref(),
+            method,
+            grpc_service,
+            collection = field::Empty,
+            trace_id = field::Empty,
+            otel.name = field::Empty,
+            otel.kind = field::Empty,
+        );
+        if otel::enabled() {
+            otel::server_span(&span, request.headers(), grpc_service, method);
+        }
+        let labels = Arc::new(CallLabels::new(self.collections.clone()));
+        let mut outcome = Outcome {
+            span: span.clone(),
+            method: method_label(method),
+            service: self.service.clone(),
+            labels: labels.clone(),
+            start: Instant::now(),
+            recorded: false,
+            _in_flight: metrics::InFlight::start(),
+        };
+        // The auth layer names the client while the call is made, the
+        // handler the collection while it runs.
+        let future = {
+            let _entered = span.enter();
+            CALL.sync_scope(labels.clone(), || self.inner.call(request))
+        };
+        Box::pin(CALL.scope(labels, async move {
+            let result = future.instrument(span).await;
+            match &result {
+                Ok(response) => {
+                    let (code, detail) = response_code(response);
+                    outcome.record(code, &detail);
+                }
+                Err(e) => {
+                    outcome.recorded = true;
+                    let _entered = outcome.span.enter();
+                    tracing::error!(error = %e, "request failed in transport");
+                }
+            }
+            result
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_grpc_messages() {
+        assert_eq!(percent_decode("a%20b%3A%25"), "a b:%");
+        assert_eq!(percent_decode("50%"), "50%");
+        assert_eq!(percent_decode("%e2%82%ac"), "€");
+    }
+}
