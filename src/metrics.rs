@@ -9,6 +9,12 @@ use std::time::Instant;
 
 pub const REQUESTS_TOTAL: &str = "docsidecar_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "docsidecar_request_duration_seconds";
+/// The gRPC server metrics under the names go-grpc-prometheus gave them,
+/// which dashboards and deploy/monitoring/ expect; labelled with the policy's
+/// service, the collection (bounded) and the client where tokens are on.
+pub const GRPC_SERVER_STARTED_TOTAL: &str = "grpc_server_started_total";
+pub const GRPC_SERVER_HANDLED_TOTAL: &str = "grpc_server_handled_total";
+pub const GRPC_SERVER_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
 pub const REQUESTS_IN_FLIGHT: &str = "docsidecar_requests_in_flight";
 pub const POOL_ACQUIRE_SECONDS: &str = "docsidecar_pool_acquire_seconds";
 pub const POOL_CONNECTIONS_MAX: &str = "docsidecar_pool_connections_max";
@@ -24,6 +30,7 @@ pub const DOCUMENTS_EXPIRED_TOTAL: &str = "docsidecar_documents_expired_total";
 pub const BUILD_INFO: &str = "docsidecar_build_info";
 pub const POOL_ACQUIRE_TIMEOUTS_TOTAL: &str = "docsidecar_pool_acquire_timeouts_total";
 pub const HEALTH_CHECKS_TOTAL: &str = "docsidecar_health_checks_total";
+pub const DATABASE_UP: &str = "docsidecar_database_up";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "docsidecar_tls_handshake_failures_total";
 pub const CONNECTIONS_OPEN: &str = "docsidecar_connections_open";
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "docsidecar_connections_rejected_total";
@@ -105,22 +112,36 @@ impl CollectionLabels {
     }
 }
 
-/// The labels of one finished call. The service, collection and client are
-/// left out when there is none (no policy; a call that names no collection;
-/// no client tokens).
+/// The labels of one call. The service, collection and client are left out
+/// when there is none (no policy; a call that names no collection; no client
+/// tokens). Every value is bounded.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLabels<'a> {
+    /// `docsidecar.v1.DocumentService`, the health or reflection service, or `other`.
+    pub grpc_service: &'static str,
     pub method: &'static str,
-    pub code: &'static str,
+    /// unary, server_stream or bidi_stream.
+    pub grpc_type: &'static str,
     pub service: Option<&'a SharedLabel>,
     pub collection: Option<&'a SharedLabel>,
     pub client: Option<&'a SharedLabel>,
 }
 
 impl RequestLabels<'_> {
-    fn common(&self) -> Vec<metrics::Label> {
-        let mut labels = Vec::with_capacity(5);
-        labels.push(metrics::Label::from_static_parts("method", self.method));
+    fn grpc(&self) -> Vec<metrics::Label> {
+        let mut labels = Vec::with_capacity(7);
+        labels.push(metrics::Label::from_static_parts(
+            "grpc_service",
+            self.grpc_service,
+        ));
+        labels.push(metrics::Label::from_static_parts(
+            "grpc_method",
+            self.method,
+        ));
+        labels.push(metrics::Label::from_static_parts(
+            "grpc_type",
+            self.grpc_type,
+        ));
         let optional = [
             ("service", self.service),
             ("collection", self.collection),
@@ -135,12 +156,26 @@ impl RequestLabels<'_> {
     }
 }
 
-/// One finished call: its labels and latency.
-pub fn request(labels: RequestLabels<'_>, seconds: f64) {
-    let mut common = labels.common();
-    metrics::histogram!(REQUEST_DURATION_SECONDS, common.clone()).record(seconds);
-    common.push(metrics::Label::from_static_parts("code", labels.code));
-    metrics::counter!(REQUESTS_TOTAL, common).increment(1);
+/// A call began; labelled as go-grpc-prometheus does (the collection and
+/// client are not known yet).
+pub fn request_started(labels: RequestLabels<'_>) {
+    let labels = RequestLabels {
+        service: None,
+        collection: None,
+        client: None,
+        ..labels
+    };
+    metrics::counter!(GRPC_SERVER_STARTED_TOTAL, labels.grpc()).increment(1);
+}
+
+/// One finished call: its labels, status and latency.
+pub fn request(labels: RequestLabels<'_>, code: &'static str, seconds: f64) {
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "method" => labels.method).record(seconds);
+    metrics::counter!(REQUESTS_TOTAL, "method" => labels.method, "code" => code).increment(1);
+    let mut grpc = labels.grpc();
+    metrics::histogram!(GRPC_SERVER_HANDLING_SECONDS, grpc.clone()).record(seconds);
+    grpc.push(metrics::Label::from_static_parts("grpc_code", code));
+    metrics::counter!(GRPC_SERVER_HANDLED_TOTAL, grpc).increment(1);
 }
 
 /// Counts a call in flight for as long as it lives, even if it is dropped.
@@ -216,10 +251,12 @@ pub fn pool_timeout() {
     metrics::counter!(POOL_ACQUIRE_TIMEOUTS_TOTAL).increment(1);
 }
 
-/// One readiness probe of the database (`result`: ok or failed).
+/// One readiness probe of the database (`result`: ok or failed), and whether
+/// the database answered the last one.
 pub fn health_check(ok: bool) {
     let result = if ok { "ok" } else { "failed" };
     metrics::counter!(HEALTH_CHECKS_TOTAL, "result" => result).increment(1);
+    metrics::gauge!(DATABASE_UP).set(if ok { 1.0 } else { 0.0 });
 }
 
 /// A TLS handshake on the gRPC port failed (`reason` is bounded, see `tls`).
@@ -279,4 +316,42 @@ pub fn watch_ended(reason: &'static str) {
 /// A stored row that is not a JSON object, left out of a response.
 pub fn malformed_document() {
     metrics::counter!(MALFORMED_DOCUMENTS_TOTAL).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_collections_are_the_only_collection_labels() {
+        let names = ["orders".to_string(), "catalog".to_string()];
+        let labels = CollectionLabels::declared(&names);
+        assert_eq!(&*labels.label("orders"), "orders");
+        assert_eq!(&*labels.label("catalog"), "catalog");
+        assert_eq!(&*labels.label("undeclared"), OTHER_COLLECTION);
+        assert_eq!(&*labels.label("Not a name!"), OTHER_COLLECTION);
+    }
+
+    #[test]
+    fn without_a_policy_collections_past_the_cap_fold_into_other() {
+        let labels = CollectionLabels::open();
+        for i in 0..MAX_COLLECTION_LABELS {
+            let name = format!("c{i}");
+            assert_eq!(&*labels.label(&name), name);
+        }
+        assert_eq!(&*labels.label("one_too_many"), OTHER_COLLECTION);
+        assert_eq!(
+            &*labels.label("c0"),
+            "c0",
+            "names seen before keep their label"
+        );
+        assert_eq!(&*labels.label("c49"), "c49");
+        let fresh = CollectionLabels::open();
+        assert_eq!(
+            &*fresh.label("bad name\n"),
+            OTHER_COLLECTION,
+            "what is not a collection name never takes a slot"
+        );
+        assert_eq!(&*fresh.label("notes"), "notes");
+    }
 }

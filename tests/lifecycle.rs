@@ -290,3 +290,171 @@ async fn check_validates_configuration_and_connectivity() {
     assert!(!bad.status.success());
     assert!(text.contains("/nonexistent/token"), "{text}");
 }
+
+/// A call with a bearer token.
+fn with<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// The `grpc_server_*` series of DocumentService calls whose labels contain all of `parts`.
+fn grpc_series<'a>(
+    m: &'a std::collections::BTreeMap<String, f64>,
+    name: &str,
+    parts: &[&str],
+) -> Vec<(&'a String, f64)> {
+    m.iter()
+        .filter(|(k, _)| {
+            k.starts_with(&format!("{name}{{"))
+                && k.contains(r#"grpc_service="docsidecar.v1.DocumentService""#)
+                && parts.iter().all(|p| k.contains(p))
+        })
+        .map(|(k, v)| (k, *v))
+        .collect()
+}
+
+#[tokio::test]
+async fn grpc_metrics_name_the_service_the_collection_and_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("app-token"), "app-token-aaaaaaaaaaaa\n").unwrap();
+    std::fs::write(dir.path().join("report-token"), "report-token-bbbbbbbbb\n").unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        r#"service = "backend-api"
+auto_create = true
+[collections.notes]
+access = "read-write"
+[[clients]]
+name = "app"
+token_file = "app-token"
+[[clients]]
+token_file = "report-token"
+access = "read-only"
+"#,
+    )
+    .unwrap();
+    let mut sidecar = Sidecar::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "memory://",
+            "--policy",
+            "policy.toml",
+        ],
+        dir.path(),
+    );
+    let addr = sidecar.listening();
+    let admin = sidecar.admin.clone().expect("admin address logged");
+    let mut c = Client::connect(format!("http://{addr}")).await.unwrap();
+    c.save(with("app-token-aaaaaaaaaaaa", save("a")))
+        .await
+        .unwrap();
+    c.get(with("report-token-bbbbbbbbb", get("a")))
+        .await
+        .unwrap();
+    let mut undeclared = get("a");
+    undeclared.collection = "secret_stuff".into();
+    c.get(with("app-token-aaaaaaaaaaaa", undeclared))
+        .await
+        .unwrap_err();
+
+    let m = common::sidecar::metrics(&admin).await;
+    assert_eq!(m.get("docsidecar_database_up"), Some(&1.0), "{m:#?}");
+    let common = [r#"grpc_type="unary""#, r#"service="backend-api""#];
+    let one = |name: &str, parts: &[&str]| {
+        let all: Vec<&str> = common.iter().chain(parts).copied().collect();
+        let found = grpc_series(&m, name, &all);
+        assert_eq!(found.len(), 1, "{name} {all:?} in {m:#?}");
+        found[0].1
+    };
+    let save_labels = [
+        r#"grpc_method="Save""#,
+        r#"collection="notes""#,
+        r#"client="app""#,
+    ];
+    assert_eq!(
+        one(
+            "grpc_server_handled_total",
+            &[&save_labels[..], &[r#"grpc_code="OK""#]].concat()
+        ),
+        1.0
+    );
+    assert_eq!(one("grpc_server_handling_seconds_count", &save_labels), 1.0);
+    let started = grpc_series(&m, "grpc_server_started_total", &[r#"grpc_method="Save""#]);
+    assert_eq!(started.len(), 1, "{m:#?}");
+    // As go-grpc-prometheus labels it: the service, method and type only.
+    assert!(
+        started[0].0.ends_with(
+            r#"{grpc_method="Save",grpc_service="docsidecar.v1.DocumentService",grpc_type="unary"}"#
+        ),
+        "{started:?}"
+    );
+    assert_eq!(started[0].1, 1.0);
+    assert_eq!(
+        one(
+            "grpc_server_handled_total",
+            &[
+                r#"grpc_method="Get""#,
+                r#"collection="notes""#,
+                r#"client="report-token""#,
+                r#"grpc_code="OK""#
+            ]
+        ),
+        1.0,
+        "a client without a name is named by its token file"
+    );
+    // An undeclared collection is not a label value of its own.
+    one(
+        "grpc_server_handled_total",
+        &[
+            r#"grpc_method="Get""#,
+            r#"collection="other""#,
+            r#"client="app""#,
+        ],
+    );
+    assert!(!m.keys().any(|k| k.contains("secret_stuff")), "{m:#?}");
+    sidecar.signal("TERM");
+    assert_eq!(sidecar.wait().await.0.code(), Some(0));
+
+    // Without a policy, the first 50 collections seen, then `other`.
+    let mut sidecar = Sidecar::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "memory://",
+        ],
+        dir.path(),
+    );
+    let addr = sidecar.listening();
+    let admin = sidecar.admin.clone().expect("admin address logged");
+    let mut c = Client::connect(format!("http://{addr}")).await.unwrap();
+    for i in 0..53 {
+        let mut request = save("a");
+        request.collection = format!("c{i:02}");
+        c.save(request).await.unwrap();
+    }
+    let m = common::sidecar::metrics(&admin).await;
+    let saves = grpc_series(&m, "grpc_server_handled_total", &[r#"grpc_method="Save""#]);
+    assert_eq!(saves.len(), 51, "50 collections and other: {saves:#?}");
+    let other: Vec<_> = saves
+        .iter()
+        .filter(|(k, _)| k.contains(r#"collection="other""#))
+        .collect();
+    assert_eq!(other.len(), 1, "{saves:#?}");
+    assert_eq!(other[0].1, 3.0);
+    // Labels sorted: client first, service after grpc_type.
+    assert!(!saves
+        .iter()
+        .any(|(k, _)| k.contains(",service=") || k.contains("{client=")));
+    sidecar.signal("TERM");
+    assert_eq!(sidecar.wait().await.0.code(), Some(0));
+}

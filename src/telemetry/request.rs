@@ -50,25 +50,67 @@ fn percent_decode(s: &str) -> String {
         .into_owned()
 }
 
-/// A bounded set of method labels for metrics, whatever paths clients send.
-fn method_label(method: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "Get",
-        "Save",
-        "Delete",
-        "List",
-        "BatchGet",
-        "Write",
-        "ListCollections",
-        "Check",
-        "Watch",
-        "ServerReflectionInfo",
-    ];
-    KNOWN
-        .iter()
-        .find(|m| **m == method)
-        .copied()
-        .unwrap_or("other")
+/// What a call is, in bounded label values whatever paths clients send.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    grpc_service: &'static str,
+    method: &'static str,
+    grpc_type: &'static str,
+}
+
+impl Call {
+    fn of(grpc_service: &str, method: &str) -> Call {
+        const SERVICES: &[&str] = &[
+            "docsidecar.v1.DocumentService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        const METHODS: &[&str] = &[
+            "Get",
+            "Save",
+            "Update",
+            "Delete",
+            "List",
+            "BatchGet",
+            "Write",
+            "Query",
+            "Count",
+            "ListCollections",
+            "Check",
+            "Watch",
+            "ServerReflectionInfo",
+        ];
+        let known = |names: &[&'static str], name: &str| {
+            names
+                .iter()
+                .find(|n| **n == name)
+                .copied()
+                .unwrap_or("other")
+        };
+        let method = known(METHODS, method);
+        Call {
+            grpc_service: known(SERVICES, grpc_service),
+            method,
+            grpc_type: match method {
+                // DocumentService's and Health's.
+                "Watch" => "server_stream",
+                "ServerReflectionInfo" => "bidi_stream",
+                _ => "unary",
+            },
+        }
+    }
+
+    fn labels<'a>(&self, service: Option<&'a metrics::SharedLabel>) -> metrics::RequestLabels<'a> {
+        metrics::RequestLabels {
+            grpc_service: self.grpc_service,
+            method: self.method,
+            grpc_type: self.grpc_type,
+            service,
+            collection: None,
+            client: None,
+        }
+    }
 }
 
 /// Tower layer that logs, traces and measures every request; see [`RequestLog`].
@@ -115,7 +157,7 @@ pub struct RequestLog<S> {
 /// while the handler ran), when it is dropped, as CANCELLED.
 struct Outcome {
     span: Span,
-    method: &'static str,
+    call: Call,
     service: Option<metrics::SharedLabel>,
     labels: Arc<CallLabels>,
     start: Instant,
@@ -131,12 +173,11 @@ impl Outcome {
         let code_name = code_name(code);
         metrics::request(
             metrics::RequestLabels {
-                method: self.method,
-                code: code_name,
-                service: self.service.as_ref(),
                 collection: self.labels.collection.get(),
                 client: self.labels.client.get(),
+                ..self.call.labels(self.service.as_ref())
             },
+            code_name,
             elapsed,
         );
         if otel::enabled() {
@@ -209,9 +250,11 @@ where
             otel::server_span(&span, request.headers(), grpc_service, method);
         }
         let labels = Arc::new(CallLabels::new(self.collections.clone()));
+        let call = Call::of(grpc_service, method);
+        metrics::request_started(call.labels(self.service.as_ref()));
         let mut outcome = Outcome {
             span: span.clone(),
-            method: method_label(method),
+            call,
             service: self.service.clone(),
             labels: labels.clone(),
             start: Instant::now(),
