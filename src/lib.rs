@@ -23,8 +23,9 @@
 //! - [`store`]: the [`store::DocumentStore`] trait and one module per backend
 //!   (memory, SQLite, PostgreSQL, MySQL/MariaDB). No tonic.
 //! - [`tls`]: optional TLS and mutual TLS, certificates reloaded on change.
-//! - [`telemetry`]: logging setup and the per-request log layer; [`metrics`]:
-//!   every metric's name, declared once.
+//! - [`telemetry`]: logging setup, the per-request layer, OpenTelemetry
+//!   tracing (off unless `OTEL_EXPORTER_OTLP_ENDPOINT`); [`metrics`]: every
+//!   metric's name, declared once, and the bounded label values.
 //! - [`secret`]: secrets mounted as files; [`quote`]: untrusted input in messages.
 //! - [`status`]: gRPC statuses with the standard error details, for every layer.
 //! - [`deadline`]: the layer that answers DEADLINE_EXCEEDED when a client's
