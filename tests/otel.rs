@@ -19,6 +19,7 @@ use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, ServerTlsConfig};
 
 /// Every span exported to it goes down the channel, with its resource's
 /// `service.name`.
@@ -48,13 +49,23 @@ impl TraceService for Receiver {
     }
 }
 
-/// Starts the receiver on a free loopback port: its endpoint, and the spans.
-async fn receiver() -> (String, mpsc::UnboundedReceiver<(String, Span)>) {
+/// Starts the receiver on a free loopback port, over TLS with `tls` (a
+/// certificate and its key, PEM): its endpoint, and the spans.
+async fn receiver(
+    tls: Option<(String, String)>,
+) -> (String, mpsc::UnboundedReceiver<(String, Span)>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{}", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::unbounded_channel();
+    let mut server = tonic::transport::Server::builder();
+    if let Some((cert, key)) = tls {
+        server = server
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .unwrap();
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .add_service(TraceServiceServer::new(Receiver(tx)))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
@@ -106,7 +117,7 @@ fn traced<T>(message: T, parent: &str) -> tonic::Request<T> {
 
 #[tokio::test]
 async fn calls_continue_the_caller_s_trace_with_a_store_span() {
-    let (endpoint, mut spans) = receiver().await;
+    let (endpoint, mut spans) = receiver(None).await;
     let dir = tempfile::tempdir().unwrap();
     let mut sidecar = Sidecar::spawn_with(
         &[
@@ -240,4 +251,46 @@ async fn calls_continue_the_caller_s_trace_with_a_store_span() {
     });
     assert_eq!(line["span"]["trace_id"], TRACE_ID, "{line}");
     assert!(line["span"].get("otel.kind").is_none(), "{line}");
+}
+
+#[tokio::test]
+async fn an_https_collector_is_verified_with_the_configured_ca() {
+    let ca = common::pki::TestCa::new("collector CA");
+    let (endpoint, mut spans) = receiver(Some(ca.issue(&["127.0.0.1"]))).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("collector-ca.pem"), ca.pem()).unwrap();
+    let mut sidecar = Sidecar::spawn_with(
+        &["--listen", "127.0.0.1:0", "--database-url", "memory://"],
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "collector-ca.pem"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let addr = sidecar.listening();
+    let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
+    let get = GetRequest {
+        collection: "notes".into(),
+        id: "absent".into(),
+        ..Default::default()
+    };
+    let status = client.get(traced(get, GET_PARENT)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let (service, span) = loop {
+        match tokio::time::timeout(Duration::from_secs(30), spans.recv()).await {
+            Ok(Some((service, span))) if span.kind == SpanKind::Server as i32 => {
+                break (service, span)
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("no span over TLS; logs: {:#?}", sidecar.drain_logs()),
+        }
+    };
+    assert_eq!(service, "docsidecar", "the default service name");
+    assert_eq!(hex(&span.trace_id), TRACE_ID);
+    assert_eq!(
+        int(&span.attributes, "rpc.grpc.status_code"),
+        Some(5),
+        "NOT_FOUND"
+    );
 }

@@ -6,16 +6,19 @@
 //! (and neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`);
 //! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)`,
 //! `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` and `…_TIMEOUT` are read
-//! by the SDK. Off, nothing is extracted, recorded or allocated for tracing:
+//! by the SDK; an `https:` endpoint is verified with the public roots and
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE`. Off, nothing is extracted, recorded or allocated for tracing:
 //! the layer is absent and the request layer asks [`enabled`] first.
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{Status, TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithTonicConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic::Code;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -42,7 +45,8 @@ pub(super) fn layer<S>() -> Option<Box<dyn Layer<S> + Send + Sync>>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
 {
-    var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
+    let endpoint =
+        var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
     if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
         || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
     {
@@ -57,10 +61,17 @@ where
         );
         return None;
     }
-    let exporter = match opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-    {
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if endpoint.trim().starts_with("https:") {
+        match tls() {
+            Ok(tls) => builder = builder.with_tls_config(tls),
+            Err(e) => {
+                eprintln!("docsidecar: {e}: tracing is off");
+                return None;
+            }
+        }
+    }
+    let exporter = match builder.build() {
         Ok(exporter) => exporter,
         Err(e) => {
             eprintln!("docsidecar: cannot export traces over OTLP ({e}): tracing is off");
@@ -93,10 +104,41 @@ where
     )
 }
 
-/// Sends the spans still buffered, at exit (bounded by the exporter's timeout).
+/// TLS to the collector: the public roots plus `OTEL_EXPORTER_OTLP_CERTIFICATE`
+/// (a CA, PEM), and a client certificate from `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`
+/// and `OTEL_EXPORTER_OTLP_CLIENT_KEY` (each also as `…_TRACES_…`).
+fn tls() -> Result<ClientTlsConfig, String> {
+    let setting = |name: &str| var(&name.replace("OTLP_", "OTLP_TRACES_")).or_else(|| var(name));
+    let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
+        setting(name)
+            .map(|path| {
+                std::fs::read(&path).map_err(|e| format!("cannot read {name} ({path}): {e}"))
+            })
+            .transpose()
+    };
+    let mut tls = ClientTlsConfig::new().with_webpki_roots();
+    if let Some(ca) = read("OTEL_EXPORTER_OTLP_CERTIFICATE")? {
+        tls = tls.ca_certificate(Certificate::from_pem(ca));
+    }
+    match (
+        read("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")?,
+        read("OTEL_EXPORTER_OTLP_CLIENT_KEY")?,
+    ) {
+        (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
+        (None, None) => {}
+        _ => return Err(
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together"
+                .into(),
+        ),
+    }
+    Ok(tls)
+}
+
+/// Sends the spans still buffered, at exit; an unreachable collector holds
+/// the exit for at most 5 s.
 pub fn shutdown() {
     if let Some(provider) = PROVIDER.get() {
-        if let Err(e) = provider.shutdown() {
+        if let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5)) {
             tracing::warn!(error = %e, "could not export the last spans");
         }
     }
