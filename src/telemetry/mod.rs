@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use tracing::Span;
 use tracing_subscriber::field::RecordFields;
-use tracing_subscriber::fmt::format::{FormatFields, Writer};
+use tracing_subscriber::field::VisitOutput;
+use tracing_subscriber::fmt::format::{DefaultVisitor, FormatFields, Writer};
 use tracing_subscriber::fmt::FormattedFields;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -50,10 +51,13 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let colour = std::io::stdout().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let otel = otel::layer();
     let logs = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_target(false);
     let logs = match format {
+        // The spans' OpenTelemetry names and kinds are not for the logs.
+        LogFormat::Text if otel.is_some() => logs.fmt_fields(TextFields).boxed(),
         LogFormat::Text => logs.boxed(),
         LogFormat::Json => logs
             .json()
@@ -65,8 +69,62 @@ pub fn init(format: LogFormat) {
     };
     let _ = tracing_subscriber::registry()
         .with(logs.with_filter(filter))
-        .with(otel::layer())
+        .with(otel)
         .try_init();
+}
+
+/// Fields as tracing-subscriber's `DefaultFields` writes them, less the
+/// `otel.*` ones (a span's OpenTelemetry name and kind, given when the span is
+/// created, never recorded later: a field added later would leave a blank).
+#[derive(Debug, Default)]
+struct TextFields;
+
+struct TextVisitor<'a>(DefaultVisitor<'a>);
+
+impl tracing::field::Visit for TextVisitor<'_> {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.record_f64(field, value);
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.record_i64(field, value);
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.record_u64(field, value);
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.record_bool(field, value);
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if !field.name().starts_with("otel.") {
+            self.0.record_str(field, value);
+        }
+    }
+
+    fn record_error(
+        &mut self,
+        field: &tracing::field::Field,
+        value: &(dyn std::error::Error + 'static),
+    ) {
+        self.0.record_error(field, value);
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        if !field.name().starts_with("otel.") {
+            self.0.record_debug(field, value);
+        }
+    }
+}
+
+impl<'writer> FormatFields<'writer> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = TextVisitor(DefaultVisitor::new(writer, true));
+        fields.record(&mut visitor);
+        visitor.0.finish()
+    }
 }
 
 /// Span fields as one JSON object, byte for byte as tracing-subscriber's
@@ -351,6 +409,41 @@ mod tests {
         assert_eq!(ours[1]["span"]["bytes"], serde_json::json!([97, 98]));
         assert_eq!(ours[1]["span"]["n"], -3);
         assert_eq!(ours[0]["span"]["debug"], "Some(\"x\")");
+    }
+
+    #[test]
+    fn text_lines_leave_out_the_opentelemetry_name_and_kind() {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || Sink(sink.clone()))
+            .with_ansi(false)
+            .with_target(false)
+            .without_time()
+            .fmt_fields(TextFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "rpc",
+                method = "Get",
+                trace_id = field::Empty,
+                otel.name = "docsidecar.v1.DocumentService/Get",
+                otel.kind = "server",
+            );
+            span.record("trace_id", "4bf92f35");
+            let _entered = span.enter();
+            let wait = tracing::info_span!("pool.acquire", otel.kind = "internal");
+            let _wait = wait.enter();
+            tracing::info!(code = "OK", "request");
+        });
+        let text = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains(
+                r#"rpc{method="Get" trace_id="4bf92f35"}:pool.acquire: request code="OK""#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("otel"), "{text}");
     }
 
     #[test]

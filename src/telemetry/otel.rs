@@ -157,7 +157,7 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// Makes `span` the server span of a call: a child of the caller's span when
+/// Makes `span` (named and of kind server) the server span of a call: a child of the caller's span when
 /// the call carries a W3C `traceparent`, with the RPC attributes of the
 /// OpenTelemetry conventions, and its trace id in the logs.
 pub(super) fn server_span(span: &Span, headers: &http::HeaderMap, service: &str, method: &str) {
@@ -165,8 +165,6 @@ pub(super) fn server_span(span: &Span, headers: &http::HeaderMap, service: &str,
         let parent = TraceContextPropagator::new().extract(&Headers(headers));
         let _ = span.set_parent(parent);
     }
-    span.record("otel.name", format!("{service}/{method}"));
-    span.record("otel.kind", "server");
     span.set_attribute("rpc.system", "grpc");
     span.set_attribute("rpc.service", service.to_string());
     span.set_attribute("rpc.method", method.to_string());

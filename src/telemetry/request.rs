@@ -236,19 +236,29 @@ where
             .split('/')
             .next()
             .unwrap_or_default();
-        let span = tracing::info_span!(
-            "rpc",
-            service = self.service.as_deref(),
-            method,
-            grpc_service,
-            collection = field::Empty,
-            trace_id = field::Empty,
-            otel.name = field::Empty,
-            otel.kind = field::Empty,
-        );
-        if otel::enabled() {
+        let span = if otel::enabled() {
+            // The OpenTelemetry name and kind with the span, so that the logs never see them.
+            let span = tracing::info_span!(
+                "rpc",
+                service = self.service.as_deref(),
+                method,
+                grpc_service,
+                collection = field::Empty,
+                trace_id = field::Empty,
+                otel.name = format!("{grpc_service}/{method}"),
+                otel.kind = "server",
+            );
             otel::server_span(&span, request.headers(), grpc_service, method);
-        }
+            span
+        } else {
+            tracing::info_span!(
+                "rpc",
+                service = self.service.as_deref(),
+                method,
+                grpc_service,
+                collection = field::Empty
+            )
+        };
         let labels = Arc::new(CallLabels::new(self.collections.clone()));
         let call = Call::of(grpc_service, method);
         metrics::request_started(call.labels(self.service.as_ref()));
