@@ -218,6 +218,8 @@ impl Policy {
             policy.collections.insert(name, entry.access);
         }
         let declared = policy.rights();
+        // Explicit client names: each names one client.
+        let mut named = BTreeMap::<String, usize>::new();
         for (i, client) in file.clients.into_iter().enumerate() {
             let mut rights = declared.clone();
             if let Some(only) = &client.collections {
@@ -240,6 +242,14 @@ impl Policy {
                 narrow(&mut rights, scope)
                     .map_err(|e| format!("{}clients[{i}]: {e}", at("scope = ")))?;
             }
+            if let Some(name) = &client.name {
+                if name.is_empty() || named.insert(name.clone(), i).is_some() {
+                    return Err(format!(
+                        "{}clients[{i}]: `name` must be non-empty and name one client only",
+                        at("name = ")
+                    ));
+                }
+            }
             policy.clients.push(ClientSpec {
                 name: client
                     .name
@@ -247,6 +257,17 @@ impl Policy {
                 token_file: client.token_file,
                 permissions: Arc::new(Permissions::of(rights)),
             });
+        }
+        // Unnamed clients whose token files share a name (`…/app/token`,
+        // `…/report/token`) are told apart by the whole path.
+        let mut count = BTreeMap::<String, usize>::new();
+        for client in &policy.clients {
+            *count.entry(client.name.clone()).or_default() += 1;
+        }
+        for (i, client) in policy.clients.iter_mut().enumerate() {
+            if count[&client.name] > 1 && !named.values().any(|&n| n == i) {
+                client.name = client.token_file.display().to_string();
+            }
         }
         Ok(policy)
     }
@@ -363,6 +384,42 @@ token_file = "/var/run/secrets/reporting-token"
 collections = ["agents"]
 access = "read-only"
 "#;
+
+    #[test]
+    fn clients_are_named_by_name_else_by_token_file() {
+        let p = Policy::parse(
+            r#"service = "x"
+[collections.a]
+access = "read-write"
+[[clients]]
+name = "app"
+token_file = "/s/app/token"
+[[clients]]
+token_file = "/s/report-token"
+[[clients]]
+token_file = "/s/one/token"
+[[clients]]
+token_file = "/s/two/token"
+[[clients]]
+token_file = "/s/x/app"
+"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = p.clients.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "app",
+                "report-token",
+                "/s/one/token",
+                "/s/two/token",
+                "/s/x/app"
+            ]
+        );
+        let twice = "service = \"x\"\n[[clients]]\nname = \"a\"\ntoken_file = \"/t\"\n[[clients]]\nname = \"a\"\ntoken_file = \"/u\"\n";
+        let err = Policy::parse(twice).unwrap_err();
+        assert!(err.contains("clients[1]") && err.contains("name"), "{err}");
+    }
 
     #[test]
     fn parses_the_contract_example() {
