@@ -15,7 +15,9 @@
 //! - [`ddl`]: tables, catalog and schema version, creation on first write;
 //! - [`write`]: writes, retried as a whole on conflicts (Galera certification);
 //! - [`queries`]: Query and Count, on sort keys computed by the sidecar;
-//! - [`migrate`]: `docsidecar migrate` (tables, catalog, grants).
+//! - [`migrate`]: `docsidecar migrate` (tables, catalog, grants);
+//! - [`scopes`]: row scopes as views with a check option, granted per
+//!   account by `migrate`, and the relation each statement uses.
 
 mod ddl;
 mod error;
@@ -23,6 +25,7 @@ mod feed;
 pub mod migrate;
 mod pool;
 mod queries;
+mod scopes;
 mod write;
 
 use super::tls::DbTls;
@@ -144,6 +147,8 @@ impl fmt::Debug for MysqlTarget {
 pub struct MysqlStore {
     pools: Arc<Pools>,
     tables: ddl::Tables,
+    /// What this account may see: a scoped one reaches views, not tables.
+    relations: scopes::Relations,
     auto_create: bool,
     clock: Clock,
     wakeups: changes::Wakeups,
@@ -226,6 +231,7 @@ impl MysqlStore {
         let store = MysqlStore {
             pools,
             tables,
+            relations: scopes::Relations::default(),
             auto_create: target.auto_create,
             clock,
             wakeups: changes::Wakeups::default(),
@@ -337,7 +343,10 @@ impl MysqlStore {
         match result {
             Ok(()) => Ok(()),
             Err(e) if e.is_missing_table() => Ok(()),
-            Err(e) => Err(e.resolve(&self.target)),
+            Err(e) => {
+                self.refused(&e);
+                Err(e.resolve(&self.target))
+            }
         }
     }
 }
@@ -358,7 +367,7 @@ fn list_shape(n: usize) -> usize {
 #[async_trait]
 impl DocumentStore for MysqlStore {
     async fn get(&self, key: &Key) -> StoreResult<Document> {
-        let table = ddl::table(&key.collection)?;
+        let table = self.relation(&key.collection, &key.scope).await?;
         let sql = format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id = ? AND {LIVE}");
         let params = vec![
             bytes(&key.scope),
@@ -387,7 +396,10 @@ impl DocumentStore for MysqlStore {
     }
 
     async fn list(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
-        let table = ddl::table(&op.collection)?;
+        let table = match &op.scopes {
+            Scopes::One(scope) => self.relation(&op.collection, scope).await?,
+            Scopes::All => ddl::table(&op.collection)?,
+        };
         let fetch = u64::try_from(Page::fetch_limit(op.limit)).unwrap_or(u64::MAX);
         let (after_id, after_scope) = op.after.clone().unwrap_or_default();
         let offset = self.clock.offset();
@@ -412,7 +424,7 @@ impl DocumentStore for MysqlStore {
     }
 
     async fn batch_get(&self, op: &BatchGetOp, budget: Budget) -> StoreResult<Batch> {
-        let table = ddl::table(&op.collection)?;
+        let table = self.relation(&op.collection, &op.scope).await?;
         let mut batch = Batch {
             documents: Vec::new(),
             looked_up: op.ids.len(),
@@ -493,13 +505,23 @@ impl DocumentStore for MysqlStore {
             if reaped >= limit {
                 break;
             }
-            reaped += self.reap(&collection, limit - reaped).await?;
+            for relation in self.relations_of(&collection).await? {
+                if reaped >= limit {
+                    break;
+                }
+                reaped += self.reap(&collection, &relation, limit - reaped).await?;
+            }
         }
         Ok(reaped)
     }
 
     async fn has_scopes(&self, collection: &str) -> StoreResult<bool> {
+        let relations = self.relations_of(collection).await?;
         let table = ddl::table(collection)?;
+        if relations != [table.clone()] {
+            // Views of scopes: this account is confined to them.
+            return Ok(true);
+        }
         // A range of the primary key (scope, id).
         let sql = format!("SELECT 1 FROM {table} WHERE scope > '' LIMIT 1");
         let mut found = false;
@@ -512,11 +534,13 @@ impl DocumentStore for MysqlStore {
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
-        // The catalog's collections whose tables this account can see (it
-        // sees only tables it holds a privilege on), compared as bytes.
-        let sql = "SELECT c.name FROM `_collections` c
+        // The catalog's collections whose tables, or views of a scope
+        // (`<collection>$…`), this account can see (it sees only those it
+        // holds a privilege on), compared as bytes.
+        let sql = "SELECT DISTINCT c.name FROM `_collections` c
                    JOIN information_schema.TABLES t
-                     ON t.TABLE_SCHEMA = DATABASE() AND BINARY t.TABLE_NAME = c.name
+                     ON t.TABLE_SCHEMA = DATABASE()
+                    AND BINARY SUBSTRING_INDEX(t.TABLE_NAME, '$', 1) = c.name
                    ORDER BY c.name";
         let mut names = Vec::new();
         self.scan(sql, Vec::new(), |mut row| {

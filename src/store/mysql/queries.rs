@@ -50,7 +50,10 @@ impl MysqlStore {
         start: Option<(String, String)>,
         mut each: impl FnMut(Document, Json) -> StoreResult<bool> + Send,
     ) -> StoreResult<()> {
-        let table = ddl::table(&q.collection)?;
+        let table = match &q.scopes {
+            Scopes::One(scope) => self.relation(&q.collection, scope).await?,
+            Scopes::All => ddl::table(&q.collection)?,
+        };
         let offset = self.clock.offset();
         // Ids are never empty: '' is before the first row.
         let (mut after_id, mut after_scope) = start.unwrap_or_default();
