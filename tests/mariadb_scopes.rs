@@ -8,7 +8,9 @@ mod common;
 use common::mariadb::{connect, mariadb_url, MariaDb};
 use common::pg_roles::outcome;
 use common::*;
-use docsidecar::proto::{change_event::Kind, GetRequest, ListRequest, SaveRequest, WatchRequest};
+use docsidecar::proto::{
+    change_event::Kind, save_request, GetRequest, ListRequest, SaveRequest, WatchRequest,
+};
 use mysql_async::prelude::*;
 use mysql_async::Opts;
 use std::path::{Path, PathBuf};
@@ -100,13 +102,18 @@ impl Shared {
             .unwrap()
     }
 
-    /// The sidecar of service `name`, running as `user`.
+    /// The sidecar of service `name`, running as `user`, its reaper quick.
     async fn sidecar(&self, name: &str, user: &str) -> TestServer {
         let path = self.dir.path().join(format!("{name}.toml"));
         TestServer::start_at(
             Backend::Mariadb,
             Some(&self.url_as(user)),
-            &["--policy", path.to_str().unwrap()],
+            &[
+                "--policy",
+                path.to_str().unwrap(),
+                "--reap-interval",
+                "0.05",
+            ],
         )
         .await
     }
@@ -386,6 +393,34 @@ async fn each_runtime_account_is_kept_to_its_scope_by_the_database() {
         Err(DENIED)
     );
     reporting.disconnect().await.unwrap();
+    // The reaper of a scoped sidecar deletes its expired rows through its view.
+    ca.save(SaveRequest {
+        expiration: Some(save_request::Expiration::Ttl(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        })),
+        ..save("short", 4.0)
+    })
+    .await
+    .unwrap();
+    a.clock.advance(2_000_000);
+    let mut admin = s.db.conn().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left: Option<i64> = admin
+            .query_first("SELECT COUNT(*) FROM platform_integrations WHERE id = 'short'")
+            .await
+            .unwrap();
+        if left == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the row was not reaped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    admin.disconnect().await.unwrap();
     for t in [a, b, r] {
         t.stop().await;
     }

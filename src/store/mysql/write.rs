@@ -113,8 +113,14 @@ async fn apply(conn: &mut mysql_async::Conn, table: &str, action: &Action) -> Re
 
 impl MysqlStore {
     /// Runs `mutations` in one transaction, re-run as a whole when it loses
-    /// to a concurrent transaction (see the module's documentation).
+    /// to a concurrent transaction (see the module's documentation), or
+    /// when it was refused and this account's relations changed (see
+    /// `relations`).
     pub(super) async fn run_write(&self, mutations: &[Mutation]) -> StoreResult<Vec<Written>> {
+        self.retried(|| self.write_attempts(mutations)).await
+    }
+
+    async fn write_attempts(&self, mutations: &[Mutation]) -> StoreResult<Vec<Written>> {
         let mut tables = Vec::with_capacity(mutations.len());
         for (index, m) in mutations.iter().enumerate() {
             let relation = self.relation(m.collection(), &m.key().scope).await;
@@ -334,7 +340,6 @@ impl MysqlStore {
             // No table, a read-only collection (another service reaps it), or
             // a lost race with another reaper: nothing reaped this round.
             Err(e) if e.is_missing_table() || e.is_conflict() || e.is_permission_denied() => {
-                self.refused(&e);
                 self.finish_failed(c, Some(e)).await;
                 Ok(0)
             }
