@@ -446,3 +446,59 @@ async fn each_runtime_account_is_kept_to_its_scope_by_the_database() {
         .unwrap();
     other.disconnect().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_sidecar_follows_its_account_onto_the_views() {
+    let Some(server) = mariadb_url().await else {
+        return;
+    };
+    let s = Shared::new(server).await;
+    let [twitch, discord, _] = s.users.clone();
+    // A shared collection without scopes first.
+    let plain = "[collections.platform_integrations]\naccess = \"read-write\"\n";
+    for (name, user) in [("twitch", &twitch), ("discord", &discord)] {
+        let (ok, out) = s.migrate(name, plain, user);
+        assert!(ok, "{out}");
+    }
+    // The new release's sidecar starts before its `migrate` has run.
+    policy(s.dir.path(), "twitch", &scoped("twitch"));
+    let a = s.sidecar("twitch", &twitch).await;
+    let mut ca = a.client.clone();
+    ca.save(save("x", 1.0)).await.unwrap();
+    // Scoped one service at a time: a warning while the other is not yet.
+    let (ok, out) = s.migrate("discord", &scoped("discord"), &discord);
+    assert!(ok, "{out}");
+    assert!(out.contains("until its policy names a scope"), "{out}");
+    let (ok, out) = s.migrate("twitch", &scoped("twitch"), &twitch);
+    assert!(ok, "{out}");
+    // The table went from under the running sidecar: it follows to its view.
+    let got = ca
+        .get(GetRequest {
+            collection: "platform_integrations".into(),
+            id: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.scope, "twitch");
+    ca.save(save("y", 2.0)).await.unwrap();
+    let mut direct = s.connect_as(&twitch).await;
+    assert_eq!(
+        attempt(&mut direct, "SELECT * FROM platform_integrations").await,
+        Err(DENIED)
+    );
+    assert_eq!(
+        keys(
+            &mut direct,
+            "SELECT id, scope FROM `platform_integrations$twitch` ORDER BY id"
+        )
+        .await,
+        [
+            ("x".to_string(), "twitch".to_string()),
+            ("y".into(), "twitch".into())
+        ]
+    );
+    direct.disconnect().await.unwrap();
+    a.stop().await;
+}

@@ -7,7 +7,7 @@
 //! call is run once more when the relations changed under it).
 
 use super::error::OpError;
-use super::scopes::{view_name, FEED};
+use super::scopes::{is_plain, view_name, FEED};
 use super::MysqlStore;
 use crate::store::{StoreError, StoreResult};
 use mysql_async::prelude::*;
@@ -119,8 +119,9 @@ impl MysqlStore {
         let views: Vec<String> = visible
             .iter()
             .filter(|v| {
-                v.split_once('$')
-                    .is_some_and(|(base, _)| base == collection)
+                is_plain(v)
+                    && v.split_once('$')
+                        .is_some_and(|(base, _)| base == collection)
             })
             .map(|v| format!("`{v}`"))
             .collect();
@@ -136,7 +137,7 @@ impl MysqlStore {
         }
         Ok(visible
             .iter()
-            .find(|v| v.split_once('$').is_some_and(|(base, _)| base == FEED))
+            .find(|v| is_plain(v) && v.split_once('$').is_some_and(|(base, _)| base == FEED))
             .map_or_else(|| format!("`{FEED}`"), |v| format!("`{v}`")))
     }
 }

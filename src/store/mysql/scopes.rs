@@ -69,6 +69,15 @@ pub(super) fn feed_view_name(account: &str) -> String {
     format!("{FEED}${:016x}", fnv(account))
 }
 
+/// A name of ours as MySQL lists it: what we quote with backticks.
+pub(super) fn is_plain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'$')
+}
+
 /// Bytes as a hex literal: values spliced into a view's definition.
 fn hex(text: &str) -> String {
     let mut out = String::with_capacity(3 + 2 * text.len());
@@ -120,6 +129,9 @@ pub(super) async fn prepare(
     plan: &MigratePlan,
     account: Option<&Account>,
 ) -> StoreResult<Option<Scoping>> {
+    if plan.contract || plan.adopt_owner_field.is_some() {
+        warn!("--contract and --adopt-owner-field apply to PostgreSQL only: MySQL/MariaDB tables are keyed by (scope, id) from the start; ignored");
+    }
     let (Some(account), Some(ours)) = (account, plan.declarations()) else {
         if let Some(collection) = plan.scopes.keys().next() {
             return Err(StoreError::Internal(format!(
@@ -246,11 +258,15 @@ async fn existing_accounts(
     all: Vec<Declaration>,
 ) -> Result<Vec<Declaration>, OpError> {
     let mut kept = Vec::with_capacity(all.len());
-    for d in all {
+    for mut d in all {
         let Ok(account) = Account::parse(&d.account) else {
             warn!(account = %d.account, "recorded account {} is not a plain MySQL account: skipped", d.account);
             continue;
         };
+        if !is_valid_name(&d.collection) {
+            continue;
+        }
+        d.account = account.sql();
         let found: Result<Option<i64>, _> = c
             .conn()
             .exec_first(
@@ -343,6 +359,17 @@ pub(super) async fn converge(
                 .await?;
         }
     }
+    for collection in scoping.scoped.iter().filter(|c| tables.contains(*c)) {
+        let unscoped: Option<i64> = c
+            .conn()
+            .query_first(format!(
+                "SELECT EXISTS (SELECT 1 FROM `{database}`.`{collection}` WHERE scope = '')"
+            ))
+            .await?;
+        if unscoped == Some(1) {
+            warn!(collection = %collection, "`{collection}` has rows without a scope, which no scoped service sees");
+        }
+    }
     let existing = existing_views(c).await?;
     for (name, (definition, grants)) in &views {
         c.conn()
@@ -392,8 +419,9 @@ async fn existing_views(c: &mut Conn) -> Result<BTreeSet<String>, OpError> {
         .into_iter()
         .filter_map(|n| String::from_utf8(n).ok())
         .filter(|n| {
-            n.split_once('$')
-                .is_some_and(|(base, _)| base == FEED || is_valid_name(base))
+            is_plain(n)
+                && n.split_once('$')
+                    .is_some_and(|(base, _)| base == FEED || is_valid_name(base))
         })
         .collect())
 }
