@@ -9,7 +9,8 @@ use common::mariadb::{connect, mariadb_url, MariaDb};
 use common::pg_roles::outcome;
 use common::*;
 use docsidecar::proto::{
-    change_event::Kind, save_request, GetRequest, ListRequest, SaveRequest, WatchRequest,
+    change_event::Kind, save_request, GetRequest, ListCollectionsRequest, ListRequest, SaveRequest,
+    WatchRequest,
 };
 use mysql_async::prelude::*;
 use mysql_async::Opts;
@@ -313,6 +314,15 @@ async fn each_runtime_account_is_kept_to_its_scope_by_the_database() {
             assert!(more.is_err(), "another scope's change: {more:?}");
         }
     }
+
+    // Its collection is listed, though its account sees only a view of it.
+    let collections = ca
+        .list_collections(ListCollectionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .collections;
+    assert_eq!(collections, ["platform_integrations"]);
 
     // A direct connection with a runtime account: its scope's view only.
     let mut direct = s.connect_as(&twitch).await;
