@@ -479,7 +479,8 @@ fn a_read_only_sqlite_file_stops_start_up() {
         std::fs::copy(BIN, &bin).unwrap();
         std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&bin);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
         c
     } else {
         Command::new(BIN)
@@ -498,5 +499,8 @@ fn a_read_only_sqlite_file_stops_start_up() {
     );
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     assert_ne!(out.status.code(), Some(0), "it must not serve: {text}");
-    assert!(text.contains("read-only") || text.contains("cannot be written"), "{text}");
+    assert!(
+        text.contains("read-only") || text.contains("cannot be written"),
+        "{text}"
+    );
 }
