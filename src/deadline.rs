@@ -2,6 +2,11 @@
 //! with DEADLINE_EXCEEDED, and past the shutdown grace period with UNAVAILABLE
 //! (safe to retry elsewhere) rather than a dropped connection.
 //!
+//! A streaming response (Watch) outlives its headers: its body carries the same
+//! deadline and ends with DEADLINE_EXCEEDED trailers when it passes, so a
+//! stream never runs past the caller's deadline even if the client does not
+//! reset it.
+//!
 //! tonic's server enforces the header too, but answers CANCELLED; this layer sits
 //! inside it with a deadline a hair earlier, so callers get the status the gRPC
 //! spec names. Ending a call drops the handler's future: the store's work is
@@ -105,11 +110,18 @@ where
             };
             tokio::select! {
                 biased;
-                result = future => result,
-                timeout = expired => Ok(status(Reason::DeadlineExceeded, format!(
-                    "the call's deadline of {timeout:?} passed before it completed; its work was abandoned"
-                ))
-                .into_http()),
+                result = future => result.map(|response| match deadline {
+                    Some((timeout, at)) => response.map(|body| {
+                        Body::new(DeadlineBody {
+                            inner: body,
+                            expired: Box::pin(tokio::time::sleep_until(at)),
+                            timeout,
+                            done: false,
+                        })
+                    }),
+                    None => response,
+                }),
+                timeout = expired => Ok(expired_status(timeout).into_http()),
                 _ = abandon.wait_for(|over| *over) => Ok(status(
                     Reason::ShuttingDown,
                     "the sidecar shut down before this call completed; it was abandoned, retry",
@@ -117,6 +129,62 @@ where
                 .into_http()),
             }
         })
+    }
+}
+
+fn expired_status(timeout: Duration) -> tonic::Status {
+    status(
+        Reason::DeadlineExceeded,
+        format!(
+            "the call's deadline of {timeout:?} passed before it completed; its work was abandoned"
+        ),
+    )
+}
+
+/// A response body that ends with DEADLINE_EXCEEDED trailers at the deadline
+/// (dropping the rest of the stream, and with it the handler's work).
+struct DeadlineBody {
+    inner: Body,
+    expired: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    done: bool,
+}
+
+impl http_body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.expired.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            // The status's headers as a trailers-only response carries them.
+            let mut trailers = expired_status(self.timeout)
+                .into_http::<Body>()
+                .into_parts()
+                .0
+                .headers;
+            trailers.remove(http::header::CONTENT_TYPE);
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) {
+            self.done = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -160,6 +228,38 @@ mod tests {
             dropped.load(std::sync::atomic::Ordering::SeqCst),
             "the handler's work is dropped"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_with_deadline_exceeded_trailers_at_its_deadline() {
+        use futures_util::StreamExt;
+        use http_body_util::BodyExt;
+        // A stream that sends one message and then nothing, forever.
+        let endless = tower::service_fn(|_req: http::Request<()>| async {
+            let once = futures_util::stream::iter([Ok::<_, tonic::Status>(
+                http_body::Frame::data(bytes::Bytes::from_static(b"event")),
+            )]);
+            let body = http_body_util::StreamBody::new(once.chain(futures_util::stream::pending()));
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(body)))
+        });
+        let request = http::Request::builder()
+            .header("grpc-timeout", "50m")
+            .body(())
+            .unwrap();
+        let (_abandon, abandoned) = watch::channel(false);
+        let response = DeadlineLayer::new(abandoned)
+            .layer(endless)
+            .oneshot(request)
+            .await
+            .unwrap();
+        let collected =
+            tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+                .await
+                .expect("the stream ends by itself")
+                .unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
+        assert_eq!(collected.to_bytes(), "event");
     }
 
     #[test]

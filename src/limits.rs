@@ -27,6 +27,14 @@ const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
 /// it as INTERNAL would let any client fire server-fault alerts.
 const TONIC_EARLY_EOF: [&str; 2] = ["Missing request message", "Unexpected EOF decoding stream"];
 
+/// tonic's messages (INTERNAL) for a message frame whose compressed flag is
+/// not 0: the sidecar accepts no `grpc-encoding`, so the client sent a
+/// malformed frame (found by the fuzz probe, `examples/fuzz.rs`).
+const TONIC_BAD_FLAG: [&str; 2] = [
+    "protocol error: received message with invalid compression flag",
+    "protocol error: received message with compressed-flag but no grpc-encoding",
+];
+
 /// The size of a request's headers as HTTP/2 counts it (RFC 9113 §6.5.2):
 /// each field's name and value plus 32, the pseudo-headers included.
 pub fn header_list_size<B>(request: &http::Request<B>) -> usize {
@@ -132,6 +140,14 @@ where
                     "the request ended before a whole message arrived: the client cancelled the call or reset its stream",
                 )
                 .into_http(),
+                Some(Refusal::Malformed(detail)) => Failure::new(
+                    Reason::InvalidArgument,
+                    format!(
+                        "the request's gRPC message frame is malformed ({detail}): its compressed flag must be 0, since the sidecar accepts no grpc-encoding"
+                    ),
+                )
+                .into_status()
+                .into_http(),
                 None => response,
             })
         })
@@ -142,6 +158,8 @@ where
 enum Refusal {
     TooLarge,
     Abandoned,
+    /// tonic's own description of the bad frame.
+    Malformed(String),
 }
 
 /// tonic's refusals while decoding a request, told by their status and text
@@ -162,6 +180,10 @@ fn refusal<B>(response: &http::Response<B>) -> Option<Refusal> {
         Code::OutOfRange if message.starts_with(TONIC_TOO_LARGE) => Some(Refusal::TooLarge),
         Code::Internal if TONIC_EARLY_EOF.iter().any(|m| message.starts_with(m)) => {
             Some(Refusal::Abandoned)
+        }
+        Code::Internal if TONIC_BAD_FLAG.iter().any(|m| message.starts_with(m)) => {
+            let detail = message.split(", while").next().unwrap_or_default();
+            Some(Refusal::Malformed(detail.to_string()))
         }
         _ => None,
     }
@@ -195,6 +217,9 @@ mod tests {
                     "{TONIC_TOO_LARGE}: found 99 bytes, the limit is: 10 bytes"
                 )),
                 "/reset" => Status::internal("Missing request message."),
+                "/bad-flag" => Status::internal(
+                    "protocol error: received message with invalid compression flag: 157 (valid flags are 0 and 1), while sending request",
+                ),
                 _ => Status::not_found("absent"),
             };
             Ok::<_, std::convert::Infallible>(status.into_http())
@@ -225,6 +250,15 @@ mod tests {
         let request = http::Request::builder().uri("/reset").body(()).unwrap();
         let status = status_of(service.clone().oneshot(request).await.unwrap());
         assert_eq!(status.code(), Code::Cancelled);
+
+        let request = http::Request::builder().uri("/bad-flag").body(()).unwrap();
+        let status = status_of(service.clone().oneshot(request).await.unwrap());
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "a client's malformed frame"
+        );
+        assert!(status.message().contains("compressed flag must be 0"));
 
         let request = http::Request::builder().uri("/other").body(()).unwrap();
         let status = status_of(service.oneshot(request).await.unwrap());

@@ -452,3 +452,55 @@ async fn the_policy_s_service_names_every_call_in_the_logs() {
         );
     }
 }
+
+/// A SQLite file the sidecar cannot write stops start-up with the reason,
+/// instead of serving and failing every write. As root (CI containers) file
+/// modes do not bind, so the binary then runs as `nobody` through setpriv.
+#[test]
+fn a_read_only_sqlite_file_stops_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ro.db");
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x)")
+        .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let root = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    // nobody may not reach the build directory (a checkout in a 0700 home):
+    // it runs a copy of the binary.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = bin_dir.path().join("docsidecar");
+    let mut command = if root.unwrap_or(false) {
+        std::fs::copy(BIN, &bin).unwrap();
+        std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let url = format!("sqlite://{}", file.display());
+    let out = command
+        .env_clear()
+        .env("DATABASE_URL", &url)
+        .env("DOCSIDECAR_LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("setpriv runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_ne!(out.status.code(), Some(0), "it must not serve: {text}");
+    assert!(
+        text.contains("read-only") || text.contains("cannot be written"),
+        "{text}"
+    );
+}

@@ -498,6 +498,17 @@ pub struct PoolStats {
     pub waiting: usize,
 }
 
+impl From<deadpool::managed::Status> for PoolStats {
+    fn from(status: deadpool::managed::Status) -> PoolStats {
+        PoolStats {
+            max: status.max_size,
+            open: status.size,
+            idle: status.available,
+            waiting: status.waiting,
+        }
+    }
+}
+
 /// Which store to open, with everything it needs: resolved once from the
 /// command line (see `config`), never by the stores themselves.
 #[derive(Debug, Clone)]

@@ -27,6 +27,8 @@ pub trait Dialect {
     /// values in parameter `param`, or `None` when the store evaluates that
     /// filter itself on the rows it reads.
     fn array_contains(&self, path: &super::FieldPath, param: &str) -> Option<String>;
+    /// The columns a page selects, in the order the store reads them.
+    fn columns(&self) -> &'static str;
 }
 
 /// A query as SQL: conditions to AND into the WHERE clause, the ORDER BY
@@ -239,6 +241,41 @@ pub fn query_parts(query: &Query, dialect: &dyn Dialect, first: usize) -> Parts 
         b.parts.order_by.push("scope".into());
     }
     b.parts
+}
+
+/// A query's statement from `from` (or, with `count`, its count) and its
+/// parameters: the store's own `conditions` (which may use parameter 1, the
+/// clock), the scope as parameter 2 when the query has one, then the query's.
+pub fn statement(
+    q: &Query,
+    dialect: &dyn Dialect,
+    from: &str,
+    mut conditions: Vec<String>,
+    count: bool,
+) -> (String, Vec<Param>) {
+    let mut params = Vec::new();
+    if let Scopes::One(scope) = &q.scopes {
+        conditions.push(format!("scope = {}", dialect.placeholder(2)));
+        params.push(Param::Text(scope.clone()));
+    }
+    let parts = query_parts(q, dialect, params.len() + 2);
+    conditions.extend(parts.conditions);
+    params.extend(parts.params);
+    let sql = if count {
+        format!(
+            "SELECT count(*) FROM {from} WHERE {}",
+            conditions.join(" AND ")
+        )
+    } else {
+        format!(
+            "SELECT {} FROM {from} WHERE {} ORDER BY {} LIMIT {}",
+            dialect.columns(),
+            conditions.join(" AND "),
+            parts.order_by.join(", "),
+            super::Page::fetch_limit(q.limit)
+        )
+    };
+    (sql, params)
 }
 
 /// A field path as a JSON array of its keys: the stores' unambiguous

@@ -168,7 +168,8 @@ impl Tables {
         ))
     }
 
-    /// Which of `collections` have a table.
+    /// Which of `collections` have a table (seen by this account as the
+    /// table, or as a view of a scope: `<collection>$…`).
     pub(super) async fn existing(
         &self,
         conn: &mut Conn,
@@ -176,14 +177,16 @@ impl Tables {
     ) -> Result<HashSet<String>, OpError> {
         let mut found = HashSet::new();
         for collection in collections {
-            let name: Option<Vec<u8>> = conn
-                .exec_first(
+            let names: Vec<Vec<u8>> = conn
+                .exec(
                     "SELECT TABLE_NAME FROM information_schema.TABLES
-                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                     WHERE TABLE_SCHEMA = DATABASE()
+                       AND SUBSTRING_INDEX(TABLE_NAME, '$', 1) = ?",
                     (collection,),
                 )
                 .await?;
-            if name.as_deref() == Some(collection.as_bytes()) {
+            let named = |n: &Vec<u8>| n.split(|&b| b == b'$').next() == Some(collection.as_bytes());
+            if names.iter().any(named) {
                 found.insert(collection.to_string());
             }
         }

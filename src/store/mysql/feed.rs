@@ -60,16 +60,22 @@ pub(super) const FEED_GRANTS: [(&str, &str); 2] = [
 ];
 
 /// Records changes inside the writing transaction (unnumbered).
+/// `feed`: the relation of the change feed this account writes (see
+/// [`MysqlStore::feed_relation`]).
 pub(super) async fn record(
     conn: &mut mysql_async::Conn,
+    feed: &str,
     changes: &[Change],
     now: Micros,
 ) -> Result<(), OpError> {
+    let sql = format!(
+        "INSERT INTO {feed} (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    );
     for ch in changes {
         let doc = ch.document.as_ref();
         conn.exec_drop(
-            "INSERT INTO `_changes` (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            &sql,
             vec![
                 bytes(&ch.key.collection),
                 bytes(&ch.key.scope),
@@ -79,7 +85,8 @@ pub(super) async fn record(
                 doc.map_or(Value::NULL, |d| Value::Bytes(d.data.as_bytes().to_vec())),
                 doc.map_or(Value::NULL, |d| Value::Int(d.create_time)),
                 doc.map_or(Value::NULL, |d| Value::Int(d.update_time)),
-                doc.and_then(|d| d.expire_time).map_or(Value::NULL, Value::Int),
+                doc.and_then(|d| d.expire_time)
+                    .map_or(Value::NULL, Value::Int),
                 Value::Int(now),
             ],
         )
@@ -140,11 +147,12 @@ impl MysqlStore {
                 c.iter().map(|c| bytes(c)).collect(),
             ),
         };
+        let feed = self.feed_relation().await?;
         let sql = format!(
             "SELECT c.position, c.collection, c.scope, c.id, c.rev, c.kind, c.data,
                     c.create_time, c.update_time, c.expire_time, c.commit_time, f.head
              FROM `_feed` f
-             LEFT JOIN (SELECT * FROM `_changes` WHERE position > ?{filter} ORDER BY position LIMIT ?) c ON TRUE
+             LEFT JOIN (SELECT * FROM {feed} WHERE position > ?{filter} ORDER BY position LIMIT ?) c ON TRUE
              WHERE f.one = 1 ORDER BY c.position"
         );
         params.insert(0, Value::Int(op.after as i64));
@@ -196,8 +204,10 @@ impl MysqlStore {
     /// ("from now"): waits briefly for the sequencer to number the newest
     /// change now visible.
     pub(super) async fn settled_bounds(&self) -> StoreResult<FeedBounds> {
+        let feed = self.feed_relation().await?;
         let mut newest = None;
-        self.scan("SELECT max(seq) FROM `_changes`", Vec::new(), |mut row| {
+        let sql = format!("SELECT max(seq) FROM {feed}");
+        self.scan(&sql, Vec::new(), |mut row| {
             newest = int(&mut row, 0);
             Ok(false)
         })
@@ -208,7 +218,9 @@ impl MysqlStore {
             loop {
                 let mut waiting = false;
                 self.scan(
-                    "SELECT EXISTS (SELECT 1 FROM `_changes` WHERE position IS NULL AND seq <= ?)",
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM {feed} WHERE position IS NULL AND seq <= ?)"
+                    ),
                     vec![Value::Int(newest)],
                     |mut row| {
                         waiting = int(&mut row, 0).unwrap_or_default() != 0;
@@ -235,6 +247,7 @@ impl MysqlStore {
     /// Numbers the committed unnumbered changes in one transaction under the
     /// `_feed` row's lock; how many it numbered.
     async fn sequence(&self) -> Result<u64, OpError> {
+        let feed = self.feed_relation().await?;
         let mut c = self.pools.acquire().await.map_err(OpError::Store)?;
         let conn = c.conn();
         let result = async {
@@ -246,8 +259,8 @@ impl MysqlStore {
             conn.exec_drop("SET @docsidecar_position = ?", (head,))
                 .await?;
             conn.exec_drop(
-                "UPDATE `_changes` SET position = (@docsidecar_position := @docsidecar_position + 1)
-                 WHERE position IS NULL ORDER BY seq LIMIT ?",
+                format!("UPDATE {feed} SET position = (@docsidecar_position := @docsidecar_position + 1)
+                 WHERE position IS NULL ORDER BY seq LIMIT ?"),
                 (BATCH,),
             )
             .await?;
@@ -264,10 +277,14 @@ impl MysqlStore {
         }
         .await;
         c.done(&result);
+        if let Err(e) = &result {
+            self.refused(e);
+        }
         result
     }
 
     pub(super) async fn prune(&self, before: Micros, limit: usize) -> StoreResult<usize> {
+        let feed = self.feed_relation().await?;
         let mut c = self.pools.acquire().await?;
         let conn = c.conn();
         let result = async {
@@ -275,8 +292,10 @@ impl MysqlStore {
             // The oldest numbered changes, a prefix of the positions.
             let last: Option<Option<i64>> = conn
                 .exec_first(
-                    "SELECT max(position) FROM (SELECT position FROM `_changes`
-                     WHERE position IS NOT NULL AND commit_time < ? ORDER BY position LIMIT ?) s",
+                    format!(
+                        "SELECT max(position) FROM (SELECT position FROM {feed}
+                     WHERE position IS NOT NULL AND commit_time < ? ORDER BY position LIMIT ?) s"
+                    ),
                     (before, limit as u64),
                 )
                 .await?;
@@ -284,7 +303,7 @@ impl MysqlStore {
                 conn.query_drop("COMMIT").await?;
                 return Ok::<_, OpError>(0);
             };
-            conn.exec_drop("DELETE FROM `_changes` WHERE position <= ?", (last,))
+            conn.exec_drop(format!("DELETE FROM {feed} WHERE position <= ?"), (last,))
                 .await?;
             let pruned = conn.affected_rows() as usize;
             conn.exec_drop(

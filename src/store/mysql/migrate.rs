@@ -73,7 +73,7 @@ impl Account {
         Ok(Account { user, host })
     }
 
-    fn sql(&self) -> String {
+    pub(super) fn sql(&self) -> String {
         format!("'{}'@'{}'", self.user, self.host)
     }
 }
@@ -94,7 +94,7 @@ async fn exec(c: &mut Conn, sql: &str, params: mysql_async::Params) -> Result<u6
 }
 
 /// A statement that may find nothing to revoke.
-async fn revoke(c: &mut Conn, sql: &str) -> Result<(), OpError> {
+pub(super) async fn revoke(c: &mut Conn, sql: &str) -> Result<(), OpError> {
     match c.conn().query_drop(sql).await {
         Err(mysql_async::Error::Server(s)) if s.code == code::NO_SUCH_GRANT => Ok(()),
         other => Ok(other?),
@@ -326,8 +326,14 @@ async fn apply(
             .await
             .map_err(|e| fail(&format!("creating the table of `{collection}`"), e, name))?;
     }
+    let scoping = super::scopes::prepare(c, plan, account).await?;
+    if let Some(scoping) = &scoping {
+        super::scopes::converge(c, database, scoping)
+            .await
+            .map_err(|e| fail("converging the scope views", e, name))?;
+    }
     if let Some(account) = account {
-        grant(c, plan, account, database, mariadb)
+        grant(c, plan, account, database, mariadb, scoping.as_ref())
             .await
             .map_err(|e| fail(&format!("granting {}", account.sql()), e, name))?;
         info!(account = %account.sql(), collections = plan.collections.len(), "granted the runtime account");
@@ -337,15 +343,26 @@ async fn apply(
 
 /// Gives `account` exactly the access `plan` declares: each grant first, then
 /// the revocation of everything else on that table, so that a serving
-/// sidecar never lacks a privilege it keeps.
+/// sidecar never lacks a privilege it keeps. Tables it reaches through a
+/// scope's view (see `scopes`) are among the everything else.
 async fn grant(
     c: &mut Conn,
     plan: &MigratePlan,
     account: &Account,
     database: &str,
     mariadb: bool,
+    scoping: Option<&super::scopes::Scoping>,
 ) -> Result<(), OpError> {
     let to = account.sql();
+    let viewed = |table: &str| {
+        scoping.is_some_and(|s| {
+            if table == "_changes" {
+                !s.scoped.is_empty()
+            } else {
+                s.through_view(&to, table)
+            }
+        })
+    };
     let mut tables: Vec<(String, &str)> = vec![
         ("_collections".into(), "SELECT"),
         ("_migrations".into(), "SELECT"),
@@ -353,9 +370,10 @@ async fn grant(
     tables.extend(
         super::feed::FEED_GRANTS
             .iter()
+            .filter(|(t, _)| !viewed(t))
             .map(|(t, p)| (t.to_string(), *p)),
     );
-    for (collection, access) in &plan.collections {
+    for (collection, access) in plan.collections.iter().filter(|(c, _)| !viewed(c)) {
         let privileges = match access {
             Grant::ReadWrite => "SELECT, INSERT, UPDATE, DELETE",
             Grant::ReadOnly => "SELECT",
@@ -384,7 +402,7 @@ async fn grant(
         .into_iter()
         .filter_map(|n| String::from_utf8(n).ok())
         .filter(|n| is_valid_name(n) && !declared(n))
-        .chain(["_lock".to_string()]);
+        .chain(["_lock".to_string(), "_declarations".to_string()]);
     for table in undeclared {
         let on = format!("`{database}`.`{table}`");
         revoke(c, &format!("REVOKE ALL PRIVILEGES ON {on} FROM {to}")).await?;

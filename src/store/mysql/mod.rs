@@ -15,7 +15,10 @@
 //! - [`ddl`]: tables, catalog and schema version, creation on first write;
 //! - [`write`]: writes, retried as a whole on conflicts (Galera certification);
 //! - [`queries`]: Query and Count, on sort keys computed by the sidecar;
-//! - [`migrate`]: `docsidecar migrate` (tables, catalog, grants).
+//! - [`migrate`]: `docsidecar migrate` (tables, catalog, grants);
+//! - [`scopes`]: row scopes as views with a check option, granted per
+//!   account by `migrate`;
+//! - [`relations`]: the table or view each statement uses.
 
 mod ddl;
 mod error;
@@ -23,6 +26,8 @@ mod feed;
 pub mod migrate;
 mod pool;
 mod queries;
+mod relations;
+mod scopes;
 mod write;
 
 use super::tls::DbTls;
@@ -144,6 +149,8 @@ impl fmt::Debug for MysqlTarget {
 pub struct MysqlStore {
     pools: Arc<Pools>,
     tables: ddl::Tables,
+    /// What this account may see: a scoped one reaches views, not tables.
+    relations: relations::Relations,
     auto_create: bool,
     clock: Clock,
     wakeups: changes::Wakeups,
@@ -226,6 +233,7 @@ impl MysqlStore {
         let store = MysqlStore {
             pools,
             tables,
+            relations: relations::Relations::default(),
             auto_create: target.auto_create,
             clock,
             wakeups: changes::Wakeups::default(),
@@ -337,7 +345,10 @@ impl MysqlStore {
         match result {
             Ok(()) => Ok(()),
             Err(e) if e.is_missing_table() => Ok(()),
-            Err(e) => Err(e.resolve(&self.target)),
+            Err(e) => {
+                self.refused(&e);
+                Err(e.resolve(&self.target))
+            }
         }
     }
 }
@@ -358,20 +369,7 @@ fn list_shape(n: usize) -> usize {
 #[async_trait]
 impl DocumentStore for MysqlStore {
     async fn get(&self, key: &Key) -> StoreResult<Document> {
-        let table = ddl::table(&key.collection)?;
-        let sql = format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id = ? AND {LIVE}");
-        let params = vec![
-            bytes(&key.scope),
-            bytes(&key.id),
-            self.clock.offset().into(),
-        ];
-        let mut found = None;
-        self.scan(&sql, params, |row| {
-            found = Some(row_to_doc(&key.collection, row)?);
-            Ok(false)
-        })
-        .await?;
-        found.ok_or_else(|| StoreError::not_found(&key.collection, &key.id))
+        self.retried(|| self.get_once(key)).await
     }
 
     async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
@@ -387,85 +385,23 @@ impl DocumentStore for MysqlStore {
     }
 
     async fn list(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
-        let table = ddl::table(&op.collection)?;
-        let fetch = u64::try_from(Page::fetch_limit(op.limit)).unwrap_or(u64::MAX);
-        let (after_id, after_scope) = op.after.clone().unwrap_or_default();
-        let offset = self.clock.offset();
-        // Keyset pagination on the primary key, never OFFSET; rows stream
-        // until the page is full.
-        let (sql, params) = match &op.scopes {
-            Scopes::One(scope) => (
-                format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id > ? AND {LIVE} ORDER BY id LIMIT ?"),
-                vec![bytes(scope), bytes(&after_id), offset.into(), fetch.into()],
-            ),
-            Scopes::All => (
-                format!("SELECT {COLUMNS} FROM {table} WHERE (id > ? OR (id = ? AND scope > ?)) AND {LIVE} ORDER BY id, scope LIMIT ?"),
-                vec![bytes(&after_id), bytes(&after_id), bytes(&after_scope), offset.into(), fetch.into()],
-            ),
-        };
-        let mut page = PageBuilder::new(op.limit, budget);
-        self.scan(&sql, params, |row| {
-            Ok(page.push(row_to_doc(&op.collection, row)?))
-        })
-        .await?;
-        Ok(page.finish())
+        self.retried(|| self.list_once(op, budget)).await
     }
 
     async fn batch_get(&self, op: &BatchGetOp, budget: Budget) -> StoreResult<Batch> {
-        let table = ddl::table(&op.collection)?;
-        let mut batch = Batch {
-            documents: Vec::new(),
-            looked_up: op.ids.len(),
-        };
-        let Some(last) = op.ids.last() else {
-            return Ok(batch);
-        };
-        // One statement; rows come in request order (FIELD gives each id's
-        // position, comparing bytes), so the budget stops the reading and the
-        // position says how far it got. The list is padded with the last id
-        // to one of a few lengths.
-        let shape = list_shape(op.ids.len());
-        let marks = vec!["?"; shape].join(", ");
-        let sql = format!(
-            "SELECT {COLUMNS}, FIELD(id, {marks}) AS n FROM {table}
-             WHERE scope = ? AND id IN ({marks}) AND {LIVE} ORDER BY n"
-        );
-        let ids: Vec<Value> = op
-            .ids
-            .iter()
-            .chain(std::iter::repeat(last))
-            .take(shape)
-            .map(|id| bytes(id))
-            .collect();
-        let mut params = ids.clone();
-        params.push(bytes(&op.scope));
-        params.extend(ids);
-        params.push(self.clock.offset().into());
-        let mut spending = budget.start();
-        self.scan(&sql, params, |mut row| {
-            let n = int(&mut row, 7)?;
-            let doc = row_to_doc(&op.collection, row)?;
-            if !spending.take(&doc) {
-                batch.looked_up = usize::try_from(n - 1).unwrap_or(0);
-                return Ok(false);
-            }
-            batch.documents.push(doc);
-            Ok(true)
-        })
-        .await?;
-        Ok(batch)
+        self.retried(|| self.batch_get_once(op, budget)).await
     }
 
     async fn query(&self, q: &query::Query, budget: Budget) -> StoreResult<Page> {
-        self.run_query(q, budget).await
+        self.retried(|| self.run_query(q, budget)).await
     }
 
     async fn count(&self, q: &query::Query) -> StoreResult<u64> {
-        self.run_count(q).await
+        self.retried(|| self.run_count(q)).await
     }
 
     async fn changes(&self, op: &changes::ChangesOp) -> StoreResult<changes::Changes> {
-        self.read_changes(op).await
+        self.retried(|| self.read_changes(op)).await
     }
 
     async fn feed_bounds(&self) -> StoreResult<changes::FeedBounds> {
@@ -473,7 +409,7 @@ impl DocumentStore for MysqlStore {
     }
 
     async fn feed_now(&self) -> StoreResult<changes::FeedBounds> {
-        self.settled_bounds().await
+        self.retried(|| self.settled_bounds()).await
     }
 
     async fn prune_changes(&self, before: Micros, limit: usize) -> StoreResult<usize> {
@@ -493,13 +429,23 @@ impl DocumentStore for MysqlStore {
             if reaped >= limit {
                 break;
             }
-            reaped += self.reap(&collection, limit - reaped).await?;
+            for relation in self.relations_of(&collection).await? {
+                if reaped >= limit {
+                    break;
+                }
+                reaped += self.reap(&collection, &relation, limit - reaped).await?;
+            }
         }
         Ok(reaped)
     }
 
     async fn has_scopes(&self, collection: &str) -> StoreResult<bool> {
+        let relations = self.relations_of(collection).await?;
         let table = ddl::table(collection)?;
+        if relations != [table.clone()] {
+            // Views of scopes: this account is confined to them.
+            return Ok(true);
+        }
         // A range of the primary key (scope, id).
         let sql = format!("SELECT 1 FROM {table} WHERE scope > '' LIMIT 1");
         let mut found = false;
@@ -512,11 +458,13 @@ impl DocumentStore for MysqlStore {
     }
 
     async fn list_collections(&self) -> StoreResult<Vec<String>> {
-        // The catalog's collections whose tables this account can see (it
-        // sees only tables it holds a privilege on), compared as bytes.
-        let sql = "SELECT c.name FROM `_collections` c
+        // The catalog's collections whose tables, or views of a scope
+        // (`<collection>$…`), this account can see (it sees only those it
+        // holds a privilege on), compared as bytes.
+        let sql = "SELECT DISTINCT c.name FROM `_collections` c
                    JOIN information_schema.TABLES t
-                     ON t.TABLE_SCHEMA = DATABASE() AND BINARY t.TABLE_NAME = c.name
+                     ON t.TABLE_SCHEMA = DATABASE()
+                    AND BINARY SUBSTRING_INDEX(t.TABLE_NAME, '$', 1) = c.name
                    ORDER BY c.name";
         let mut names = Vec::new();
         self.scan(sql, Vec::new(), |mut row| {

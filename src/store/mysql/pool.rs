@@ -483,13 +483,7 @@ impl Pools {
     }
 
     pub(super) fn stats(&self) -> PoolStats {
-        let status = self.pool.status();
-        PoolStats {
-            max: status.max_size,
-            open: status.size,
-            idle: status.available,
-            waiting: status.waiting,
-        }
+        self.pool.status().into()
     }
 
     pub(super) fn close(&self) {

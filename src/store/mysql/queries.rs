@@ -1,4 +1,5 @@
-//! Queries on MySQL/MariaDB, evaluated by the sidecar on the rows it reads:
+//! Reads on MySQL/MariaDB: Get, List and BatchGet by key, and queries,
+//! evaluated by the sidecar on the rows it reads:
 //! filters and order compare the same sort keys as every store
 //! ([`crate::store::key`], computed in Rust from each row's JSON), so the
 //! answers are the other stores' by construction. The collection's live rows
@@ -13,11 +14,13 @@
 //!   a page; a second pass reads those documents, within the budget, and
 //!   keeps the ones that still match at the same position.
 
-use super::{bytes, ddl, row_to_doc, MysqlStore, COLUMNS, LIVE};
+use super::{bytes, ddl, int, list_shape, row_to_doc, MysqlStore, COLUMNS, LIVE};
 use crate::store::query::{self, Query};
 use crate::store::{
-    BatchGetOp, Budget, Document, DocumentStore, Page, PageBuilder, Scopes, StoreError, StoreResult,
+    Batch, BatchGetOp, Budget, Document, DocumentStore, Key, ListOp, Page, PageBuilder, Scopes,
+    StoreError, StoreResult,
 };
+use mysql_async::Value;
 use serde_json::Value as Json;
 use std::cmp::Ordering;
 
@@ -50,7 +53,10 @@ impl MysqlStore {
         start: Option<(String, String)>,
         mut each: impl FnMut(Document, Json) -> StoreResult<bool> + Send,
     ) -> StoreResult<()> {
-        let table = ddl::table(&q.collection)?;
+        let table = match &q.scopes {
+            Scopes::One(scope) => self.relation(&q.collection, scope).await?,
+            Scopes::All => ddl::table(&q.collection)?,
+        };
         let offset = self.clock.offset();
         // Ids are never empty: '' is before the first row.
         let (mut after_id, mut after_scope) = start.unwrap_or_default();
@@ -173,5 +179,102 @@ impl MysqlStore {
         })
         .await?;
         Ok(n)
+    }
+}
+
+/// Reads by key, each one statement (see [`MysqlStore::scan`]).
+impl MysqlStore {
+    pub(super) async fn get_once(&self, key: &Key) -> StoreResult<Document> {
+        let table = self.relation(&key.collection, &key.scope).await?;
+        let sql = format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id = ? AND {LIVE}");
+        let params = vec![
+            bytes(&key.scope),
+            bytes(&key.id),
+            self.clock.offset().into(),
+        ];
+        let mut found = None;
+        self.scan(&sql, params, |row| {
+            found = Some(row_to_doc(&key.collection, row)?);
+            Ok(false)
+        })
+        .await?;
+        found.ok_or_else(|| StoreError::not_found(&key.collection, &key.id))
+    }
+
+    pub(super) async fn list_once(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
+        let table = match &op.scopes {
+            Scopes::One(scope) => self.relation(&op.collection, scope).await?,
+            Scopes::All => ddl::table(&op.collection)?,
+        };
+        let fetch = u64::try_from(Page::fetch_limit(op.limit)).unwrap_or(u64::MAX);
+        let (after_id, after_scope) = op.after.clone().unwrap_or_default();
+        let offset = self.clock.offset();
+        // Keyset pagination on the primary key, never OFFSET; rows stream
+        // until the page is full.
+        let (sql, params) = match &op.scopes {
+            Scopes::One(scope) => (
+                format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id > ? AND {LIVE} ORDER BY id LIMIT ?"),
+                vec![bytes(scope), bytes(&after_id), offset.into(), fetch.into()],
+            ),
+            Scopes::All => (
+                format!("SELECT {COLUMNS} FROM {table} WHERE (id > ? OR (id = ? AND scope > ?)) AND {LIVE} ORDER BY id, scope LIMIT ?"),
+                vec![bytes(&after_id), bytes(&after_id), bytes(&after_scope), offset.into(), fetch.into()],
+            ),
+        };
+        let mut page = PageBuilder::new(op.limit, budget);
+        self.scan(&sql, params, |row| {
+            Ok(page.push(row_to_doc(&op.collection, row)?))
+        })
+        .await?;
+        Ok(page.finish())
+    }
+
+    pub(super) async fn batch_get_once(
+        &self,
+        op: &BatchGetOp,
+        budget: Budget,
+    ) -> StoreResult<Batch> {
+        let table = self.relation(&op.collection, &op.scope).await?;
+        let mut batch = Batch {
+            documents: Vec::new(),
+            looked_up: op.ids.len(),
+        };
+        let Some(last) = op.ids.last() else {
+            return Ok(batch);
+        };
+        // One statement; rows come in request order (FIELD gives each id's
+        // position, comparing bytes), so the budget stops the reading and the
+        // position says how far it got. The list is padded with the last id
+        // to one of a few lengths.
+        let shape = list_shape(op.ids.len());
+        let marks = vec!["?"; shape].join(", ");
+        let sql = format!(
+            "SELECT {COLUMNS}, FIELD(id, {marks}) AS n FROM {table}
+             WHERE scope = ? AND id IN ({marks}) AND {LIVE} ORDER BY n"
+        );
+        let ids: Vec<Value> = op
+            .ids
+            .iter()
+            .chain(std::iter::repeat(last))
+            .take(shape)
+            .map(|id| bytes(id))
+            .collect();
+        let mut params = ids.clone();
+        params.push(bytes(&op.scope));
+        params.extend(ids);
+        params.push(self.clock.offset().into());
+        let mut spending = budget.start();
+        self.scan(&sql, params, |mut row| {
+            let n = int(&mut row, 7)?;
+            let doc = row_to_doc(&op.collection, row)?;
+            if !spending.take(&doc) {
+                batch.looked_up = usize::try_from(n - 1).unwrap_or(0);
+                return Ok(false);
+            }
+            batch.documents.push(doc);
+            Ok(true)
+        })
+        .await?;
+        Ok(batch)
     }
 }

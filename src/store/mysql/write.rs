@@ -13,7 +13,7 @@
 
 use super::error::{describe, is_connection_lost, OpError};
 use super::pool::Conn;
-use super::{bytes, ddl, row_to_doc, MysqlStore, COLUMNS, NOW};
+use super::{bytes, row_to_doc, MysqlStore, COLUMNS, NOW};
 use crate::metrics;
 use crate::store::plan::Action;
 use crate::store::{Document, Key, Mutation, StoreError, StoreResult, Written};
@@ -113,13 +113,20 @@ async fn apply(conn: &mut mysql_async::Conn, table: &str, action: &Action) -> Re
 
 impl MysqlStore {
     /// Runs `mutations` in one transaction, re-run as a whole when it loses
-    /// to a concurrent transaction (see the module's documentation).
+    /// to a concurrent transaction (see the module's documentation), or
+    /// when it was refused and this account's relations changed (see
+    /// `relations`).
     pub(super) async fn run_write(&self, mutations: &[Mutation]) -> StoreResult<Vec<Written>> {
-        let tables = mutations
-            .iter()
-            .enumerate()
-            .map(|(index, m)| ddl::table(m.collection()).map_err(|e| e.in_mutation(index)))
-            .collect::<StoreResult<Vec<_>>>()?;
+        self.retried(|| self.write_attempts(mutations)).await
+    }
+
+    async fn write_attempts(&self, mutations: &[Mutation]) -> StoreResult<Vec<Written>> {
+        let mut tables = Vec::with_capacity(mutations.len());
+        for (index, m) in mutations.iter().enumerate() {
+            let relation = self.relation(m.collection(), &m.key().scope).await;
+            tables.push(relation.map_err(|e| e.in_mutation(index))?);
+        }
+        let feed = self.feed_relation().await?;
         let mut last = None;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -127,7 +134,7 @@ impl MysqlStore {
                 tokio::time::sleep(pause(attempt)).await;
             }
             let mut c = self.pools.acquire().await?;
-            match self.write_once(&mut c, mutations, &tables).await {
+            match self.write_once(&mut c, mutations, &tables, &feed).await {
                 Ok(results) => {
                     c.done(&Ok::<_, OpError>(()));
                     return Ok(results);
@@ -196,8 +203,10 @@ impl MysqlStore {
         c: &mut Conn,
         mutations: &[Mutation],
         tables: &[String],
+        feed: &str,
     ) -> Result<Vec<Written>, (Retry, Option<OpError>)> {
         let fail = |e: OpError, index: Option<usize>| {
+            self.refused(&e);
             let in_mutation = |s: StoreError| match index {
                 Some(i) => s.in_mutation(i),
                 None => s,
@@ -232,7 +241,7 @@ impl MysqlStore {
                 let row = stored(conn, table, mutation.key(), mutation.needs_stored_data()).await?;
                 let planned = mutation.plan(row, now)?;
                 apply(conn, table, &planned.action).await?;
-                super::feed::record(conn, &planned.changes, now).await?;
+                super::feed::record(conn, feed, &planned.changes, now).await?;
                 // A development sidecar records the collections it creates.
                 if self.auto_create
                     && matches!(planned.action, Action::Insert(_))
@@ -291,8 +300,13 @@ impl MysqlStore {
     /// LOCKED`), so several sidecars' reapers never wait for each other; on
     /// a Galera cluster two reapers on different nodes may still pick the
     /// same rows, and the loser's certification failure just ends its round.
-    pub(super) async fn reap(&self, collection: &str, limit: usize) -> StoreResult<usize> {
-        let table = ddl::table(collection)?;
+    pub(super) async fn reap(
+        &self,
+        collection: &str,
+        table: &str,
+        limit: usize,
+    ) -> StoreResult<usize> {
+        let feed = self.feed_relation().await?;
         let mut c = self.pools.acquire().await?;
         let conn = c.conn();
         let result = async {
@@ -312,7 +326,7 @@ impl MysqlStore {
                 now = at;
             }
             // The EXPIRED changes commit with the deletions.
-            super::feed::record(conn, &expired, now).await?;
+            super::feed::record(conn, &feed, &expired, now).await?;
             conn.query_drop("COMMIT").await?;
             let doomed = expired;
             Ok::<_, OpError>(doomed.len())

@@ -297,13 +297,7 @@ impl Pools {
     }
 
     pub(super) fn stats(&self) -> PoolStats {
-        let status = self.current().status();
-        PoolStats {
-            max: status.max_size,
-            open: status.size,
-            idle: status.available,
-            waiting: status.waiting,
-        }
+        self.current().status().into()
     }
 
     pub(super) fn close(&self) {

@@ -7,7 +7,7 @@
 use super::{PostgresStore, COLUMNS, NOW};
 use crate::store::query::{Field, Index, Query};
 use crate::store::sql::{self, Dialect, Param};
-use crate::store::{Budget, FieldPath, Page, PageBuilder, Scopes, StoreResult};
+use crate::store::{Budget, FieldPath, Page, PageBuilder, StoreResult};
 use tokio_postgres::types::ToSql;
 
 /// The key function, as [`crate::store::key`] encodes: tag byte, payload.
@@ -68,6 +68,10 @@ struct Postgres<'s> {
 }
 
 impl Dialect for Postgres<'_> {
+    fn columns(&self) -> &'static str {
+        COLUMNS
+    }
+
     fn placeholder(&self, n: usize) -> String {
         format!("${n}")
     }
@@ -133,33 +137,8 @@ pub(super) fn index_ddl(
 
 /// A query's statement and parameters (`$1` is the clock offset).
 fn statement(schema: &str, table: &str, q: &Query, count: bool) -> (String, Vec<Param>) {
-    let mut params = Vec::new();
-    let mut conditions = vec![format!("(expire_time IS NULL OR expire_time > {NOW})")];
-    let first = match &q.scopes {
-        Scopes::One(scope) => {
-            conditions.push("scope = $2".into());
-            params.push(Param::Text(scope.clone()));
-            3
-        }
-        Scopes::All => 2,
-    };
-    let parts = sql::query_parts(q, &Postgres { schema }, first);
-    conditions.extend(parts.conditions);
-    params.extend(parts.params);
-    let sql = if count {
-        format!(
-            "SELECT count(*) FROM {table} WHERE {}",
-            conditions.join(" AND ")
-        )
-    } else {
-        format!(
-            "SELECT {COLUMNS} FROM {table} WHERE {} ORDER BY {} LIMIT {}",
-            conditions.join(" AND "),
-            parts.order_by.join(", "),
-            Page::fetch_limit(q.limit)
-        )
-    };
-    (sql, params)
+    let expiry = vec![format!("(expire_time IS NULL OR expire_time > {NOW})")];
+    sql::statement(q, &Postgres { schema }, table, expiry, count)
 }
 
 /// The statement's parameters as tokio-postgres takes them.

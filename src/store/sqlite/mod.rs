@@ -90,6 +90,20 @@ const COLUMNS: &str = "scope, id, rev, data, create_time, update_time, expire_ti
 /// A row is live (not expired) at `?now`.
 const LIVE: &str = "(expire_time IS NULL OR expire_time > ?4)";
 
+/// A document's columns as the insert and the update number them (?1 to ?8).
+fn row_params(d: &Document) -> [&dyn rusqlite::ToSql; 8] {
+    [
+        &d.key.collection,
+        &d.key.scope,
+        &d.key.id,
+        &d.rev,
+        &d.data,
+        &d.create_time,
+        &d.update_time,
+        &d.expire_time,
+    ]
+}
+
 fn row_to_doc(collection: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
     Ok(Document {
         key: Key {
@@ -132,32 +146,14 @@ fn apply(tx: &Transaction<'_>, action: &Action) -> rusqlite::Result<()> {
                 "INSERT INTO documents (collection, scope, id, rev, data, create_time, update_time, expire_time)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
-            .execute(params![
-                d.key.collection,
-                d.key.scope,
-                d.key.id,
-                d.rev,
-                d.data,
-                d.create_time,
-                d.update_time,
-                d.expire_time
-            ])?;
+            .execute(&row_params(d)[..])?;
         }
         Action::Replace(d) => {
             tx.prepare_cached(
                 "UPDATE documents SET rev = ?4, data = ?5, create_time = ?6, update_time = ?7, expire_time = ?8
                  WHERE collection = ?1 AND scope = ?2 AND id = ?3",
             )?
-            .execute(params![
-                d.key.collection,
-                d.key.scope,
-                d.key.id,
-                d.rev,
-                d.data,
-                d.create_time,
-                d.update_time,
-                d.expire_time
-            ])?;
+            .execute(&row_params(d)[..])?;
         }
         Action::Delete(k) => {
             tx.prepare_cached(

@@ -8,7 +8,7 @@
 use super::{row_to_doc, SqliteStore, COLUMNS};
 use crate::store::query::{Index, Query};
 use crate::store::sql::{self, Dialect, Param};
-use crate::store::{value, Budget, FieldPath, Page, PageBuilder, Scopes, StoreResult};
+use crate::store::{value, Budget, FieldPath, Page, PageBuilder, StoreResult};
 use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, ToSql};
 use std::collections::BTreeMap;
@@ -49,6 +49,10 @@ fn field(data: &str, path: &str) -> Option<serde_json::Value> {
 struct Sqlite;
 
 impl Dialect for Sqlite {
+    fn columns(&self) -> &'static str {
+        COLUMNS
+    }
+
     fn placeholder(&self, n: usize) -> String {
         format!("?{n}")
     }
@@ -69,36 +73,11 @@ impl Dialect for Sqlite {
 /// parameters. The collection is a literal (a validated name) so that the
 /// partial indexes of that collection apply.
 fn statement(q: &Query, count: bool) -> (String, Vec<Param>) {
-    let mut params = Vec::new();
-    let mut conditions = vec![
+    let conditions = vec![
         format!("collection = '{}'", q.collection),
         "(expire_time IS NULL OR expire_time > ?1)".to_string(),
     ];
-    let first = match &q.scopes {
-        Scopes::One(scope) => {
-            conditions.push("scope = ?2".into());
-            params.push(Param::Text(scope.clone()));
-            3
-        }
-        Scopes::All => 2,
-    };
-    let parts = sql::query_parts(q, &Sqlite, first);
-    conditions.extend(parts.conditions);
-    params.extend(parts.params);
-    let sql = if count {
-        format!(
-            "SELECT count(*) FROM documents WHERE {}",
-            conditions.join(" AND ")
-        )
-    } else {
-        format!(
-            "SELECT {COLUMNS} FROM documents WHERE {} ORDER BY {} LIMIT {}",
-            conditions.join(" AND "),
-            parts.order_by.join(", "),
-            Page::fetch_limit(q.limit)
-        )
-    };
-    (sql, params)
+    sql::statement(q, &Sqlite, "documents", conditions, count)
 }
 
 fn bind(now: i64, params: &[Param]) -> Vec<Box<dyn ToSql>> {
