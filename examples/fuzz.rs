@@ -736,6 +736,7 @@ async fn main() {
     if args.memory_probe {
         memory_probe(&addr, pid).await;
         let _ = child.kill();
+        let _ = child.wait();
         return;
     }
 
@@ -809,6 +810,7 @@ async fn main() {
     let alive = child.try_wait().expect("wait").is_none();
     let rss = peak_rss_kib(pid);
     let _ = child.kill();
+    let _ = child.wait();
 
     let t = tally.lock().unwrap();
     let kinds = ["bytes", "mutated", "adversarial"];
