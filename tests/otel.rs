@@ -117,22 +117,68 @@ fn traced<T>(message: T, parent: &str) -> tonic::Request<T> {
 
 #[tokio::test]
 async fn calls_continue_the_caller_s_trace_with_a_store_span() {
-    let (endpoint, mut spans) = receiver(None).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut sidecar = Sidecar::spawn_with(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            "sqlite://data.db",
-        ],
+    let received = save_and_get(dir.path(), "sqlite://data.db", &[], "sqlite").await;
+    assert!(
+        !received.iter().any(|s| s.name == "pool.acquire"),
+        "SQLite has no pool wait"
+    );
+}
+
+/// The same on PostgreSQL, where the store span holds the pool wait.
+#[tokio::test]
+async fn postgres_calls_trace_the_pool_wait() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let schema = format!("otel_{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let received = save_and_get(
         dir.path(),
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_SERVICE_NAME", "docsidecar-test"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("RUST_LOG", "docsidecar=debug"),
-        ],
+        &url,
+        &[("DOCSIDECAR_SCHEMA", schema.as_str())],
+        "postgresql",
+    )
+    .await;
+    pg_connect(&url)
+        .await
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .unwrap();
+    for store in received
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client as i32)
+    {
+        let wait = received
+            .iter()
+            .find(|s| s.parent_span_id == store.span_id && s.name == "pool.acquire")
+            .unwrap_or_else(|| panic!("no pool.acquire under {}: {received:#?}", store.name));
+        assert_eq!(hex(&wait.trace_id), TRACE_ID);
+        assert!(wait.start_time_unix_nano >= store.start_time_unix_nano);
+    }
+}
+
+/// Saves and reads a document with a `traceparent` through the real binary on
+/// `database`, exporting to a receiver; checks the server and store spans
+/// and the log line; returns every span received.
+async fn save_and_get(
+    dir: &std::path::Path,
+    database: &str,
+    envs: &[(&str, &str)],
+    db_system: &str,
+) -> Vec<Span> {
+    let (endpoint, mut spans) = receiver(None).await;
+    let mut all_envs = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_SERVICE_NAME", "docsidecar-test"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("RUST_LOG", "docsidecar=debug"),
+    ];
+    all_envs.extend_from_slice(envs);
+    let mut sidecar = Sidecar::spawn_with(
+        &["--listen", "127.0.0.1:0", "--database-url", database],
+        dir,
+        &all_envs,
     );
     let addr = sidecar.listening();
     let mut client = Client::connect(format!("http://{addr}")).await.unwrap();
@@ -222,7 +268,7 @@ async fn calls_continue_the_caller_s_trace_with_a_store_span() {
         assert_eq!(store.name, format!("{operation} notes"));
         assert_eq!(
             text(&store.attributes, "db.system").as_deref(),
-            Some("sqlite")
+            Some(db_system)
         );
         assert_eq!(
             text(&store.attributes, "collection").as_deref(),
@@ -251,6 +297,7 @@ async fn calls_continue_the_caller_s_trace_with_a_store_span() {
     });
     assert_eq!(line["span"]["trace_id"], TRACE_ID, "{line}");
     assert!(line["span"].get("otel.kind").is_none(), "{line}");
+    received
 }
 
 #[tokio::test]
