@@ -52,6 +52,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod x509;
 
 /// Generated protobuf types, the `DocumentService` server and its client.
 pub mod proto {

@@ -32,6 +32,7 @@ pub const POOL_ACQUIRE_TIMEOUTS_TOTAL: &str = "docsidecar_pool_acquire_timeouts_
 pub const HEALTH_CHECKS_TOTAL: &str = "docsidecar_health_checks_total";
 pub const DATABASE_UP: &str = "docsidecar_database_up";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "docsidecar_tls_handshake_failures_total";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "docsidecar_tls_certificate_expiry_timestamp_seconds";
 pub const CONNECTIONS_OPEN: &str = "docsidecar_connections_open";
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "docsidecar_connections_rejected_total";
 pub const CONNECTIONS_CLOSED_IDLE_TOTAL: &str = "docsidecar_connections_closed_idle_total";
@@ -262,6 +263,12 @@ pub fn health_check(ok: bool) {
 /// A TLS handshake on the gRPC port failed (`reason` is bounded, see `tls`).
 pub fn tls_handshake_failed(reason: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// When the certificates in use expire (`certificate`: `server`, `client_ca`,
+/// `database_ca`), in Unix seconds: the earliest `notAfter` among them.
+pub fn tls_certificate_expiry(certificate: &'static str, not_after: i64) {
+    metrics::gauge!(TLS_CERTIFICATE_EXPIRY, "certificate" => certificate).set(not_after as f64);
 }
 
 /// Counts an open client connection for as long as it lives.

@@ -122,6 +122,11 @@ pub struct Server {
 impl Server {
     /// Binds the listener and opens the store. `--listen 127.0.0.1:0` picks a free port.
     pub async fn bind(config: ServeConfig) -> Result<Server, StartError> {
+        if config.admin_listen.is_some() {
+            // Metrics are recorded only when something can scrape them, and from
+            // the start: loading certificates records their expiry.
+            admin::prometheus();
+        }
         let permissions = Arc::new(
             config
                 .policy
@@ -349,8 +354,6 @@ async fn start_admin(
     let listener = TcpListener::bind(addr).await.map_err(err)?;
     let local = listener.local_addr().map_err(err)?;
     info!(admin = %local, "admin listener up");
-    // Metrics are recorded only when something can scrape them.
-    admin::prometheus();
     tasks.spawn(admin::serve(
         listener,
         lifecycle.clone(),

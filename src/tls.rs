@@ -70,7 +70,9 @@ impl TlsFiles {
         let builder = match (&self.client_ca, contents.get(2)) {
             (Some(path), Some(pem)) => {
                 let mut roots = RootCertStore::empty();
-                for cert in certs(path, pem)? {
+                let cas = certs(path, pem)?;
+                crate::x509::record_expiry("client_ca", &cas);
+                for cert in cas {
                     roots
                         .add(cert)
                         .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
@@ -89,15 +91,16 @@ impl TlsFiles {
                 self.key.display()
             ))
         })?;
-        let mut config = builder
-            .with_single_cert(certs(&self.cert, &contents[0])?, key)
-            .map_err(|e| {
-                TlsError(format!(
-                    "{} and {}: {e}",
-                    self.cert.display(),
-                    self.key.display()
-                ))
-            })?;
+        let chain = certs(&self.cert, &contents[0])?;
+        // The leaf's expiry: the one that stops clients connecting.
+        crate::x509::record_expiry("server", &chain[..1]);
+        let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+            TlsError(format!(
+                "{} and {}: {e}",
+                self.cert.display(),
+                self.key.display()
+            ))
+        })?;
         // gRPC is HTTP/2: clients negotiate it with ALPN.
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)

@@ -261,6 +261,17 @@ async fn rejected_handshakes_are_logged_with_the_peer_and_counted_by_reason() {
         ) >= 1.0,
         "{m:#?}"
     );
+    // The certificates' expiry, behind the certificate-expiry alerts.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for certificate in ["server", "client_ca"] {
+        let series = format!(
+            r#"docsidecar_tls_certificate_expiry_timestamp_seconds{{certificate="{certificate}"}}"#
+        );
+        assert!(sample(&m, &series) > now, "{series}: {m:#?}");
+    }
     sidecar.signal("TERM");
     let (_, logs) = sidecar.wait().await;
     let warned = logs

@@ -91,6 +91,14 @@ pub(super) struct Hosts {
 fn ssl_opts(tls: &DbTls) -> SslOpts {
     let mut ssl = SslOpts::default();
     if let Some(ca) = &tls.root_cert {
+        // The driver reads the file itself; a copy is read for the expiry gauge.
+        if let Ok(pem) = std::fs::read(ca) {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let cas: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+                .filter_map(Result::ok)
+                .collect();
+            crate::x509::record_expiry("database_ca", &cas);
+        }
         ssl = ssl
             .with_root_certs(vec![ca.clone().into()])
             .with_disable_built_in_roots(true);

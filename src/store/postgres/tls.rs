@@ -60,7 +60,9 @@ pub(super) fn connector(tls: &DbTls) -> StoreResult<Connector> {
             let mut roots = RootCertStore::empty();
             match &tls.root_cert {
                 Some(path) => {
-                    for cert in certificates(path)? {
+                    let cas = certificates(path)?;
+                    crate::x509::record_expiry("database_ca", &cas);
+                    for cert in cas {
                         roots
                             .add(cert)
                             .map_err(|e| tls_error(format!("{}: {e}", path.display())))?;
