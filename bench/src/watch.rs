@@ -28,8 +28,13 @@ pub struct WatchResult {
     /// `same` (watchers on the writing sidecar) or `second` (another process).
     pub watcher_sidecar: String,
     pub rate: f64,
-    /// Saves answered per second in the measured window.
+    /// Saves answered per second: the measured window's Saves over the time
+    /// from its start to the last answer (a writer that cannot keep the rate
+    /// answers late, and this is then below `rate`).
     pub writes_per_sec: f64,
+    /// The writer did not keep the rate (under 95 % of it).
+    pub saturated: bool,
+    pub write_p50_ms: f64,
     pub write_errors: u64,
     pub write_p99_ms: f64,
     /// Events matched with an answered Save, over all watchers.
@@ -67,6 +72,10 @@ pub struct WatchPlan<'a> {
 
 /// Revs answered (or seen) and when.
 type Stamps = Vec<(String, Instant)>;
+
+/// The measured window's answers, the Saves' latency, the errors, and the time
+/// from the window's start to the last answer.
+type Written = (Stamps, Histogram<u64>, u64, Duration);
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid bounds")
@@ -121,10 +130,7 @@ async fn watcher(
 
 /// Saves at `rate` over the writer clients for warm-up + duration; the answers
 /// of the measured window, stamped, and the Saves' latency histogram.
-async fn write_at_rate(
-    plan: &WatchPlan<'_>,
-    shared: Arc<Shared>,
-) -> (Stamps, Histogram<u64>, u64, Duration) {
+async fn write_at_rate(plan: &WatchPlan<'_>, shared: Arc<Shared>) -> Written {
     let lanes = plan.writers.len().max(1);
     let begin = Instant::now() + Duration::from_millis(20);
     let measure_from = begin + plan.warmup;
@@ -188,12 +194,16 @@ async fn write_at_rate(
         let _ = task.await;
     }
     let mut a = answers.lock().unwrap_or_else(|e| e.into_inner());
+    let last = a.0.iter().map(|(_, at)| *at).max().unwrap_or(end);
+    let span = last
+        .saturating_duration_since(measure_from)
+        .max(plan.duration);
     let (stamps, hist, errors) = (
         std::mem::take(&mut a.0),
         a.1.clone(),
         std::mem::replace(&mut a.2, 0),
     );
-    (stamps, hist, errors, plan.duration)
+    (stamps, hist, errors, span)
 }
 
 /// One run with `plan.watchers` watchers (0: the CPU baseline).
@@ -255,11 +265,14 @@ pub async fn run(plan: &WatchPlan<'_>, shared: Arc<Shared>) -> Result<WatchResul
         missing += (acked.len() as u64).saturating_sub(matched);
     }
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1e6;
+    let writes_per_sec = answers.len() as f64 / window.as_secs_f64().max(1e-9);
     Ok(WatchResult {
         watchers: plan.watchers,
         watcher_sidecar: if plan.same_process { "same" } else { "second" }.into(),
         rate: plan.rate,
-        writes_per_sec: answers.len() as f64 / window.as_secs_f64().max(1e-9),
+        writes_per_sec,
+        saturated: writes_per_sec < 0.95 * plan.rate,
+        write_p50_ms: save_latency.value_at_quantile(0.5) as f64 / 1e6,
         write_errors,
         write_p99_ms: save_latency.value_at_quantile(0.99) as f64 / 1e6,
         events,
