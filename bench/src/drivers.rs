@@ -212,7 +212,7 @@ impl RawPg {
             upsert: format!(
                 "INSERT INTO {table} AS d (id, rev, data, create_time, update_time)
                  VALUES ($1, $2, $3::text::jsonb, $4, $4)
-                 ON CONFLICT (id) DO UPDATE
+                 ON CONFLICT (scope, id) DO UPDATE
                  SET rev = EXCLUDED.rev, data = EXCLUDED.data, update_time = EXCLUDED.update_time
                  RETURNING (d.xmax = 0) AS created"
             ),
