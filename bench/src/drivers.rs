@@ -1,6 +1,7 @@
 //! The clients of every target: gRPC (the sidecar, the transport floor) and the raw
-//! drivers (tokio-postgres behind deadpool, rusqlite on the blocking pool), which
-//! issue the same SQL as `src/store/postgres.rs` and `src/store/sqlite.rs`.
+//! drivers (tokio-postgres behind deadpool, rusqlite on the blocking pool,
+//! mysql_async with its pool), which issue the same SQL as `src/store/postgres`,
+//! `src/store/sqlite` and `src/store/mysql`.
 
 use crate::workload::{doc_id, Op, Payload, COLLECTION, PAGE_SIZE};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -35,6 +36,7 @@ pub enum Client {
     Grpc(DocumentServiceClient<Channel>),
     Pg(Arc<RawPg>),
     Sqlite(Arc<RawSqlite>),
+    Mysql(Arc<RawMysql>),
 }
 
 pub type OpResult = Result<(), String>;
@@ -45,6 +47,7 @@ impl Client {
             Client::Grpc(c) => grpc(c, op, shared).await,
             Client::Pg(p) => p.run(op, shared).await,
             Client::Sqlite(s) => s.run(op, shared).await,
+            Client::Mysql(m) => m.run(op, shared).await,
         }
     }
 }
@@ -209,7 +212,7 @@ impl RawPg {
             upsert: format!(
                 "INSERT INTO {table} AS d (id, rev, data, create_time, update_time)
                  VALUES ($1, $2, $3::text::jsonb, $4, $4)
-                 ON CONFLICT (id) DO UPDATE
+                 ON CONFLICT (scope, id) DO UPDATE
                  SET rev = EXCLUDED.rev, data = EXCLUDED.data, update_time = EXCLUDED.update_time
                  RETURNING (d.xmax = 0) AS created"
             ),
@@ -523,6 +526,265 @@ impl RawSqlite {
                     })
                     .await?;
                 black_box(created);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The MariaDB/MySQL document columns, as `src/store/mysql` reads them.
+const MYSQL_COLUMNS: &str = "scope, id, rev, data, create_time, update_time, expire_time";
+/// The database's clock in microseconds plus the (test) clock offset: one `?`.
+const MYSQL_NOW: &str = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) + ?)";
+/// A row is live at the database's time: one `?`.
+const MYSQL_LIVE: &str =
+    "(expire_time IS NULL OR expire_time > (TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) + ?))";
+/// The change record every Save writes in its transaction (`src/store/mysql/feed.rs`).
+const MYSQL_CHANGE: &str = "INSERT INTO `_changes` (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+/// `ChangeKind::Saved`'s code in the change table.
+const MYSQL_SAVED: i64 = 1;
+
+/// mysql_async connections in a pool like the sidecar's (idle connections
+/// reused as they are: no reset on return), the sidecar's session settings and
+/// statements: a Save is the sidecar's transaction (the database's time, the
+/// row read `FOR UPDATE`, insert or update, the change record), so the two
+/// compare like with like.
+pub struct RawMysql {
+    opts: mysql_async::Opts,
+    idle: Mutex<Vec<mysql_async::Conn>>,
+    permits: Arc<Semaphore>,
+    /// Write the change record with each Save (the sidecar always does); off
+    /// only to measure what the change log costs.
+    pub change_log: bool,
+}
+
+/// A pooled connection, back in the pool when dropped (closed instead by
+/// [`MysqlConn::discard`] after an error, as the sidecar's pool does).
+struct MysqlConn<'a> {
+    conn: Option<mysql_async::Conn>,
+    pool: &'a RawMysql,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl MysqlConn<'_> {
+    fn get(&mut self) -> &mut mysql_async::Conn {
+        self.conn.as_mut().expect("taken only on drop")
+    }
+
+    fn discard(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for MysqlConn<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
+    }
+}
+
+#[allow(dead_code)] // read through black_box only
+struct RawMysqlDoc {
+    scope: Vec<u8>,
+    id: Vec<u8>,
+    rev: Vec<u8>,
+    data: Vec<u8>,
+    create_time: i64,
+    update_time: i64,
+    expire_time: Option<i64>,
+}
+
+type MysqlRow = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, i64, i64, Option<i64>);
+
+fn mysql_doc(r: MysqlRow) -> RawMysqlDoc {
+    RawMysqlDoc {
+        scope: r.0,
+        id: r.1,
+        rev: r.2,
+        data: r.3,
+        create_time: r.4,
+        update_time: r.5,
+        expire_time: r.6,
+    }
+}
+
+impl RawMysql {
+    /// A pool of `pool_size` connections to `url` (its database must exist),
+    /// opened on first use.
+    pub fn new(url: &str, pool_size: usize) -> Result<RawMysql, String> {
+        use mysql_async::{Opts, OptsBuilder};
+        let opts = Opts::from_url(url).map_err(|e| e.to_string())?;
+        let opts = OptsBuilder::from_opts(opts)
+            .prefer_socket(false)
+            .tcp_nodelay(true)
+            .stmt_cache_size(256)
+            .setup(vec![
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
+                "SET NAMES utf8mb4, time_zone = '+00:00', sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,ERROR_FOR_DIVISION_BY_ZERO'".to_string(),
+            ]);
+        Ok(RawMysql {
+            opts: opts.into(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(pool_size.max(1))),
+            change_log: true,
+        })
+    }
+
+    /// A connection of the pool: an idle one, else a new one (at most `pool_size`).
+    async fn conn(&self) -> Result<MysqlConn<'_>, mysql_async::Error> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => mysql_async::Conn::new(self.opts.clone()).await?,
+        };
+        Ok(MysqlConn {
+            conn: Some(conn),
+            pool: self,
+            _permit: permit,
+        })
+    }
+
+    /// The sidecar's save of one document in the caller's transaction.
+    async fn save(
+        &self,
+        conn: &mut mysql_async::Conn,
+        id: &str,
+        json: &str,
+        now: i64,
+    ) -> Result<bool, mysql_async::Error> {
+        use mysql_async::prelude::*;
+        use mysql_async::Value;
+        let columns = MYSQL_COLUMNS.replace("data", "''");
+        let existing: Option<MysqlRow> = conn
+            .exec_first(
+                format!(
+                    "SELECT {columns} FROM `{COLLECTION}` WHERE scope = ? AND id = ? FOR UPDATE"
+                ),
+                (&b""[..], id.as_bytes()),
+            )
+            .await?;
+        let rev = new_rev();
+        let create_time = existing.as_ref().map_or(now, |r| r.4);
+        let mut params: Vec<Value> = vec![
+            Value::Bytes(Vec::new()),
+            Value::Bytes(id.as_bytes().to_vec()),
+            Value::Bytes(rev.as_bytes().to_vec()),
+            Value::Bytes(json.as_bytes().to_vec()),
+            create_time.into(),
+            now.into(),
+            Value::NULL,
+        ];
+        let sql = if existing.is_some() {
+            params.extend([
+                Value::Bytes(Vec::new()),
+                Value::Bytes(id.as_bytes().to_vec()),
+            ]);
+            format!(
+                "UPDATE `{COLLECTION}` SET scope = ?, id = ?, rev = ?, data = ?, create_time = ?, update_time = ?, expire_time = ?
+                 WHERE scope = ? AND id = ?"
+            )
+        } else {
+            format!(
+                "INSERT INTO `{COLLECTION}` (scope, id, rev, data, create_time, update_time, expire_time)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)"
+            )
+        };
+        conn.exec_drop(sql, params).await?;
+        if self.change_log {
+            conn.exec_drop(
+                MYSQL_CHANGE,
+                vec![
+                    Value::Bytes(COLLECTION.as_bytes().to_vec()),
+                    Value::Bytes(Vec::new()),
+                    Value::Bytes(id.as_bytes().to_vec()),
+                    Value::Bytes(rev.as_bytes().to_vec()),
+                    Value::Int(MYSQL_SAVED),
+                    Value::Bytes(json.as_bytes().to_vec()),
+                    Value::Int(create_time),
+                    Value::Int(now),
+                    Value::NULL,
+                    Value::Int(now),
+                ],
+            )
+            .await?;
+        }
+        Ok(existing.is_none())
+    }
+
+    /// One transaction saving `ids`, as the sidecar's Write (and Save) runs it.
+    async fn write(&self, ids: &[u64], json: &str) -> Result<usize, mysql_async::Error> {
+        use mysql_async::prelude::*;
+        let mut pooled = self.conn().await?;
+        let conn = pooled.get();
+        conn.query_drop("START TRANSACTION").await?;
+        let result = async {
+            let now: i64 = conn
+                .exec_first(format!("SELECT {MYSQL_NOW}"), (0i64,))
+                .await?
+                .unwrap_or_default();
+            let mut created = 0;
+            for &i in ids {
+                created += usize::from(self.save(conn, &doc_id(i), json, now).await?);
+            }
+            conn.query_drop("COMMIT").await?;
+            Ok(created)
+        }
+        .await;
+        if result.is_err() && conn.query_drop("ROLLBACK").await.is_err() {
+            pooled.discard();
+        }
+        result
+    }
+
+    async fn run(&self, op: &Op, shared: &Shared) -> OpResult {
+        use mysql_async::prelude::*;
+        let my = |e: mysql_async::Error| e.to_string();
+        match op {
+            Op::Get(i) => {
+                let mut pooled = self.conn().await.map_err(my)?;
+                let row: Option<MysqlRow> = pooled
+                    .get()
+                    .exec_first(
+                        format!("SELECT {MYSQL_COLUMNS} FROM `{COLLECTION}` WHERE scope = ? AND id = ? AND {MYSQL_LIVE}"),
+                        (&b""[..], doc_id(*i).into_bytes(), 0i64),
+                    )
+                    .await
+                    .map_err(my)?;
+                black_box(mysql_doc(row.ok_or("not found")?));
+            }
+            Op::Save(i) => {
+                black_box(self.write(&[*i], &shared.payload.json).await.map_err(my)?);
+            }
+            Op::List(page) => {
+                let mut pooled = self.conn().await.map_err(my)?;
+                let after = shared.pages[*page].after.clone().unwrap_or_default();
+                let fetch = PAGE_SIZE as u64 + 1;
+                let mut docs: Vec<RawMysqlDoc> = pooled
+                    .get()
+                    .exec_map(
+                        format!("SELECT {MYSQL_COLUMNS} FROM `{COLLECTION}` WHERE scope = ? AND id > ? AND {MYSQL_LIVE} ORDER BY id LIMIT ?"),
+                        (&b""[..], after.into_bytes(), 0i64, fetch),
+                        mysql_doc,
+                    )
+                    .await
+                    .map_err(my)?;
+                docs.truncate(PAGE_SIZE);
+                black_box(docs);
+            }
+            Op::Write(ids) => {
+                black_box(self.write(ids, &shared.payload.json).await.map_err(my)?);
             }
         }
         Ok(())

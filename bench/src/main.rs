@@ -10,13 +10,17 @@
 //! - [`floor`]: the no-op gRPC server (`floor-server`, started by the harness).
 //! - [`process`]: starting, measuring (/proc) and stopping the processes.
 //! - [`load`]: closed and open loop, HDR histograms.
+//! - [`watch`]: the `watch` workload (change-feed latency, watchers' CPU).
+//! - [`reap`]: the `reap` workload (the expiry reaper's rate, Gets meanwhile).
 //! - [`report`]: the table, the JSON file and the PNG chart.
 
 mod drivers;
 mod floor;
 mod load;
 mod process;
+mod reap;
 mod report;
+mod watch;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -54,7 +58,9 @@ enum Cmd {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Database to benchmark; repeat for several. `sqlite` (a temporary file, the
-    /// default), `sqlite:///path.db`, or `postgres://user@host:port/db`.
+    /// default), `sqlite:///path.db`, `postgres://user@host:port/db`, or
+    /// `mysql://user@host:port/db` (MariaDB/MySQL; `mariadb://` too: the run uses
+    /// a fresh database `bench_<pid>` on that server, dropped at the end).
     #[arg(long = "database-url", value_name = "URL")]
     database_urls: Vec<String>,
     /// The sidecar binary [default: `docsidecar` beside this binary, i.e.
@@ -68,8 +74,8 @@ struct RunArgs {
     /// With `--target`: its process id, for CPU and RSS.
     #[arg(long, value_name = "PID", requires = "target")]
     target_pid: Option<u32>,
-    /// PostgreSQL schema for the run [default: bench_<pid>]; dropped before and after
-    /// the run, except with `--target`, whose sidecar owns it.
+    /// PostgreSQL schema (MariaDB: database) for the run [default: bench_<pid>];
+    /// dropped before and after the run, except with `--target`, whose sidecar owns it.
     #[arg(long)]
     schema: Option<String>,
     /// Preloaded documents [default: 10000].
@@ -113,6 +119,12 @@ struct RunArgs {
     /// experiments such as TOKIO_WORKER_THREADS=1.
     #[arg(long, value_name = "KEY=VALUE")]
     sidecar_env: Vec<String>,
+    /// `watch` workload: watch streams [default: 10].
+    #[arg(long, default_value_t = 10)]
+    watchers: usize,
+    /// `reap` workload: expired documents to reap [default: 100000].
+    #[arg(long)]
+    reap_docs: Option<u64>,
     /// Unix-socket targets for every workload, not only Get.
     #[arg(long)]
     uds_all: bool,
@@ -143,6 +155,7 @@ struct Resolved {
     open_get: Duration,
     open_other: Duration,
     startup_runs: usize,
+    reap_docs: u64,
 }
 
 impl RunArgs {
@@ -176,6 +189,7 @@ impl RunArgs {
             open_get: secs(self.open_duration, 10.0, 0.3)?,
             open_other: secs(self.open_duration_other, 3.0, 0.3)?,
             startup_runs: self.startup_runs.unwrap_or(if q { 2 } else { 5 }),
+            reap_docs: self.reap_docs.unwrap_or(if q { 2000 } else { 100_000 }),
         };
         if r.docs < (2 * PAGE_SIZE) as u64 {
             return Err(format!("--docs must be at least {}", 2 * PAGE_SIZE));
@@ -282,6 +296,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
 enum Db {
     Sqlite(PathBuf),
     Postgres(String),
+    /// The server's URL as given (`mysql://` or `mariadb://`); the run's
+    /// database replaces its path.
+    Mysql(String),
 }
 
 impl Db {
@@ -291,6 +308,9 @@ impl Db {
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Db::Postgres(url.to_string()));
+        }
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            return Ok(Db::Mysql(url.to_string()));
         }
         match url.strip_prefix("sqlite://") {
             Some(path) if !path.is_empty() && !path.contains(":memory:") => {
@@ -303,7 +323,7 @@ impl Db {
                 Ok(Db::Sqlite(path))
             }
             _ => Err(format!(
-                "unsupported --database-url `{url}`: use sqlite, sqlite:///path.db or postgres://user@host:port/db"
+                "unsupported --database-url `{url}`: use sqlite, sqlite:///path.db, postgres://user@host:port/db or mysql://user@host:port/db"
             )),
         }
     }
@@ -312,15 +332,45 @@ impl Db {
         match self {
             Db::Sqlite(_) => "sqlite",
             Db::Postgres(_) => "postgres",
+            Db::Mysql(_) => "mariadb",
         }
     }
 
-    fn sidecar_url(&self) -> String {
+    /// The URL the sidecar is given (for MariaDB: the run's database, `schema`).
+    fn sidecar_url(&self, schema: &str) -> String {
         match self {
             Db::Sqlite(path) => format!("sqlite://{}", path.display()),
             Db::Postgres(url) => url.clone(),
+            Db::Mysql(url) => mysql_url(url, Some(schema)),
         }
     }
+}
+
+/// A MySQL URL on `database` (none: the server only), as mysql_async reads it.
+fn mysql_url(url: &str, database: Option<&str>) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (authority, query) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, path.split_once('?').map(|(_, q)| q)),
+        None => (rest.split_once('?').map_or(rest, |(a, _)| a), None),
+    };
+    let query = query.map_or(String::new(), |q| format!("?{q}"));
+    format!("mysql://{authority}/{}{query}", database.unwrap_or(""))
+}
+
+/// A MariaDB admin connection (no database) for the run database's set-up and clean-up.
+async fn mysql_admin(url: &str) -> Result<mysql_async::Conn, String> {
+    let opts = mysql_async::Opts::from_url(&mysql_url(url, None)).map_err(|e| e.to_string())?;
+    mysql_async::Conn::new(mysql_async::OptsBuilder::from_opts(opts).prefer_socket(false))
+        .await
+        .map_err(|e| format!("cannot connect to MariaDB: {e}"))
+}
+
+/// Drops the run's database (a `bench` one only, unless `--schema` named it).
+async fn mysql_drop(conn: &mut mysql_async::Conn, database: &str) -> Result<(), String> {
+    use mysql_async::prelude::Queryable;
+    conn.query_drop(format!("DROP DATABASE IF EXISTS `{database}`"))
+        .await
+        .map_err(|e| format!("cannot drop database {database}: {e}"))
 }
 
 /// The sidecar binary: the flag, else `docsidecar` beside this binary.
@@ -382,42 +432,70 @@ async fn run_database(args: &RunArgs, r: &Resolved, url: &str) -> Result<Report,
         args.payload,
         r.pool_size
     );
-    let admin = match &db {
-        Db::Postgres(url) => {
-            let admin = pg_admin(url).await?;
-            if args.target.is_none() {
-                let exists = admin
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-                        &[&schema],
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .get::<_, bool>(0);
-                if exists && !schema.starts_with("bench") {
-                    return Err(format!(
-                        "schema `{schema}` exists and is not a bench_ schema: pick another --schema"
-                    ));
-                }
-                admin
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            Some(admin)
-        }
-        Db::Sqlite(_) => None,
+    let mut admin = match &db {
+        Db::Postgres(url) => Admin::Pg(pg_admin(url).await?),
+        Db::Mysql(url) => Admin::Mysql(mysql_admin(url).await?),
+        Db::Sqlite(_) => Admin::None,
     };
-    let result = measure(args, r, &db, &schema, tmp.path()).await;
-    if let (Some(admin), None) = (admin, &args.target) {
-        if let Err(e) = admin
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-            .await
-        {
-            eprintln!("warning: could not drop schema {schema}: {e}");
+    if args.target.is_none() {
+        if admin.exists(&schema).await? && !schema.starts_with("bench") {
+            return Err(format!(
+                "schema (database) `{schema}` exists and is not a bench_ one: pick another --schema"
+            ));
+        }
+        admin.drop(&schema).await?;
+    }
+    let result = measure(args, r, &db, &schema, tmp.path(), &mut admin).await;
+    if args.target.is_none() {
+        if let Err(e) = admin.drop(&schema).await {
+            eprintln!("warning: {e}");
         }
     }
     result
+}
+
+/// An admin connection to the database server, for the run's schema (PostgreSQL)
+/// or database (MariaDB): set-up, clean-up and row counts.
+pub enum Admin {
+    None,
+    Pg(tokio_postgres::Client),
+    Mysql(mysql_async::Conn),
+}
+
+impl Admin {
+    async fn exists(&mut self, schema: &str) -> Result<bool, String> {
+        use mysql_async::prelude::Queryable;
+        match self {
+            Admin::None => Ok(false),
+            Admin::Pg(c) => c
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[&schema],
+                )
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                .map_err(|e| e.to_string()),
+            Admin::Mysql(c) => c
+                .exec_first::<u8, _, _>(
+                    "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                    (schema,),
+                )
+                .await
+                .map(|found| found.is_some())
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn drop(&mut self, schema: &str) -> Result<(), String> {
+        match self {
+            Admin::None => Ok(()),
+            Admin::Pg(c) => c
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .await
+                .map_err(|e| format!("could not drop schema {schema}: {e}")),
+            Admin::Mysql(c) => mysql_drop(c, schema).await,
+        }
+    }
 }
 
 async fn measure(
@@ -426,6 +504,7 @@ async fn measure(
     db: &Db,
     schema: &str,
     tmp: &Path,
+    admin: &mut Admin,
 ) -> Result<Report, String> {
     let binary = match &args.target {
         Some(_) => sidecar_binary(args).ok(),
@@ -452,18 +531,28 @@ async fn measure(
     }
 
     // The processes under test.
-    let spec = binary.as_ref().map(|binary| SidecarSpec {
-        binary,
-        database_url: db.sidecar_url(),
-        schema,
-        pool_size: r.pool_size,
-        env: args
-            .sidecar_env
-            .iter()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    });
+    let user_env: Vec<(String, String)> = args
+        .sidecar_env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let reaping = r.workloads.contains(&Workload::Reap);
+    let sidecar_spec = |env: Vec<(String, String)>| {
+        binary.as_ref().map(|binary| SidecarSpec {
+            binary,
+            database_url: db.sidecar_url(schema),
+            schema,
+            pool_size: r.pool_size,
+            env,
+        })
+    };
+    let mut env = user_env.clone();
+    if reaping {
+        // One reaper measured: the other sidecars' reapers are parked.
+        env.push(("DOCSIDECAR_REAP_INTERVAL".into(), "86400".into()));
+    }
+    let spec = sidecar_spec(env);
     let mut sidecar_tcp: Option<Process> = None;
     let mut sidecar_uds: Option<Process> = None;
     let (tcp_address, uds_address) = match (&args.target, &spec) {
@@ -555,6 +644,10 @@ async fn measure(
     let raw = match db {
         Db::Postgres(url) => Client::Pg(Arc::new(RawPg::new(url, schema, r.pool_size)?)),
         Db::Sqlite(path) => Client::Sqlite(Arc::new(RawSqlite::open(path, r.pool_size)?)),
+        Db::Mysql(url) => Client::Mysql(Arc::new(RawMysql::new(
+            &mysql_url(url, Some(schema)),
+            r.pool_size,
+        )?)),
     };
     let mut targets = vec![
         Target {
@@ -603,7 +696,7 @@ async fn measure(
 
     let mut results = Vec::new();
     let mut seed = 1u64;
-    for &w in &r.workloads {
+    for &w in r.workloads.iter().filter(|w| !w.is_special()) {
         let here: Vec<&Target> = targets
             .iter()
             .filter(|t| w == Workload::Get || args.uds_all || !t.name.ends_with("-uds"))
@@ -671,6 +764,48 @@ async fn measure(
         }
     }
 
+    let sidecar = targets
+        .iter()
+        .find(|t| t.name == "sidecar")
+        .ok_or("no sidecar target")?;
+    let mut watch_report = None;
+    if r.workloads.contains(&Workload::Watch) {
+        let setup = watch::WatchSetup {
+            spec: spec.as_ref(),
+            same_process: matches!(db, Db::Sqlite(_)),
+            writers: &sidecar.clients,
+            writer_address: &tcp_address,
+            writer_pid: tcp_pid,
+            watchers: args.watchers,
+            rate: r.rate,
+            docs: r.docs,
+            warmup: r.warmup,
+            duration: r.open_other,
+            raw_mysql: match db {
+                Db::Mysql(url) => Some((mysql_url(url, Some(schema)), r.pool_size)),
+                _ => None,
+            },
+        };
+        watch_report = Some(watch::measure(&setup, shared.clone()).await?);
+    }
+    let mut reap_result = None;
+    if let (true, Some(spec)) = (reaping, sidecar_spec(user_env.clone())) {
+        let plan = reap::ReapPlan {
+            db,
+            schema,
+            docs: r.reap_docs,
+            loader: sidecar.clients[0].clone(),
+            clients: Vec::new(),
+            pid: None,
+            rate: r.rate,
+            idle: r.open_other,
+            get_docs: r.docs,
+            env: &user_env,
+        };
+        reap_result =
+            Some(reap::measure(&spec, plan, args.connections, admin, shared.clone()).await?);
+    }
+
     drop(targets);
     let lifetime_peak_rss_mb = tcp_pid
         .and_then(|pid| process::status_kb(pid, "VmHWM"))
@@ -726,12 +861,14 @@ async fn measure(
         results,
         comparisons,
         targets: Vec::new(),
+        watch: watch_report,
+        reap: reap_result,
     };
     report.targets = report::check_targets(&report, cmax);
     Ok(report)
 }
 
-use drivers::{RawPg, RawSqlite};
+use drivers::{RawMysql, RawPg, RawSqlite};
 
 /// `scheme://user:password@host/…` with the password replaced, for the report:
 /// a database URL given on the command line must not end up in a JSON file.

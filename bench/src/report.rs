@@ -179,7 +179,7 @@ pub struct SidecarInfo {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// `sqlite` or `postgres`.
+    /// `sqlite`, `postgres` or `mariadb`.
     pub database: String,
     pub generated_unix: u64,
     pub machine: Machine,
@@ -188,6 +188,10 @@ pub struct Report {
     pub results: Vec<RunResult>,
     pub comparisons: Vec<Comparison>,
     pub targets: Vec<TargetCheck>,
+    /// The `watch` workload, when it ran.
+    pub watch: Option<crate::watch::WatchReport>,
+    /// The `reap` workload, when it ran.
+    pub reap: Option<crate::reap::ReapResult>,
 }
 
 pub fn find<'a>(
@@ -295,7 +299,7 @@ pub fn check_targets(report: &Report, concurrency_max: usize) -> Vec<TargetCheck
                 met: Some(x.throughput_ratio >= 0.8),
             });
         }
-    } else {
+    } else if report.database == "sqlite" {
         if let Some(x) = cmp("sidecar", "floor", "closed", concurrency_max) {
             checks.push(TargetCheck {
                 name: format!(
@@ -332,7 +336,129 @@ pub fn check_targets(report: &Report, concurrency_max: usize) -> Vec<TargetCheck
             });
         }
     }
+    if let Some(w) = &report.watch {
+        let limit = match report.database.as_str() {
+            "postgres" => Some(50.0),
+            "sqlite" => Some(10.0),
+            _ => None,
+        };
+        if let (Some(run), Some(limit)) = (w.runs.iter().find(|r| r.watchers > 0), limit) {
+            checks.push(TargetCheck {
+                name: format!(
+                    "Watch on {}: Save answer -> event p99 at {} writes/s, {} watchers",
+                    report.database, run.rate, run.watchers
+                ),
+                figure: if run.saturated {
+                    format!(
+                        "{:.2} ms (the writer kept only {:.0} writes/s)",
+                        run.p99_ms, run.writes_per_sec
+                    )
+                } else {
+                    format!("{:.2} ms", run.p99_ms)
+                },
+                limit: format!("<= {limit} ms"),
+                met: Some(run.p99_ms <= limit && run.missing == 0),
+            });
+        }
+        if let Some(c) = &w.change_log {
+            checks.push(TargetCheck {
+                name: format!(
+                    "write throughput with the change log vs without (raw driver, Save c={})",
+                    c.concurrency
+                ),
+                figure: format!("{:.2}x", c.ratio),
+                limit: ">= 0.9x".into(),
+                met: Some(c.ratio >= 0.9),
+            });
+        }
+    }
     checks
+}
+
+/// The watch and reap tables, when they ran.
+fn special_tables(report: &Report, out: &mut String) {
+    if let Some(w) = &report.watch {
+        let _ = writeln!(
+            out,
+            "\n[watch] Save answer -> SAVED event at each watcher, ms; CPU of the watching process"
+        );
+        let _ = writeln!(
+            out,
+            "{:>8} {:<8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+            "watchers",
+            "sidecar",
+            "writes/s",
+            "save p50",
+            "save p99",
+            "events",
+            "missing",
+            "p50",
+            "p90",
+            "p99",
+            "max",
+            "mCPU",
+            "w-mCPU"
+        );
+        for r in &w.runs {
+            let _ = writeln!(
+                out,
+                "{:>8} {:<8} {:>9.0} {:>9.2} {:>9.2} {:>9} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>7}",
+                r.watchers,
+                r.watcher_sidecar,
+                r.writes_per_sec,
+                r.write_p50_ms,
+                r.write_p99_ms,
+                r.events,
+                r.missing,
+                r.p50_ms,
+                r.p90_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.watcher_process_mcpu
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+                r.writer_process_mcpu
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+            );
+        }
+        if let Some(v) = w.mcpu_per_watcher {
+            let _ = writeln!(out, "  CPU added per watcher: {v:.1} mCPU");
+        }
+        if let Some(c) = &w.change_log {
+            let _ = writeln!(
+                out,
+                "  raw Save c={}: {:.0}/s with the change record, {:.0}/s without ({:.2}x)",
+                c.concurrency, c.with_per_sec, c.without_per_sec, c.ratio
+            );
+        }
+    }
+    if let Some(r) = &report.reap {
+        let _ = writeln!(
+            out,
+            "\n[reap] {} expired documents (REAP_INTERVAL {}, REAP_BATCH {}): reaped in {:.2} s, {:.0}/s{} (first deletion {:.2} s after expiry; loading took {:.1} s)",
+            r.docs,
+            r.reap_interval,
+            r.reap_batch,
+            r.reap_secs,
+            r.docs_per_sec,
+            if r.complete { "" } else { " (INCOMPLETE at the cap)" },
+            r.first_deletion_secs,
+            r.load_secs
+        );
+        for (name, g) in [("idle", &r.gets_idle), ("reaping", &r.gets_reaping)] {
+            let _ = writeln!(
+                out,
+                "  Gets at {}/s, {name:<8}: {} gets, {} errors, p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms, sidecar {} mCPU",
+                r.get_rate,
+                g.gets,
+                g.errors,
+                g.p50_ms,
+                g.p90_ms,
+                g.p99_ms,
+                g.max_ms,
+                g.sidecar_mcpu.map_or("-".into(), |v| format!("{v:.0}"))
+            );
+        }
+    }
 }
 
 /// The human-readable report.
@@ -430,6 +556,7 @@ pub fn table(report: &Report) -> String {
             }
         }
     }
+    special_tables(report, &mut out);
     let sc = &report.sidecar;
     let _ = writeln!(out, "\n[sidecar process]");
     if let Some(m) = sc.startup_median_ms {
@@ -524,10 +651,10 @@ mod chart {
     ];
 
     fn label(report: &Report, target: &str) -> String {
-        let raw = if report.database == "postgres" {
-            "raw tokio-postgres"
-        } else {
-            "raw rusqlite"
+        let raw = match report.database.as_str() {
+            "postgres" => "raw tokio-postgres",
+            "mariadb" => "raw mysql_async",
+            _ => "raw rusqlite",
         };
         match target {
             "raw" => raw.into(),
@@ -637,10 +764,10 @@ mod chart {
         let s = &report.settings;
         let title = format!(
             "docsidecar on {} — {} docs of {} B, pool {}, {} CPUs ({})",
-            if report.database == "postgres" {
-                "PostgreSQL"
-            } else {
-                "SQLite"
+            match report.database.as_str() {
+                "postgres" => "PostgreSQL",
+                "mariadb" => "MariaDB",
+                _ => "SQLite",
             },
             s.docs,
             s.payload_bytes,

@@ -90,9 +90,17 @@ pub enum Workload {
     List,
     /// Write of 10 upserts in one transaction.
     Write,
+    /// Save at a fixed rate with watchers streaming the changes: the latency from
+    /// each Save's answer to its event at the watchers (`crate::watch`). Not in
+    /// the default set.
+    Watch,
+    /// Gets at a fixed rate while the expiry reaper deletes expired documents
+    /// (`crate::reap`). Not in the default set.
+    Reap,
 }
 
 impl Workload {
+    /// The request workloads, run against every target: the default set.
     pub const ALL: [Workload; 5] = [
         Workload::Get,
         Workload::Save,
@@ -108,14 +116,24 @@ impl Workload {
             Workload::Mix => "mix",
             Workload::List => "list",
             Workload::Write => "write",
+            Workload::Watch => "watch",
+            Workload::Reap => "reap",
         }
+    }
+
+    /// Measured by its own module against sidecars only, not as requests
+    /// against every target.
+    pub fn is_special(self) -> bool {
+        matches!(self, Workload::Watch | Workload::Reap)
     }
 
     /// The next request, drawn from `rng` over `docs` documents and `pages` full pages.
     pub fn next(self, rng: &mut Rng, docs: u64, pages: usize) -> Op {
         match self {
             Workload::Get => Op::Get(rng.below(docs)),
-            Workload::Save => Op::Save(rng.below(docs)),
+            // The foreground load of the special workloads.
+            Workload::Save | Workload::Watch => Op::Save(rng.below(docs)),
+            Workload::Reap => Op::Get(rng.below(docs)),
             Workload::Mix => {
                 if rng.below(10) == 0 {
                     Op::Save(rng.below(docs))
