@@ -33,6 +33,8 @@ mod protect;
 pub mod query;
 pub mod sql;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tls;
 pub mod update;
 pub mod value;
