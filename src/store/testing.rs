@@ -55,6 +55,26 @@ pub fn save(collection: &str, id: &str, data: &str) -> SaveOp {
     }
 }
 
+/// One transaction across collections; the same id twice: insert, then
+/// update. `first` and `second` are the data, as the store gives it back.
+pub async fn one_write_spans_collections(s: &dyn DocumentStore, first: &str, second: &str) {
+    let results = s
+        .write(vec![
+            Mutation::Save(save("alpha", "a", first)),
+            Mutation::Save(save("beta", "b", "{}")),
+            Mutation::Save(save("alpha", "a", second)),
+        ])
+        .await
+        .unwrap();
+    let created: Vec<bool> = results
+        .iter()
+        .map(|r| matches!(r, Written::Saved(s) if s.created))
+        .collect();
+    assert_eq!(created, [true, true, false]);
+    assert_eq!(s.get_doc("alpha", "a").await.unwrap().data, second);
+    assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
+}
+
 /// The plain calls, as the API makes them of the store's operations.
 #[async_trait]
 pub trait Calls: DocumentStore {
@@ -85,4 +105,4 @@ pub trait Calls: DocumentStore {
     }
 }
 
-impl<S: DocumentStore> Calls for S {}
+impl<S: DocumentStore + ?Sized> Calls for S {}

@@ -185,22 +185,7 @@ async fn failed_writes_leave_no_trace_not_even_a_table() {
     );
     assert!(s.list_collections().await.unwrap().is_empty());
 
-    // One transaction across collections; the same id twice: insert, then update.
-    let results = s
-        .write(vec![
-            Mutation::Save(save("alpha", "a", r#"{"v": 1}"#)),
-            Mutation::Save(save("beta", "b", "{}")),
-            Mutation::Save(save("alpha", "a", r#"{"v": 2}"#)),
-        ])
-        .await
-        .unwrap();
-    let created: Vec<bool> = results
-        .iter()
-        .map(|r| matches!(r, Written::Saved(s) if s.created))
-        .collect();
-    assert_eq!(created, [true, true, false]);
-    assert_eq!(s.get_doc("alpha", "a").await.unwrap().data, r#"{"v": 2}"#);
-    assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
+    testing::one_write_spans_collections(s, r#"{"v": 1}"#, r#"{"v": 2}"#).await;
 
     // A table dropped behind the store's back (its cache says it exists) is recreated.
     ctx.admin
