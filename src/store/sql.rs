@@ -8,6 +8,25 @@ use super::query::{Condition, Field, Filter, Query};
 use super::Scopes;
 use std::ops::Bound;
 
+/// Indexes a store created on first use (no policy), so each is created once.
+#[derive(Debug, Default)]
+pub struct CreatedIndexes(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl CreatedIndexes {
+    pub fn contains(&self, name: &str) -> bool {
+        self.names().contains(name)
+    }
+
+    pub fn insert(&self, name: String) {
+        self.names().insert(name);
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // A panic elsewhere leaves the set as it was: still a valid set.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A bind parameter of a generated statement.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Param {

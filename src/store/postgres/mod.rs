@@ -152,7 +152,7 @@ pub struct PostgresStore {
     auto_create: bool,
     clock: Clock,
     /// Indexes created on first use (no policy), so each is created once.
-    indexed: std::sync::Mutex<std::collections::HashSet<String>>,
+    indexed: sql::CreatedIndexes,
     wakeups: changes::Wakeups,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,

@@ -162,12 +162,7 @@ impl PostgresStore {
             return Ok(());
         };
         let name = index_name(&q.collection, &index);
-        if self
-            .indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&name)
-        {
+        if self.indexed.contains(&name) {
             return Ok(());
         }
         let ddl = index_ddl(&self.tables.schema, &q.collection, &index, false)?;
@@ -183,10 +178,7 @@ impl PostgresStore {
             Err(e) if super::error::is_create_race(&e) => {}
             Err(e) => return Err(self.pg(e)),
         }
-        self.indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name);
+        self.indexed.insert(name);
         Ok(())
     }
 

@@ -156,22 +156,14 @@ impl SqliteStore {
             return Ok(());
         };
         let name = index_name(&q.collection, &index);
-        if self
-            .indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&name)
-        {
+        if self.indexed.contains(&name) {
             return Ok(());
         }
         let ddl = index_ddl(&q.collection, &index);
         self.with_writer(move |conn| Ok(conn.execute_batch(&ddl)?))
             .await?;
         tracing::info!(collection = %q.collection, index = %index, "created an index on first use (no policy)");
-        self.indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name);
+        self.indexed.insert(name);
         Ok(())
     }
 
