@@ -235,10 +235,7 @@ impl MysqlStore {
         budget: Budget,
     ) -> StoreResult<Batch> {
         let table = self.relation(&op.collection, &op.scope).await?;
-        let mut batch = Batch {
-            documents: Vec::new(),
-            looked_up: op.ids.len(),
-        };
+        let mut batch = Batch::in_one_statement(op.ids.len());
         let Some(last) = op.ids.last() else {
             return Ok(batch);
         };
@@ -266,13 +263,7 @@ impl MysqlStore {
         let mut spending = budget.start();
         self.scan(&sql, params, |mut row| {
             let n = int(&mut row, 7)?;
-            let doc = row_to_doc(&op.collection, row)?;
-            if !spending.take(&doc) {
-                batch.looked_up = usize::try_from(n - 1).unwrap_or(0);
-                return Ok(false);
-            }
-            batch.documents.push(doc);
-            Ok(true)
+            Ok(batch.take(&mut spending, row_to_doc(&op.collection, row)?, n))
         })
         .await?;
         Ok(batch)
