@@ -8,6 +8,19 @@ use super::query::{Condition, Field, Filter, Query};
 use super::Scopes;
 use std::ops::Bound;
 
+/// The statement that reads a written document's row, live or expired,
+/// under a row lock: `columns` (whose data column is spelled with `data`),
+/// the data read as `''` when the planner needs only the rest; `scope` and
+/// `id` are the store's placeholders.
+pub fn locked_row(columns: &str, table: &str, with_data: bool, [scope, id]: [&str; 2]) -> String {
+    let columns = if with_data {
+        columns.to_string()
+    } else {
+        columns.replace("data", "''")
+    };
+    format!("SELECT {columns} FROM {table} WHERE scope = {scope} AND id = {id} FOR UPDATE")
+}
+
 /// Indexes a store created on first use (no policy), so each is created once.
 #[derive(Debug, Default)]
 pub struct CreatedIndexes(std::sync::Mutex<std::collections::HashSet<String>>);
