@@ -20,7 +20,6 @@ use crate::store::sql::locked_row;
 use crate::store::{Document, Mutation, StoreError, StoreResult, Written};
 use mysql_async::prelude::*;
 use mysql_async::{Row, Value};
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// A reaped row: scope, id, rev, and the database's time.
@@ -174,13 +173,7 @@ impl MysqlStore {
         if !self.auto_create {
             return Ok(());
         }
-        let unknown: Vec<&str> = mutations
-            .iter()
-            .filter(|m| !matches!(m, Mutation::Delete(_)) && !self.tables.known(m.collection()))
-            .map(Mutation::collection)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let unknown = Mutation::unknown_collections(mutations, |c| self.tables.known(c));
         if unknown.is_empty() {
             return Ok(());
         }

@@ -122,13 +122,7 @@ impl PostgresStore {
         if !self.auto_create {
             return Ok(BTreeSet::new());
         }
-        let unknown: Vec<&str> = mutations
-            .iter()
-            .filter(|m| !matches!(m, Mutation::Delete(_)) && !self.tables.known(m.collection()))
-            .map(Mutation::collection)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let unknown = Mutation::unknown_collections(mutations, |c| self.tables.known(c));
         if unknown.is_empty() {
             return Ok(BTreeSet::new());
         }
