@@ -70,14 +70,15 @@ impl Dialect for Sqlite {
 }
 
 /// The statement of a query (or, with `count`, of its count) and its
-/// parameters. The collection is a literal (a validated name) so that the
-/// partial indexes of that collection apply.
-fn statement(q: &Query, count: bool) -> (String, Vec<Param>) {
+/// parameters, `?1` being `now`. The collection is a literal (a validated
+/// name) so that the partial indexes of that collection apply.
+fn statement(q: &Query, now: i64, count: bool) -> (String, Vec<Box<dyn ToSql>>) {
     let conditions = vec![
         format!("collection = '{}'", q.collection),
         "(expire_time IS NULL OR expire_time > ?1)".to_string(),
     ];
-    sql::statement(q, &Sqlite, "documents", conditions, count)
+    let (sql, params) = sql::statement(q, &Sqlite, "documents", conditions, count);
+    (sql, bind(now, &params))
 }
 
 fn bind(now: i64, params: &[Param]) -> Vec<Box<dyn ToSql>> {
@@ -172,8 +173,7 @@ impl SqliteStore {
         let now = self.clock.now();
         let q = q.clone();
         self.with_reader(move |conn| {
-            let (sql, params) = statement(&q, false);
-            let params = bind(now, &params);
+            let (sql, params) = statement(&q, now, false);
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
                 row_to_doc(&q.collection, r)
@@ -194,8 +194,7 @@ impl SqliteStore {
         let now = self.clock.now();
         let q = q.clone();
         self.with_reader(move |conn| {
-            let (sql, params) = statement(&q, true);
-            let params = bind(now, &params);
+            let (sql, params) = statement(&q, now, true);
             let n: i64 = conn
                 .prepare_cached(&sql)?
                 .query_row(rusqlite::params_from_iter(params.iter()), |r| r.get(0))?;
@@ -207,8 +206,7 @@ impl SqliteStore {
 
 #[cfg(test)]
 pub(super) fn explain(conn: &Connection, q: &Query) -> String {
-    let (sql, params) = statement(q, false);
-    let params = bind(0, &params);
+    let (sql, params) = statement(q, 0, false);
     let plan: Vec<String> = conn
         .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
         .unwrap()
