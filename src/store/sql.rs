@@ -149,27 +149,22 @@ impl Builder<'_> {
         let ids =
             |keys: &[Vec<u8>]| -> Vec<String> { keys.iter().filter_map(|k| id_of(k)).collect() };
         match condition {
-            Condition::In(keys) => {
+            Condition::In(keys) | Condition::NotIn(keys) => {
+                let not = if matches!(condition, Condition::NotIn(_)) {
+                    "NOT "
+                } else {
+                    ""
+                };
                 let ids = ids(keys);
                 if ids.is_empty() {
-                    return "1 = 0".into();
+                    // In no id: nothing matches; in none of no ids: all do.
+                    return if not.is_empty() { "1 = 0" } else { "1 = 1" }.into();
                 }
                 let list: Vec<String> = ids
                     .into_iter()
                     .map(|id| self.param(Param::Text(id)))
                     .collect();
-                format!("id IN ({})", list.join(", "))
-            }
-            Condition::NotIn(keys) => {
-                let ids = ids(keys);
-                if ids.is_empty() {
-                    return "1 = 1".into();
-                }
-                let list: Vec<String> = ids
-                    .into_iter()
-                    .map(|id| self.param(Param::Text(id)))
-                    .collect();
-                format!("id NOT IN ({})", list.join(", "))
+                format!("id {not}IN ({})", list.join(", "))
             }
             Condition::Exists(exists) => if *exists { "1 = 1" } else { "1 = 0" }.into(),
             Condition::ArrayContainsAny(_) => "1 = 0".into(),
