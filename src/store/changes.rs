@@ -110,4 +110,26 @@ impl Wakeups {
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.tx.subscribe()
     }
+
+    /// Waits, two seconds at the most, until `pending` reports no unnumbered
+    /// change left, waking the sequencer each time one is.
+    pub async fn settle<F, Fut>(&self, mut pending: F) -> super::StoreResult<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = super::StoreResult<bool>>,
+    {
+        let mut wakeups = self.subscribe();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while pending().await? {
+            self.notify();
+            if tokio::time::timeout_at(deadline, wakeups.changed())
+                .await
+                .is_err()
+            {
+                // The sequencer is elsewhere and slow: "now" is a little earlier.
+                break;
+            }
+        }
+        Ok(())
+    }
 }

@@ -33,6 +33,8 @@ mod protect;
 pub mod query;
 pub mod sql;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tls;
 pub mod update;
 pub mod value;
@@ -373,6 +375,26 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch read in one statement, rows in request order: every id counts
+    /// as looked up unless [`Batch::take`] stops at the budget.
+    pub fn in_one_statement(ids: usize) -> Batch {
+        Batch {
+            documents: Vec::new(),
+            looked_up: ids,
+        }
+    }
+
+    /// Takes `doc`, found for the request's `n`th id (from 1), if it fits the
+    /// budget; false once it does not, and then only the ids before count.
+    pub fn take(&mut self, spending: &mut Spending, doc: Document, n: i64) -> bool {
+        if !spending.take(&doc) {
+            self.looked_up = usize::try_from(n - 1).unwrap_or(0);
+            return false;
+        }
+        self.documents.push(doc);
+        true
+    }
+
     /// Adds the documents found for `ids`, the next ids of the request in
     /// order (`found` in any order, absent ones missing), while they fit the
     /// budget; false once it is reached (the rest is not looked up).

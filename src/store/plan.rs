@@ -58,6 +58,18 @@ pub struct Planned {
 }
 
 impl Mutation {
+    /// The collections, each once and in order, that a save or update of
+    /// `mutations` writes to and `known` does not know (a delete needs no table).
+    pub fn unknown_collections(mutations: &[Mutation], known: impl Fn(&str) -> bool) -> Vec<&str> {
+        mutations
+            .iter()
+            .filter(|m| !matches!(m, Mutation::Delete(_)) && !known(m.collection()))
+            .map(Mutation::collection)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
     /// Whether [`Mutation::plan`] reads the stored document's data; when not,
     /// a store may pass the stored row with empty `data`.
     pub fn needs_stored_data(&self) -> bool {

@@ -8,6 +8,38 @@ use super::query::{Condition, Field, Filter, Query};
 use super::Scopes;
 use std::ops::Bound;
 
+/// The statement that reads a written document's row, live or expired,
+/// under a row lock: `columns` (whose data column is spelled with `data`),
+/// the data read as `''` when the planner needs only the rest; `scope` and
+/// `id` are the store's placeholders.
+pub fn locked_row(columns: &str, table: &str, with_data: bool, [scope, id]: [&str; 2]) -> String {
+    let columns = if with_data {
+        columns.to_string()
+    } else {
+        columns.replace("data", "''")
+    };
+    format!("SELECT {columns} FROM {table} WHERE scope = {scope} AND id = {id} FOR UPDATE")
+}
+
+/// Indexes a store created on first use (no policy), so each is created once.
+#[derive(Debug, Default)]
+pub struct CreatedIndexes(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl CreatedIndexes {
+    pub fn contains(&self, name: &str) -> bool {
+        self.names().contains(name)
+    }
+
+    pub fn insert(&self, name: String) {
+        self.names().insert(name);
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // A panic elsewhere leaves the set as it was: still a valid set.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A bind parameter of a generated statement.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Param {
@@ -117,27 +149,22 @@ impl Builder<'_> {
         let ids =
             |keys: &[Vec<u8>]| -> Vec<String> { keys.iter().filter_map(|k| id_of(k)).collect() };
         match condition {
-            Condition::In(keys) => {
+            Condition::In(keys) | Condition::NotIn(keys) => {
+                let not = if matches!(condition, Condition::NotIn(_)) {
+                    "NOT "
+                } else {
+                    ""
+                };
                 let ids = ids(keys);
                 if ids.is_empty() {
-                    return "1 = 0".into();
+                    // In no id: nothing matches; in none of no ids: all do.
+                    return if not.is_empty() { "1 = 0" } else { "1 = 1" }.into();
                 }
                 let list: Vec<String> = ids
                     .into_iter()
                     .map(|id| self.param(Param::Text(id)))
                     .collect();
-                format!("id IN ({})", list.join(", "))
-            }
-            Condition::NotIn(keys) => {
-                let ids = ids(keys);
-                if ids.is_empty() {
-                    return "1 = 1".into();
-                }
-                let list: Vec<String> = ids
-                    .into_iter()
-                    .map(|id| self.param(Param::Text(id)))
-                    .collect();
-                format!("id NOT IN ({})", list.join(", "))
+                format!("id {not}IN ({})", list.join(", "))
             }
             Condition::Exists(exists) => if *exists { "1 = 1" } else { "1 = 0" }.into(),
             Condition::ArrayContainsAny(_) => "1 = 0".into(),

@@ -26,6 +26,14 @@ pub enum SslMode {
 
 impl SslMode {
     pub const NAMES: &'static str = "disable, prefer, require, verify-ca, verify-full";
+    /// Every mode, loosest first.
+    pub const ALL: [SslMode; 5] = [
+        SslMode::Disable,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
 }
 
 impl FromStr for SslMode {
@@ -93,13 +101,7 @@ mod tests {
         assert_eq!("VERIFY_IDENTITY".parse(), Ok(SslMode::VerifyFull));
         assert_eq!("required".parse(), Ok(SslMode::Require));
         assert!("yes".parse::<SslMode>().unwrap_err().contains("verify-ca"));
-        for mode in [
-            SslMode::Disable,
-            SslMode::Prefer,
-            SslMode::Require,
-            SslMode::VerifyCa,
-            SslMode::VerifyFull,
-        ] {
+        for mode in SslMode::ALL {
             assert_eq!(mode.to_string().parse(), Ok(mode));
         }
     }

@@ -213,33 +213,20 @@ impl MysqlStore {
         })
         .await?;
         if let Some(newest) = newest {
-            let mut wakeups = self.wakeups.subscribe();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            loop {
-                let mut waiting = false;
-                self.scan(
-                    &format!(
-                        "SELECT EXISTS (SELECT 1 FROM {feed} WHERE position IS NULL AND seq <= ?)"
-                    ),
-                    vec![Value::Int(newest)],
-                    |mut row| {
+            let pending =
+                format!("SELECT EXISTS (SELECT 1 FROM {feed} WHERE position IS NULL AND seq <= ?)");
+            let pending = &pending;
+            self.wakeups
+                .settle(move || async move {
+                    let mut waiting = false;
+                    self.scan(pending, vec![Value::Int(newest)], |mut row| {
                         waiting = int(&mut row, 0).unwrap_or_default() != 0;
                         Ok(false)
-                    },
-                )
+                    })
+                    .await?;
+                    Ok(waiting)
+                })
                 .await?;
-                if !waiting {
-                    break;
-                }
-                self.wakeups.notify();
-                if tokio::time::timeout_at(deadline, wakeups.changed())
-                    .await
-                    .is_err()
-                {
-                    // The sequencer is elsewhere and slow: "now" is a little earlier.
-                    break;
-                }
-            }
         }
         self.bounds().await
     }

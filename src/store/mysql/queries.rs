@@ -39,11 +39,41 @@ fn parse(doc: &Document) -> StoreResult<Json> {
     })
 }
 
+/// The next `limit` live rows of `table` after `(id, scope)`, in (id, scope)
+/// order: one scope's, or every scope's.
+fn keyset(
+    table: &str,
+    scopes: &Scopes,
+    (after_id, after_scope): (&str, &str),
+    offset: i64,
+    limit: u64,
+) -> (String, Vec<Value>) {
+    match scopes {
+        Scopes::One(scope) => (
+            format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id > ? AND {LIVE} ORDER BY id LIMIT ?"),
+            vec![bytes(scope), bytes(after_id), offset.into(), limit.into()],
+        ),
+        Scopes::All => (
+            format!("SELECT {COLUMNS} FROM {table} WHERE (id > ? OR (id = ? AND scope > ?)) AND {LIVE} ORDER BY id, scope LIMIT ?"),
+            vec![bytes(after_id), bytes(after_id), bytes(after_scope), offset.into(), limit.into()],
+        ),
+    }
+}
+
 fn compare(q: &Query, a: &Position, b: &Position) -> Ordering {
     query::compare_positions(&q.order, (&a.0, &a.1, &a.2), (&b.0, &b.1, &b.2))
 }
 
 impl MysqlStore {
+    /// What a read of `scopes` reads: one scope's relation (a view for a
+    /// scoped account), or the table.
+    async fn relation_for(&self, collection: &str, scopes: &Scopes) -> StoreResult<String> {
+        match scopes {
+            Scopes::One(scope) => self.relation(collection, scope).await,
+            Scopes::All => ddl::table(collection),
+        }
+    }
+
     /// Calls `each` with every live row of the query's scope (and the
     /// document's parsed JSON) that matches its filters, in (id, scope)
     /// order after `start`, until it returns false.
@@ -53,24 +83,12 @@ impl MysqlStore {
         start: Option<(String, String)>,
         mut each: impl FnMut(Document, Json) -> StoreResult<bool> + Send,
     ) -> StoreResult<()> {
-        let table = match &q.scopes {
-            Scopes::One(scope) => self.relation(&q.collection, scope).await?,
-            Scopes::All => ddl::table(&q.collection)?,
-        };
+        let table = self.relation_for(&q.collection, &q.scopes).await?;
         let offset = self.clock.offset();
         // Ids are never empty: '' is before the first row.
         let (mut after_id, mut after_scope) = start.unwrap_or_default();
         loop {
-            let (sql, params) = match &q.scopes {
-                Scopes::One(scope) => (
-                    format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id > ? AND {LIVE} ORDER BY id LIMIT ?"),
-                    vec![bytes(scope), bytes(&after_id), offset.into(), CHUNK.into()],
-                ),
-                Scopes::All => (
-                    format!("SELECT {COLUMNS} FROM {table} WHERE (id > ? OR (id = ? AND scope > ?)) AND {LIVE} ORDER BY id, scope LIMIT ?"),
-                    vec![bytes(&after_id), bytes(&after_id), bytes(&after_scope), offset.into(), CHUNK.into()],
-                ),
-            };
+            let (sql, params) = keyset(&table, &q.scopes, (&after_id, &after_scope), offset, CHUNK);
             let (mut read, mut go_on, mut failed) = (0, true, None);
             self.scan(&sql, params, |row| {
                 let doc = row_to_doc(&q.collection, row)?;
@@ -202,25 +220,13 @@ impl MysqlStore {
     }
 
     pub(super) async fn list_once(&self, op: &ListOp, budget: Budget) -> StoreResult<Page> {
-        let table = match &op.scopes {
-            Scopes::One(scope) => self.relation(&op.collection, scope).await?,
-            Scopes::All => ddl::table(&op.collection)?,
-        };
+        let table = self.relation_for(&op.collection, &op.scopes).await?;
         let fetch = u64::try_from(Page::fetch_limit(op.limit)).unwrap_or(u64::MAX);
         let (after_id, after_scope) = op.after.clone().unwrap_or_default();
         let offset = self.clock.offset();
         // Keyset pagination on the primary key, never OFFSET; rows stream
         // until the page is full.
-        let (sql, params) = match &op.scopes {
-            Scopes::One(scope) => (
-                format!("SELECT {COLUMNS} FROM {table} WHERE scope = ? AND id > ? AND {LIVE} ORDER BY id LIMIT ?"),
-                vec![bytes(scope), bytes(&after_id), offset.into(), fetch.into()],
-            ),
-            Scopes::All => (
-                format!("SELECT {COLUMNS} FROM {table} WHERE (id > ? OR (id = ? AND scope > ?)) AND {LIVE} ORDER BY id, scope LIMIT ?"),
-                vec![bytes(&after_id), bytes(&after_id), bytes(&after_scope), offset.into(), fetch.into()],
-            ),
-        };
+        let (sql, params) = keyset(&table, &op.scopes, (&after_id, &after_scope), offset, fetch);
         let mut page = PageBuilder::new(op.limit, budget);
         self.scan(&sql, params, |row| {
             Ok(page.push(row_to_doc(&op.collection, row)?))
@@ -235,10 +241,7 @@ impl MysqlStore {
         budget: Budget,
     ) -> StoreResult<Batch> {
         let table = self.relation(&op.collection, &op.scope).await?;
-        let mut batch = Batch {
-            documents: Vec::new(),
-            looked_up: op.ids.len(),
-        };
+        let mut batch = Batch::in_one_statement(op.ids.len());
         let Some(last) = op.ids.last() else {
             return Ok(batch);
         };
@@ -266,13 +269,7 @@ impl MysqlStore {
         let mut spending = budget.start();
         self.scan(&sql, params, |mut row| {
             let n = int(&mut row, 7)?;
-            let doc = row_to_doc(&op.collection, row)?;
-            if !spending.take(&doc) {
-                batch.looked_up = usize::try_from(n - 1).unwrap_or(0);
-                return Ok(false);
-            }
-            batch.documents.push(doc);
-            Ok(true)
+            Ok(batch.take(&mut spending, row_to_doc(&op.collection, row)?, n))
         })
         .await?;
         Ok(batch)

@@ -5,6 +5,7 @@
 //! every store in `tests/behaviour.rs`; these are the MySQL-specific cases.
 
 use super::*;
+use crate::store::testing::{self, save, Calls};
 use mysql_async::{Opts, OptsBuilder};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,24 +28,14 @@ struct Db {
 impl Drop for Db {
     fn drop(&mut self) {
         let name = self.name.clone();
-        // Drop cannot await: a thread with its own runtime does the cleanup.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(mut c) = mysql_async::Conn::new(server_opts()).await {
-                    let _ = c
-                        .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                        .await;
-                    let _ = c.disconnect().await;
-                }
-            });
-        })
-        .join();
+        testing::clean_up(move || async move {
+            if let Ok(mut c) = mysql_async::Conn::new(server_opts()).await {
+                let _ = c
+                    .query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                    .await;
+                let _ = c.disconnect().await;
+            }
+        });
     }
 }
 
@@ -57,21 +48,7 @@ async fn admin(db: &Db) -> mysql_async::Conn {
 
 /// A fresh database on the test server, or `None` to skip.
 async fn database() -> Option<Db> {
-    let require = std::env::var("DOCSIDECAR_REQUIRE_DB").is_ok_and(|v| v == "1");
-    let conn = tokio::time::timeout(
-        Duration::from_secs(5),
-        mysql_async::Conn::new(server_opts()),
-    )
-    .await;
-    let mut conn = match conn {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) if require => panic!("DOCSIDECAR_REQUIRE_DB=1 but MariaDB is unreachable: {e}"),
-        Err(_) if require => panic!("DOCSIDECAR_REQUIRE_DB=1 but MariaDB did not answer"),
-        _ => {
-            println!("skipped: no MariaDB");
-            return None;
-        }
-    };
+    let mut conn = testing::reach("MariaDB", mysql_async::Conn::new(server_opts())).await?;
     let name = format!("t_{}", uuid::Uuid::now_v7().simple());
     conn.query_drop(format!("CREATE DATABASE `{name}`"))
         .await
@@ -103,41 +80,8 @@ async fn store(db: &Db, clock: Clock) -> MysqlStore {
         .expect("connect")
 }
 
-fn save(collection: &str, id: &str, data: &str) -> SaveOp {
-    SaveOp {
-        key: Key::new(collection, "", id),
-        data: data.into(),
-        expected_rev: None,
-        create_only: false,
-        expiry: Expiry::Never,
-        protected: Arc::default(),
-    }
-}
-
-async fn save_doc(s: &MysqlStore, op: SaveOp) -> StoreResult<Saved> {
-    match s
-        .write(vec![Mutation::Save(op)])
-        .await
-        .map_err(StoreError::outside_mutation)?
-        .pop()
-    {
-        Some(Written::Saved(saved)) => Ok(saved),
-        other => panic!("{other:?}"),
-    }
-}
-
-async fn get_doc(s: &MysqlStore, collection: &str, id: &str) -> StoreResult<Document> {
-    s.get(&Key::new(collection, "", id)).await
-}
-
 async fn ids(s: &MysqlStore, collection: &str) -> Vec<String> {
-    let op = ListOp {
-        collection: collection.into(),
-        scopes: Scopes::One(String::new()),
-        after: None,
-        limit: 100,
-    };
-    let page = s.list(&op, Budget::unlimited()).await.unwrap();
+    let page = s.list_docs(collection, 100).await.unwrap();
     page.documents.into_iter().map(|d| d.key.id).collect()
 }
 
@@ -151,8 +95,8 @@ async fn documents_keep_their_json_text_and_ids_sort_as_bytes() {
     // reprints numbers (1e300, 5e-324, 0.1, -0.0, a float past 2^53) or
     // reorders keys, and unicode and escapes stay as written.
     let text = r#"{"z":1e300,"a":5e-324,"m":0.1,"neg":-0.0,"big":9007199254740993.0,"u":"é 漢字 🎉 \u0001 \"q\" \\","nested":{"b":[1.5,null,true]}}"#;
-    save_doc(&s, save("docs", "x", text)).await.unwrap();
-    assert_eq!(get_doc(&s, "docs", "x").await.unwrap().data, text);
+    s.save_doc(save("docs", "x", text)).await.unwrap();
+    assert_eq!(s.get_doc("docs", "x").await.unwrap().data, text);
     let mut c = admin(&db).await;
     let stored: Option<String> = c
         .query_first("SELECT data FROM docs WHERE id = 'x'")
@@ -164,12 +108,12 @@ async fn documents_keep_their_json_text_and_ids_sort_as_bytes() {
 
     // Ids are bytes: trailing spaces and case matter, and they sort by byte.
     for id in ["b", "B", "é", "a", "a "] {
-        save_doc(&s, save("docs", id, "{}")).await.unwrap();
+        s.save_doc(save("docs", id, "{}")).await.unwrap();
     }
     assert_eq!(ids(&s, "docs").await, ["B", "a", "a ", "b", "x", "é"]);
     assert_ne!(
-        get_doc(&s, "docs", "a").await.unwrap().rev,
-        get_doc(&s, "docs", "a ").await.unwrap().rev
+        s.get_doc("docs", "a").await.unwrap().rev,
+        s.get_doc("docs", "a ").await.unwrap().rev
     );
 
     // Tables outside the catalog are not collections.
@@ -200,33 +144,18 @@ async fn failed_writes_leave_nothing_behind() {
         .unwrap_err();
     assert!(err.to_string().starts_with("mutation 2: "), "{err}");
     assert!(matches!(
-        get_doc(&s, "alpha", "a").await,
+        s.get_doc("alpha", "a").await,
         Err(StoreError::NotFound { .. })
     ));
     // DDL commits, so the tables may exist, but the catalog says nothing.
     assert!(s.list_collections().await.unwrap().is_empty());
 
-    // One transaction across collections; the same id twice: insert, then update.
-    let results = s
-        .write(vec![
-            Mutation::Save(save("alpha", "a", r#"{"v":1}"#)),
-            Mutation::Save(save("beta", "b", "{}")),
-            Mutation::Save(save("alpha", "a", r#"{"v":2}"#)),
-        ])
-        .await
-        .unwrap();
-    let created: Vec<bool> = results
-        .iter()
-        .map(|r| matches!(r, Written::Saved(s) if s.created))
-        .collect();
-    assert_eq!(created, [true, true, false]);
-    assert_eq!(get_doc(&s, "alpha", "a").await.unwrap().data, r#"{"v":2}"#);
-    assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
+    testing::one_write_spans_collections(&s, r#"{"v":1}"#, r#"{"v":2}"#).await;
 
     // A table dropped behind the store's back (its cache says it exists) is recreated.
     let mut c = admin(&db).await;
     c.query_drop("DROP TABLE alpha").await.unwrap();
-    let saved = save_doc(&s, save("alpha", "z", "{}")).await.unwrap();
+    let saved = s.save_doc(save("alpha", "z", "{}")).await.unwrap();
     assert!(saved.created);
     assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
     c.disconnect().await.unwrap();
@@ -254,7 +183,7 @@ async fn expired_rows_are_absent_and_reaped_once_by_concurrent_reapers() {
     // every read, and a create_only write over one succeeds.
     clock.advance(61_000_000);
     assert!(matches!(
-        get_doc(&s, "ttl", "d00").await,
+        s.get_doc("ttl", "d00").await,
         Err(StoreError::NotFound { .. })
     ));
     assert_eq!(ids(&s, "ttl").await, ["forever"]);
@@ -267,7 +196,7 @@ async fn expired_rows_are_absent_and_reaped_once_by_concurrent_reapers() {
     assert_eq!(found.documents.len(), 1);
     let mut op = save("ttl", "d00", "{}");
     op.create_only = true;
-    assert!(save_doc(&s, op).await.unwrap().created);
+    assert!(s.save_doc(op).await.unwrap().created);
 
     // Two stores reap at once, in small batches: each row once.
     let reap = |store: Arc<MysqlStore>| async move {
@@ -324,14 +253,14 @@ async fn an_abandoned_call_is_killed_on_the_server_and_frees_the_pool() {
             .await
             .unwrap(),
     );
-    save_doc(&s, save("locked", "a", "{}")).await.unwrap();
+    s.save_doc(save("locked", "a", "{}")).await.unwrap();
     // Another session holds the table; `watch` looks at the process list.
     let mut locker = admin(&db).await;
     let mut watch = admin(&db).await;
     locker.query_drop("LOCK TABLES locked WRITE").await.unwrap();
     let blocked = {
         let s = s.clone();
-        tokio::spawn(async move { get_doc(&s, "locked", "a").await })
+        tokio::spawn(async move { s.get_doc("locked", "a").await })
     };
     wait_for_waiting(&mut watch, &db.name, 1).await;
 
@@ -356,7 +285,7 @@ async fn an_abandoned_call_is_killed_on_the_server_and_frees_the_pool() {
     // Its connection left the pool, so the slot is free again.
     s.ping().await.unwrap();
     locker.query_drop("UNLOCK TABLES").await.unwrap();
-    assert_eq!(get_doc(&s, "locked", "a").await.unwrap().key.id, "a");
+    assert_eq!(s.get_doc("locked", "a").await.unwrap().key.id, "a");
     locker.disconnect().await.unwrap();
     watch.disconnect().await.unwrap();
 }
@@ -388,15 +317,15 @@ async fn without_auto_create_the_tables_come_from_migrate() {
         .await
         .unwrap();
     assert!(matches!(
-        get_doc(&s, "other", "a").await,
+        s.get_doc("other", "a").await,
         Err(StoreError::NotFound { .. })
     ));
-    let err = save_doc(&s, save("other", "a", "{}")).await.unwrap_err();
+    let err = s.save_doc(save("other", "a", "{}")).await.unwrap_err();
     assert!(
         matches!(&err, StoreError::Precondition { precondition: Precondition::TableMissing, message } if message.contains("docsidecar migrate")),
         "{err:?}"
     );
-    assert!(save_doc(&s, save("docs", "a", "{}")).await.unwrap().created);
+    assert!(s.save_doc(save("docs", "a", "{}")).await.unwrap().created);
     assert_eq!(s.list_collections().await.unwrap(), ["docs"]);
 
     // A database migrated by a newer release is refused, not damaged.
@@ -444,7 +373,7 @@ async fn dead_hosts_are_skipped_and_no_password_leaks() {
     let s = MysqlStore::connect(&t, &Tasks::new(), Clock::default())
         .await
         .unwrap();
-    save_doc(&s, save("docs", "a", "{}")).await.unwrap();
+    s.save_doc(save("docs", "a", "{}")).await.unwrap();
     assert_eq!(s.pool_stats().max, 4);
 
     // Nothing answers: UNAVAILABLE, naming every host, never the password.
@@ -491,7 +420,7 @@ async fn a_rotated_password_is_used_once_it_works() {
     let s = MysqlStore::connect(&t, &Tasks::new(), Clock::default())
         .await
         .unwrap();
-    save_doc(&s, save("docs", "a", "{}")).await.unwrap();
+    s.save_doc(save("docs", "a", "{}")).await.unwrap();
 
     // The database changes the password; the file is not updated yet, then
     // it is. A password that does not work is not taken.
@@ -513,7 +442,7 @@ async fn a_rotated_password_is_used_once_it_works() {
     for id in sessions {
         let _ = c.query_drop(format!("KILL {id}")).await;
     }
-    save_doc(&s, save("docs", "b", "{}")).await.unwrap();
+    s.save_doc(save("docs", "b", "{}")).await.unwrap();
     assert_eq!(ids(&s, "docs").await, ["a", "b"]);
     c.query_drop(format!("DROP USER '{user}'@'%'"))
         .await

@@ -16,10 +16,10 @@ use super::pool::Conn;
 use super::{bytes, row_to_doc, MysqlStore, COLUMNS, NOW};
 use crate::metrics;
 use crate::store::plan::Action;
-use crate::store::{Document, Key, Mutation, StoreError, StoreResult, Written};
+use crate::store::sql::locked_row;
+use crate::store::{Document, Mutation, StoreError, StoreResult, Written};
 use mysql_async::prelude::*;
 use mysql_async::{Row, Value};
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// A reaped row: scope, id, rev, and the database's time.
@@ -51,19 +51,14 @@ fn pause(attempt: u32) -> Duration {
     Duration::from_micros(500 + jitter * ceiling * 1000 / 0xffff)
 }
 
-/// The stored row of `key`, live or expired, locked; its data only when asked.
+/// The stored row of `mutation`'s document, live or expired, locked.
 async fn stored(
     conn: &mut mysql_async::Conn,
     table: &str,
-    key: &Key,
-    with_data: bool,
+    mutation: &Mutation,
 ) -> Result<Option<Document>, OpError> {
-    let columns = if with_data {
-        COLUMNS.to_string()
-    } else {
-        COLUMNS.replace("data", "''")
-    };
-    let sql = format!("SELECT {columns} FROM {table} WHERE scope = ? AND id = ? FOR UPDATE");
+    let sql = locked_row(COLUMNS, table, mutation.needs_stored_data(), ["?", "?"]);
+    let key = mutation.key();
     let row: Option<Row> = conn
         .exec_first(sql, (key.scope.as_bytes(), key.id.as_bytes()))
         .await?;
@@ -178,13 +173,7 @@ impl MysqlStore {
         if !self.auto_create {
             return Ok(());
         }
-        let unknown: Vec<&str> = mutations
-            .iter()
-            .filter(|m| !matches!(m, Mutation::Delete(_)) && !self.tables.known(m.collection()))
-            .map(Mutation::collection)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let unknown = Mutation::unknown_collections(mutations, |c| self.tables.known(c));
         if unknown.is_empty() {
             return Ok(());
         }
@@ -238,7 +227,7 @@ impl MysqlStore {
         for (index, (mutation, table)) in mutations.iter().zip(tables).enumerate() {
             let collection = mutation.collection();
             let result = async {
-                let row = stored(conn, table, mutation.key(), mutation.needs_stored_data()).await?;
+                let row = stored(conn, table, mutation).await?;
                 let planned = mutation.plan(row, now)?;
                 apply(conn, table, &planned.action).await?;
                 super::feed::record(conn, feed, &planned.changes, now).await?;

@@ -204,26 +204,16 @@ impl PostgresStore {
             let pending = format!(
                 r#"SELECT EXISTS (SELECT 1 FROM "{schema}"._changes WHERE position IS NULL AND seq <= $1)"#
             );
-            let mut wakeups = self.wakeups.subscribe();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            loop {
-                let waiting: bool = self
-                    .select(&pending, &[&newest])
-                    .await?
-                    .first()
-                    .is_some_and(|r| r.get(0));
-                if !waiting {
-                    break;
-                }
-                self.wakeups.notify();
-                if tokio::time::timeout_at(deadline, wakeups.changed())
-                    .await
-                    .is_err()
-                {
-                    // The sequencer is elsewhere and slow: "now" is a little earlier.
-                    break;
-                }
-            }
+            let pending = &pending;
+            self.wakeups
+                .settle(move || async move {
+                    Ok(self
+                        .select(pending, &[&newest])
+                        .await?
+                        .first()
+                        .is_some_and(|r| r.get(0)))
+                })
+                .await?;
         }
         self.bounds().await
     }

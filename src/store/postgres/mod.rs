@@ -152,7 +152,7 @@ pub struct PostgresStore {
     auto_create: bool,
     clock: Clock,
     /// Indexes created on first use (no policy), so each is created once.
-    indexed: std::sync::Mutex<std::collections::HashSet<String>>,
+    indexed: sql::CreatedIndexes,
     wakeups: changes::Wakeups,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,
@@ -489,20 +489,11 @@ impl DocumentStore for PostgresStore {
              ORDER BY r.n"
         );
         let offset = self.clock.offset();
-        let mut batch = Batch {
-            documents: Vec::new(),
-            looked_up: op.ids.len(),
-        };
+        let mut batch = Batch::in_one_statement(op.ids.len());
         let mut spending = budget.start();
         self.scan(&sql, &[&offset, &op.scope, &op.ids], |row| {
-            let doc = self.document(&op.collection, &row)?;
-            if !spending.take(&doc) {
-                let n: i64 = row.try_get(7).map_err(|e| self.pg(e))?;
-                batch.looked_up = usize::try_from(n - 1).unwrap_or(0);
-                return Ok(false);
-            }
-            batch.documents.push(doc);
-            Ok(true)
+            let n: i64 = row.try_get(7).map_err(|e| self.pg(e))?;
+            Ok(batch.take(&mut spending, self.document(&op.collection, &row)?, n))
         })
         .await?;
         Ok(batch)

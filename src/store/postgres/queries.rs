@@ -141,8 +141,11 @@ fn statement(schema: &str, table: &str, q: &Query, count: bool) -> (String, Vec<
     sql::statement(q, &Postgres { schema }, table, expiry, count)
 }
 
+/// Bound parameters, boxed for tokio-postgres.
+type Bound = Vec<Box<dyn ToSql + Sync + Send>>;
+
 /// The statement's parameters as tokio-postgres takes them.
-fn bind(offset: i64, params: &[Param]) -> Vec<Box<dyn ToSql + Sync + Send>> {
+fn bind(offset: i64, params: &[Param]) -> Bound {
     let mut out: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(offset)];
     for p in params {
         out.push(match p {
@@ -162,12 +165,7 @@ impl PostgresStore {
             return Ok(());
         };
         let name = index_name(&q.collection, &index);
-        if self
-            .indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&name)
-        {
+        if self.indexed.contains(&name) {
             return Ok(());
         }
         let ddl = index_ddl(&self.tables.schema, &q.collection, &index, false)?;
@@ -183,22 +181,22 @@ impl PostgresStore {
             Err(e) if super::error::is_create_race(&e) => {}
             Err(e) => return Err(self.pg(e)),
         }
-        self.indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name);
+        self.indexed.insert(name);
         Ok(())
     }
 
-    pub(super) async fn run_query(&self, q: &Query, budget: Budget) -> StoreResult<Page> {
+    /// The statement of a query (or, with `count`, of its count) and its
+    /// parameters, once the index it needs exists.
+    async fn prepared(&self, q: &Query, count: bool) -> StoreResult<(String, Bound)> {
         self.index_for(q).await?;
         let table = self.tables.table(&q.collection)?;
-        let (sql, params) = statement(&self.tables.schema, &table, q, false);
-        let params = bind(self.clock.offset(), &params);
-        let args: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
+        let (sql, params) = statement(&self.tables.schema, &table, q, count);
+        Ok((sql, bind(self.clock.offset(), &params)))
+    }
+
+    pub(super) async fn run_query(&self, q: &Query, budget: Budget) -> StoreResult<Page> {
+        let (sql, params) = self.prepared(q, false).await?;
+        let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
         let mut page = PageBuilder::new(q.limit, budget);
         self.scan(&sql, &args, |row| {
             Ok(page.push(self.document(&q.collection, &row)?))
@@ -208,14 +206,8 @@ impl PostgresStore {
     }
 
     pub(super) async fn run_count(&self, q: &Query) -> StoreResult<u64> {
-        self.index_for(q).await?;
-        let table = self.tables.table(&q.collection)?;
-        let (sql, params) = statement(&self.tables.schema, &table, q, true);
-        let params = bind(self.clock.offset(), &params);
-        let args: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
+        let (sql, params) = self.prepared(q, true).await?;
+        let args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as _).collect();
         let rows = self.select(&sql, &args).await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64)
     }

@@ -6,6 +6,7 @@
 
 use super::ddl::qualified_table;
 use super::*;
+use crate::store::testing::{self, save, Calls};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_postgres::NoTls;
@@ -24,25 +25,14 @@ struct SchemaGuard {
 impl Drop for SchemaGuard {
     fn drop(&mut self) {
         let name = self.name.clone();
-        // Drop cannot await: a thread with its own runtime does the cleanup.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&url(), NoTls).await {
-                    tokio::spawn(connection);
-                    let sql = format!(
-                        "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
-                    );
-                    let _ = client.batch_execute(&sql).await;
-                }
-            });
-        })
-        .join();
+        testing::clean_up(move || async move {
+            if let Ok((client, connection)) = tokio_postgres::connect(&url(), NoTls).await {
+                tokio::spawn(connection);
+                let sql =
+                    format!("SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{name}\" CASCADE");
+                let _ = client.batch_execute(&sql).await;
+            }
+        });
     }
 }
 
@@ -55,26 +45,10 @@ struct Ctx {
 }
 
 async fn admin() -> Option<tokio_postgres::Client> {
-    let require = std::env::var("DOCSIDECAR_REQUIRE_DB").is_ok_and(|v| v == "1");
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_postgres::connect(&url(), NoTls),
-    )
-    .await
-    {
-        Ok(Ok((client, connection))) => {
-            tokio::spawn(connection);
-            Some(client)
-        }
-        Ok(Err(e)) if require => {
-            panic!("DOCSIDECAR_REQUIRE_DB=1 but PostgreSQL is unreachable: {e}")
-        }
-        Err(_) if require => panic!("DOCSIDECAR_REQUIRE_DB=1 but PostgreSQL did not answer"),
-        _ => {
-            println!("skipped: no PostgreSQL");
-            None
-        }
-    }
+    let (client, connection) =
+        testing::reach("PostgreSQL", tokio_postgres::connect(&url(), NoTls)).await?;
+    tokio::spawn(connection);
+    Some(client)
 }
 
 async fn setup(adjust: impl FnOnce(&mut PgTarget)) -> Option<Ctx> {
@@ -106,17 +80,6 @@ async fn setup(adjust: impl FnOnce(&mut PgTarget)) -> Option<Ctx> {
     })
 }
 
-fn save(collection: &str, id: &str, data: &str) -> SaveOp {
-    SaveOp {
-        key: Key::new(collection, "", id),
-        data: data.into(),
-        expected_rev: None,
-        create_only: false,
-        expiry: Expiry::Never,
-        protected: Arc::default(),
-    }
-}
-
 fn delete(collection: &str, id: &str) -> DeleteOp {
     DeleteOp {
         key: Key::new(collection, "", id),
@@ -124,38 +87,6 @@ fn delete(collection: &str, id: &str) -> DeleteOp {
         allow_missing: false,
     }
 }
-
-/// The plain calls, as the API makes them of the store's operations.
-#[async_trait]
-trait Calls: DocumentStore {
-    async fn save_doc(&self, op: SaveOp) -> StoreResult<Saved> {
-        match self
-            .write(vec![Mutation::Save(op)])
-            .await
-            .map_err(StoreError::outside_mutation)?
-            .pop()
-        {
-            Some(Written::Saved(saved)) => Ok(saved),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    async fn get_doc(&self, collection: &str, id: &str) -> StoreResult<Document> {
-        self.get(&Key::new(collection, "", id)).await
-    }
-
-    async fn list_docs(&self, collection: &str, limit: usize) -> StoreResult<Page> {
-        let op = ListOp {
-            collection: collection.into(),
-            scopes: Scopes::One(String::new()),
-            after: None,
-            limit,
-        };
-        self.list(&op, Budget::unlimited()).await
-    }
-}
-
-impl Calls for PostgresStore {}
 
 fn kind(e: &StoreError) -> String {
     match e {
@@ -254,22 +185,7 @@ async fn failed_writes_leave_no_trace_not_even_a_table() {
     );
     assert!(s.list_collections().await.unwrap().is_empty());
 
-    // One transaction across collections; the same id twice: insert, then update.
-    let results = s
-        .write(vec![
-            Mutation::Save(save("alpha", "a", r#"{"v": 1}"#)),
-            Mutation::Save(save("beta", "b", "{}")),
-            Mutation::Save(save("alpha", "a", r#"{"v": 2}"#)),
-        ])
-        .await
-        .unwrap();
-    let created: Vec<bool> = results
-        .iter()
-        .map(|r| matches!(r, Written::Saved(s) if s.created))
-        .collect();
-    assert_eq!(created, [true, true, false]);
-    assert_eq!(s.get_doc("alpha", "a").await.unwrap().data, r#"{"v": 2}"#);
-    assert_eq!(s.list_collections().await.unwrap(), ["alpha", "beta"]);
+    testing::one_write_spans_collections(s, r#"{"v": 1}"#, r#"{"v": 2}"#).await;
 
     // A table dropped behind the store's back (its cache says it exists) is recreated.
     ctx.admin

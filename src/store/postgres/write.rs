@@ -7,7 +7,8 @@ use super::error::{describe, is_conflict, OpError};
 use super::pool::Conn;
 use super::{PostgresStore, COLUMNS, NOW};
 use crate::store::plan::Action;
-use crate::store::{Document, Key, Mutation, StoreError, StoreResult, Written};
+use crate::store::sql::locked_row;
+use crate::store::{Document, Mutation, StoreError, StoreResult, Written};
 use deadpool_postgres::{GenericClient, Object};
 use std::collections::BTreeSet;
 use tokio_postgres::IsolationLevel;
@@ -16,23 +17,15 @@ use tokio_postgres::IsolationLevel;
 /// the same new document: the loser re-runs and sees the winner's row).
 const ATTEMPTS: usize = 3;
 
-/// The stored row of `key`, live or expired, locked; its data only when asked.
+/// The stored row of `mutation`'s document, live or expired, locked.
 async fn stored(
     c: &impl GenericClient,
     table: &str,
-    key: &Key,
-    with_data: bool,
+    mutation: &Mutation,
 ) -> Result<Option<Document>, OpError> {
-    let columns = if with_data {
-        COLUMNS.to_string()
-    } else {
-        COLUMNS.replace("data::text", "''::text")
-    };
-    let stmt = c
-        .prepare_cached(&format!(
-            "SELECT {columns} FROM {table} WHERE scope = $1 AND id = $2 FOR UPDATE"
-        ))
-        .await?;
+    let sql = locked_row(COLUMNS, table, mutation.needs_stored_data(), ["$1", "$2"]);
+    let key = mutation.key();
+    let stmt = c.prepare_cached(&sql).await?;
     let row = c.query_opt(&stmt, &[&key.scope, &key.id]).await?;
     Ok(row
         .map(|r| super::row_to_doc(&key.collection, &r))
@@ -129,13 +122,7 @@ impl PostgresStore {
         if !self.auto_create {
             return Ok(BTreeSet::new());
         }
-        let unknown: Vec<&str> = mutations
-            .iter()
-            .filter(|m| !matches!(m, Mutation::Delete(_)) && !self.tables.known(m.collection()))
-            .map(Mutation::collection)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let unknown = Mutation::unknown_collections(mutations, |c| self.tables.known(c));
         if unknown.is_empty() {
             return Ok(BTreeSet::new());
         }
@@ -191,7 +178,7 @@ impl PostgresStore {
                 if create {
                     self.tables.create_in(&mut tx, collection).await?;
                 }
-                let row = stored(&tx, table, mutation.key(), mutation.needs_stored_data()).await?;
+                let row = stored(&tx, table, mutation).await?;
                 let planned = mutation.plan(row, now)?;
                 apply(&tx, table, &planned.action).await?;
                 super::feed::record(&tx, &self.tables.schema, &planned.changes, now).await?;

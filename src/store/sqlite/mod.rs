@@ -16,7 +16,6 @@ use super::plan::{self, Action};
 use super::*;
 use conn::{configure, ReaderPool};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// Where the database is.
@@ -59,7 +58,7 @@ pub struct SqliteStore {
     clock: Clock,
     auto_index: bool,
     /// Indexes created on first use, so each is created once.
-    indexed: Mutex<std::collections::HashSet<String>>,
+    indexed: sql::CreatedIndexes,
     wakeups: changes::Wakeups,
 }
 
@@ -210,7 +209,7 @@ impl SqliteStore {
             acquire_timeout,
             clock,
             auto_index,
-            indexed: Mutex::default(),
+            indexed: Default::default(),
             wakeups: changes::Wakeups::default(),
         })
     }

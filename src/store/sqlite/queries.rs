@@ -70,14 +70,15 @@ impl Dialect for Sqlite {
 }
 
 /// The statement of a query (or, with `count`, of its count) and its
-/// parameters. The collection is a literal (a validated name) so that the
-/// partial indexes of that collection apply.
-fn statement(q: &Query, count: bool) -> (String, Vec<Param>) {
+/// parameters, `?1` being `now`. The collection is a literal (a validated
+/// name) so that the partial indexes of that collection apply.
+fn statement(q: &Query, now: i64, count: bool) -> (String, Vec<Box<dyn ToSql>>) {
     let conditions = vec![
         format!("collection = '{}'", q.collection),
         "(expire_time IS NULL OR expire_time > ?1)".to_string(),
     ];
-    sql::statement(q, &Sqlite, "documents", conditions, count)
+    let (sql, params) = sql::statement(q, &Sqlite, "documents", conditions, count);
+    (sql, bind(now, &params))
 }
 
 fn bind(now: i64, params: &[Param]) -> Vec<Box<dyn ToSql>> {
@@ -156,22 +157,14 @@ impl SqliteStore {
             return Ok(());
         };
         let name = index_name(&q.collection, &index);
-        if self
-            .indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&name)
-        {
+        if self.indexed.contains(&name) {
             return Ok(());
         }
         let ddl = index_ddl(&q.collection, &index);
         self.with_writer(move |conn| Ok(conn.execute_batch(&ddl)?))
             .await?;
         tracing::info!(collection = %q.collection, index = %index, "created an index on first use (no policy)");
-        self.indexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name);
+        self.indexed.insert(name);
         Ok(())
     }
 
@@ -180,8 +173,7 @@ impl SqliteStore {
         let now = self.clock.now();
         let q = q.clone();
         self.with_reader(move |conn| {
-            let (sql, params) = statement(&q, false);
-            let params = bind(now, &params);
+            let (sql, params) = statement(&q, now, false);
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
                 row_to_doc(&q.collection, r)
@@ -202,8 +194,7 @@ impl SqliteStore {
         let now = self.clock.now();
         let q = q.clone();
         self.with_reader(move |conn| {
-            let (sql, params) = statement(&q, true);
-            let params = bind(now, &params);
+            let (sql, params) = statement(&q, now, true);
             let n: i64 = conn
                 .prepare_cached(&sql)?
                 .query_row(rusqlite::params_from_iter(params.iter()), |r| r.get(0))?;
@@ -215,8 +206,7 @@ impl SqliteStore {
 
 #[cfg(test)]
 pub(super) fn explain(conn: &Connection, q: &Query) -> String {
-    let (sql, params) = statement(q, false);
-    let params = bind(0, &params);
+    let (sql, params) = statement(q, 0, false);
     let plan: Vec<String> = conn
         .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
         .unwrap()
