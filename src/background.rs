@@ -92,6 +92,28 @@ pub struct FileWatcher {
 /// within a minute or so, so a second is plenty and costs a few `read`s.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// Hands each new, non-empty password in `file` to `rotate` for as long as
+/// `owner` lives (the watcher holds it weakly and stops with it): password
+/// rotation for every store that connects with one.
+pub fn watch_password<T, F, Fut>(owner: &Arc<T>, file: PathBuf, tasks: &Tasks, rotate: F)
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>, String) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let owner = Arc::downgrade(owner);
+    tasks.spawn(FileWatcher::new(vec![file]).run(move |contents| {
+        let (owner, rotate) = (owner.clone(), rotate.clone());
+        async move {
+            let password = String::from_utf8_lossy(&contents[0]).trim().to_string();
+            match owner.upgrade() {
+                Some(owner) if !password.is_empty() => rotate(owner, password).await,
+                _ => false,
+            }
+        }
+    }));
+}
+
 impl FileWatcher {
     /// A watcher of `files`, as they are now (read here, at start-up).
     pub fn new(files: Vec<PathBuf>) -> FileWatcher {

@@ -11,7 +11,7 @@
 
 use super::error::{describe, OpError};
 use super::{Host, MysqlTarget};
-use crate::background::{FileWatcher, Tasks};
+use crate::background::Tasks;
 use crate::metrics;
 use crate::store::tls::{DbTls, SslMode};
 use crate::store::{PoolStats, StoreError, StoreResult};
@@ -19,7 +19,7 @@ use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleR
 use mysql_async::prelude::*;
 use mysql_async::{ClientIdentity, DriverError, Opts, OptsBuilder, SslOpts};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -391,17 +391,12 @@ impl Pools {
 
     /// Watches the password file in `tasks`; stops when the pools are gone.
     pub(super) fn watch_password(self: &Arc<Self>, file: PathBuf, tasks: &Tasks) {
-        let pools: Weak<Pools> = Arc::downgrade(self);
-        tasks.spawn(FileWatcher::new(vec![file]).run(move |contents| {
-            let pools = pools.clone();
-            async move {
-                let password = String::from_utf8_lossy(&contents[0]).trim().to_string();
-                match pools.upgrade() {
-                    Some(pools) if !password.is_empty() => pools.rotate(password).await,
-                    _ => false,
-                }
-            }
-        }));
+        crate::background::watch_password(
+            self,
+            file,
+            tasks,
+            |pools: Arc<Pools>, password| async move { pools.rotate(password).await },
+        );
     }
 
     /// Switches to `password` once a connection with it succeeds; until then

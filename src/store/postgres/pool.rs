@@ -3,7 +3,7 @@
 
 use super::error::{describe, ProbeError};
 use super::tls::Connector;
-use crate::background::{FileWatcher, Tasks};
+use crate::background::Tasks;
 use crate::metrics;
 use crate::store::{PoolStats, StoreError, StoreResult};
 use deadpool_postgres::{
@@ -11,7 +11,7 @@ use deadpool_postgres::{
 };
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// A connection's future, which delivers its notifications (over TLS or not:
@@ -198,17 +198,12 @@ impl Pools {
 
     /// Watches the password file in `tasks`; stops when the pools are gone.
     pub(super) fn watch_password(self: &Arc<Self>, file: PathBuf, tasks: &Tasks) {
-        let pools: Weak<Pools> = Arc::downgrade(self);
-        tasks.spawn(FileWatcher::new(vec![file]).run(move |contents| {
-            let pools = pools.clone();
-            async move {
-                let password = String::from_utf8_lossy(&contents[0]).trim().to_string();
-                match pools.upgrade() {
-                    Some(pools) if !password.is_empty() => pools.rotate(&password).await,
-                    _ => false,
-                }
-            }
-        }));
+        crate::background::watch_password(
+            self,
+            file,
+            tasks,
+            |pools: Arc<Pools>, password| async move { pools.rotate(&password).await },
+        );
     }
 
     /// Switches to `password` once a connection with it succeeds; until then the
