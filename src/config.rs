@@ -122,6 +122,13 @@ pub struct ServeArgs {
           value_parser = count(16usize, 64 << 20, "a number of bytes"))]
     pub max_document_bytes: usize,
 
+    /// Reads of many documents (List, BatchGet, Query) served at once, 1 to
+    /// 10000; more wait for their turn. Each may hold its ~3 MiB response
+    /// budget, so this bounds the memory of large reads.
+    #[arg(long, env = "DOCSIDECAR_MAX_CONCURRENT_READS", default_value_t = 8,
+          value_parser = count(1usize, 10_000, "a number of reads"))]
+    pub max_concurrent_reads: usize,
+
     /// Address of the HTTP admin listener (/livez, /readyz, /startupz, /metrics):
     /// HOST:PORT, off when unset. Kubernetes manifests bind it on the pod IP, e.g. 0.0.0.0:9090.
     #[arg(long, env = "DOCSIDECAR_ADMIN_LISTEN", value_parser = values::tcp_address)]
@@ -253,6 +260,7 @@ pub struct ServeConfig {
     pub token_file: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
     pub max_document_bytes: usize,
+    pub max_concurrent_reads: usize,
     pub admin_listen: Option<String>,
     pub shutdown_delay: Duration,
     pub max_message_bytes: usize,
@@ -294,6 +302,7 @@ impl ServeArgs {
             token_file: self.token_file,
             tls,
             max_document_bytes: self.max_document_bytes,
+            max_concurrent_reads: self.max_concurrent_reads,
             admin_listen: self.admin_listen,
             shutdown_delay: self.shutdown_delay,
             max_message_bytes: self.max_message_bytes,

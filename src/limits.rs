@@ -13,7 +13,9 @@
 use crate::status::{Failure, Reason};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
@@ -189,10 +191,173 @@ fn refusal<B>(response: &http::Response<B>) -> Option<Refusal> {
     }
 }
 
+/// Paths of the calls that may answer a whole response budget of documents.
+const LARGE_READS: [&str; 3] = [
+    "/docsidecar.v1.DocumentService/List",
+    "/docsidecar.v1.DocumentService/BatchGet",
+    "/docsidecar.v1.DocumentService/Query",
+];
+
+/// Serves at most `DOCSIDECAR_MAX_CONCURRENT_READS` reads of many documents
+/// at once; the others wait their turn (under their deadline). A turn lasts
+/// until the response has been sent, since each such response may hold its
+/// ~3 MiB budget several times over (rows, protobuf, encoded bytes): their
+/// number is what bounds the process's memory (README, Memory).
+#[derive(Debug, Clone)]
+pub struct ReadLimitLayer {
+    turns: Arc<Semaphore>,
+}
+
+impl ReadLimitLayer {
+    pub fn new(max_concurrent_reads: usize) -> Self {
+        ReadLimitLayer {
+            turns: Arc::new(Semaphore::new(max_concurrent_reads)),
+        }
+    }
+}
+
+impl<S> Layer<S> for ReadLimitLayer {
+    type Service = ReadLimit<S>;
+
+    fn layer(&self, inner: S) -> ReadLimit<S> {
+        ReadLimit {
+            inner,
+            turns: self.turns.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadLimit<S> {
+    inner: S,
+    turns: Arc<Semaphore>,
+}
+
+impl<S, B> Service<http::Request<B>> for ReadLimit<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !LARGE_READS.contains(&request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        // The service made ready is the one that must be called.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let turns = self.turns.clone();
+        Box::pin(async move {
+            // The semaphore is never closed: acquiring only waits.
+            let turn = turns.acquire_owned().await.ok();
+            let response = inner.call(request).await?;
+            Ok(response.map(|body| {
+                Body::new(WithTurn {
+                    body,
+                    rest: bytes::Bytes::new(),
+                    _turn: turn,
+                })
+            }))
+        })
+    }
+}
+
+/// Pieces a response is handed to HTTP/2 in. The HTTP/2 layer asks for the
+/// next piece only when the client's flow-control window has room, so a slow
+/// reader leaves the response here, under its turn, instead of in send
+/// buffers that no turn bounds.
+const PIECE: usize = 64 * 1024;
+
+/// A response body that holds its read's turn until it is sent or dropped.
+struct WithTurn {
+    body: Body,
+    /// The rest of a data frame not yet handed on.
+    rest: bytes::Bytes,
+    _turn: Option<OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for WithTurn {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.rest.is_empty() {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => self.rest = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        }
+        let n = self.rest.len().min(PIECE);
+        let piece = self.rest.split_to(n);
+        Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let inner = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_large_read_holds_its_turn_until_its_response_is_gone() {
+        let inner = tower::service_fn(|_request: http::Request<()>| async {
+            let page = http_body_util::Full::new(bytes::Bytes::from_static(b"documents"));
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(page)))
+        });
+        let layer = ReadLimitLayer::new(1);
+        let turns = layer.turns.clone();
+        let service = layer.layer(inner);
+        let list = || {
+            http::Request::builder()
+                .uri("/docsidecar.v1.DocumentService/List")
+                .body(())
+                .unwrap()
+        };
+        let first = service.clone().oneshot(list()).await.unwrap();
+        assert_eq!(turns.available_permits(), 0, "the response holds the turn");
+        // Other calls do not wait; another large read does.
+        let get = http::Request::builder()
+            .uri("/docsidecar.v1.DocumentService/Get")
+            .body(())
+            .unwrap();
+        service.clone().oneshot(get).await.unwrap();
+        let waiting = tokio::spawn(service.clone().oneshot(list()));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a second List waits for the turn");
+        drop(first);
+        let second = waiting.await.unwrap().unwrap();
+        drop(second);
+        assert_eq!(turns.available_permits(), 1);
+    }
 
     #[test]
     fn header_size_counts_as_http2_does() {

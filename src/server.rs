@@ -10,7 +10,7 @@ use crate::auth::{AuthError, AuthLayer, Authenticator};
 use crate::background::Tasks;
 use crate::config::{ConfigError, ListenAddr, ServeConfig};
 use crate::deadline::DeadlineLayer;
-use crate::limits::RequestLimitsLayer;
+use crate::limits::{ReadLimitLayer, RequestLimitsLayer};
 use crate::policy::{ClientSpec, Permissions, PolicyError};
 use crate::proto::document_service_server::{DocumentServiceServer, SERVICE_NAME};
 use crate::store::{self, Clock, DocumentStore, StoreError};
@@ -291,7 +291,7 @@ impl Server {
         // Turns true when the grace period is over; see `deadline.rs`.
         let (abandon, abandoned) = tokio::sync::watch::channel(false);
         // The request path, outermost first: log, size limits, authenticate,
-        // enforce the deadline.
+        // enforce the deadline, take a turn for a read of many documents.
         let service = tower::ServiceBuilder::new()
             .layer(RequestLogLayer::new(
                 config.policy.as_ref().map(|p| p.service.as_str()),
@@ -308,6 +308,7 @@ impl Server {
             ))
             .layer(AuthLayer::new(auth))
             .layer(DeadlineLayer::new(abandoned))
+            .layer(ReadLimitLayer::new(config.max_concurrent_reads))
             .service(routes);
 
         let drain = Drain {
