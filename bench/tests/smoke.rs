@@ -156,7 +156,7 @@ fn a_bad_argument_is_refused_with_its_reason() {
     let output = Command::new(BENCH)
         .args([
             "--database-url",
-            "mysql://x",
+            "mongodb://x",
             "--quick",
             "--out",
             "/nonexistent/bench",
