@@ -535,30 +535,15 @@ async fn call(
         .ok_or_else(|| format!("no grpc-status (HTTP {})", parts.status))
 }
 
+/// The status name as gRPC spells it (the sidecar's own mapping); a value
+/// outside the protocol's codes as a number.
 fn code_name(code: &str) -> String {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    code.parse::<usize>()
-        .ok()
-        .and_then(|c| NAMES.get(c))
-        .map_or_else(|| format!("code {code}"), |n| n.to_string())
+    match code.parse::<i32>() {
+        Ok(n) if (0..=16).contains(&n) => {
+            docsidecar::telemetry::code_name(tonic::Code::from_i32(n)).to_string()
+        }
+        _ => format!("code {code}"),
+    }
 }
 
 async fn connect(addr: &str) -> h2::client::SendRequest<Bytes> {
