@@ -71,6 +71,10 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartError> {
             .unwrap_or_default(),
         adopt_owner_field: args.adopt_owner_field.clone(),
         contract: args.contract,
+        indexes: policy
+            .as_ref()
+            .map(|p| p.indexes.clone())
+            .unwrap_or_default(),
     };
     match db.target(&args.common.schema, policy.as_ref())? {
         Target::Postgres(target) => {

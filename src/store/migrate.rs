@@ -1,6 +1,7 @@
 //! What `docsidecar migrate` applies, whatever the database: the declared
 //! collections and the runtime account's access to each.
 
+use super::query::Index;
 use std::collections::BTreeMap;
 
 /// What the runtime account may do to a collection's table: resolved from a
@@ -44,6 +45,10 @@ pub struct MigratePlan {
     /// Re-keys tables of earlier releases from `id` to `(scope, id)`: only
     /// once no sidecar of those releases runs.
     pub contract: bool,
+    /// The query indexes each collection declares; `migrate` builds them
+    /// online, records them as this service's, and drops the indexes no
+    /// service declares any more.
+    pub indexes: BTreeMap<String, Vec<Index>>,
 }
 
 impl MigratePlan {
