@@ -3,6 +3,7 @@
 //! mysql_async with its pool), which issue the same SQL as `src/store/postgres`,
 //! `src/store/sqlite` and `src/store/mysql`.
 
+use crate::query;
 use crate::workload::{doc_id, Op, Payload, COLLECTION, PAGE_SIZE};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use docsidecar::proto::{self, mutation};
@@ -43,6 +44,9 @@ pub type OpResult = Result<(), String>;
 
 impl Client {
     pub async fn run(&mut self, op: &Op, shared: &Shared) -> OpResult {
+        if matches!(op, Op::Query(_) | Op::Count(_)) {
+            return query_op(self, op, shared).await;
+        }
         match self {
             Client::Grpc(c) => grpc(c, op, shared).await,
             Client::Pg(p) => p.run(op, shared).await,
@@ -50,6 +54,57 @@ impl Client {
             Client::Mysql(m) => m.run(op, shared).await,
         }
     }
+
+    /// The ids of customer `k`'s first query page (`crate::query`).
+    pub async fn query_ids(&mut self, k: u64, _shared: &Shared) -> Result<Vec<String>, String> {
+        match self {
+            Client::Grpc(c) => Ok(c
+                .query(query::query_request(k))
+                .await
+                .map_err(status)?
+                .into_inner()
+                .documents
+                .into_iter()
+                .map(|d| d.id)
+                .collect()),
+            Client::Pg(p) => p.query(k).await,
+            Client::Sqlite(s) => s.query(k).await,
+            Client::Mysql(m) => m.query(k).await,
+        }
+    }
+
+    /// The count of status `k`'s documents (`crate::query`).
+    pub async fn count(&mut self, k: u64) -> Result<u64, String> {
+        match self {
+            Client::Grpc(c) => Ok(c
+                .count(query::count_request(k))
+                .await
+                .map_err(status)?
+                .into_inner()
+                .count as u64),
+            Client::Pg(p) => p.count(k).await,
+            Client::Sqlite(s) => s.count(k).await,
+            Client::Mysql(m) => m.count(k).await,
+        }
+    }
+}
+
+/// A query page must hold documents; a count is read and dropped.
+async fn query_op(client: &mut Client, op: &Op, shared: &Shared) -> OpResult {
+    match op {
+        Op::Query(k) => {
+            let ids = client.query_ids(*k, shared).await?;
+            if ids.is_empty() || ids.len() > query::PAGE {
+                return Err(format!("a query page of {} documents", ids.len()));
+            }
+            black_box(ids);
+        }
+        Op::Count(k) => {
+            black_box(client.count(*k).await?);
+        }
+        _ => unreachable!("query operations only"),
+    }
+    Ok(())
 }
 
 /// A gRPC channel: one HTTP/2 connection over TCP (`host:port`) or a Unix socket
@@ -165,6 +220,7 @@ async fn grpc(c: &mut DocumentServiceClient<Channel>, op: &Op, shared: &Shared) 
                 return Err(format!("{} results", written.results.len()));
             }
         }
+        Op::Query(_) | Op::Count(_) => unreachable!("served by query_op"),
     }
     Ok(())
 }
@@ -186,6 +242,8 @@ pub struct RawPg {
     upsert: String,
     first_page: String,
     next_page: String,
+    /// The query workload's statements.
+    query: query::RawSql,
 }
 
 impl RawPg {
@@ -218,7 +276,40 @@ impl RawPg {
             ),
             first_page: format!("SELECT {columns} FROM {table} ORDER BY id LIMIT $1"),
             next_page: format!("SELECT {columns} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2"),
+            query: query::pg_sql(schema),
         })
+    }
+
+    /// The query page of customer `k`: its ids, the rows read as the store reads them.
+    async fn query(&self, k: u64) -> Result<Vec<String>, String> {
+        let pg = |e: tokio_postgres::Error| e.to_string();
+        let c = self.pool.get().await.map_err(|e| e.to_string())?;
+        let stmt = c.prepare_cached(&self.query.query).await.map_err(pg)?;
+        let key = query::string_key(&query::customer(k));
+        let rows = c.query(&stmt, &[&0i64, &"", &key]).await.map_err(pg)?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in rows.iter().take(query::PAGE) {
+            let doc: (String, String, String, String, i64, i64, Option<i64>) = (
+                row.try_get(0).map_err(pg)?,
+                row.try_get(1).map_err(pg)?,
+                row.try_get(2).map_err(pg)?,
+                row.try_get(3).map_err(pg)?,
+                row.try_get(4).map_err(pg)?,
+                row.try_get(5).map_err(pg)?,
+                row.try_get(6).map_err(pg)?,
+            );
+            ids.push(black_box(doc).1);
+        }
+        Ok(ids)
+    }
+
+    async fn count(&self, k: u64) -> Result<u64, String> {
+        let pg = |e: tokio_postgres::Error| e.to_string();
+        let c = self.pool.get().await.map_err(|e| e.to_string())?;
+        let stmt = c.prepare_cached(&self.query.count).await.map_err(pg)?;
+        let key = query::string_key(query::status(k));
+        let row = c.query_one(&stmt, &[&0i64, &"", &key]).await.map_err(pg)?;
+        Ok(row.try_get::<_, i64>(0).map_err(pg)? as u64)
     }
 
     fn doc(row: &tokio_postgres::Row) -> Result<RawDoc, tokio_postgres::Error> {
@@ -283,6 +374,7 @@ impl RawPg {
                 }
                 black_box(docs.map_err(pg)?);
             }
+            Op::Query(_) | Op::Count(_) => unreachable!("served by Client::run"),
             Op::Write(ids) => {
                 let tx = c
                     .build_transaction()
@@ -339,6 +431,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.set_prepared_statement_cache_capacity(32);
+    // The query workload's indexes are on the sidecar's key function.
+    query::register_key(conn)?;
     Ok(())
 }
 
@@ -382,6 +476,42 @@ fn sqlite_save(
 }
 
 impl RawSqlite {
+    /// The query page of customer `k` on the blocking pool, as the sidecar reads it.
+    async fn query(&self, k: u64) -> Result<Vec<String>, String> {
+        let key = query::string_key(&query::customer(k));
+        self.read(move |conn| {
+            let now = now_micros();
+            let mut stmt = conn.prepare_cached(&query::sqlite_sql().query)?;
+            let rows = stmt.query_map(params![now, "", key], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            })?;
+            let mut ids = Vec::with_capacity(query::PAGE);
+            for row in rows.take(query::PAGE) {
+                ids.push(black_box(row?).1);
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn count(&self, k: u64) -> Result<u64, String> {
+        let key = query::string_key(query::status(k));
+        self.read(move |conn| {
+            conn.prepare_cached(&query::sqlite_sql().count)?
+                .query_row(params![now_micros(), "", key], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+        })
+        .await
+    }
+
     pub fn open(path: &std::path::Path, readers: usize) -> Result<RawSqlite, String> {
         let writer = Connection::open(path).map_err(|e| e.to_string())?;
         configure(&writer).map_err(|e| e.to_string())?;
@@ -510,6 +640,7 @@ impl RawSqlite {
                     .await?;
                 black_box(docs);
             }
+            Op::Query(_) | Op::Count(_) => unreachable!("served by Client::run"),
             Op::Write(ids) => {
                 let ids: Vec<String> = ids.iter().map(|&i| doc_id(i)).collect();
                 let json = shared.payload.json.clone();
@@ -748,6 +879,39 @@ impl RawMysql {
         result
     }
 
+    /// The query page of customer `k`: its ids, the rows read as the store reads them.
+    async fn query(&self, k: u64) -> Result<Vec<String>, String> {
+        use mysql_async::prelude::*;
+        let my = |e: mysql_async::Error| e.to_string();
+        let mut pooled = self.conn().await.map_err(my)?;
+        let docs: Vec<RawMysqlDoc> = pooled
+            .get()
+            .exec_map(
+                query::mysql_sql().query,
+                (&b""[..], query::customer(k), 0i64),
+                mysql_doc,
+            )
+            .await
+            .map_err(my)?;
+        Ok(docs
+            .into_iter()
+            .take(query::PAGE)
+            .map(|d| String::from_utf8_lossy(&black_box(d).id).into_owned())
+            .collect())
+    }
+
+    async fn count(&self, k: u64) -> Result<u64, String> {
+        use mysql_async::prelude::*;
+        let my = |e: mysql_async::Error| e.to_string();
+        let mut pooled = self.conn().await.map_err(my)?;
+        let n: Option<u64> = pooled
+            .get()
+            .exec_first(query::mysql_sql().count, (&b""[..], query::status(k), 0i64))
+            .await
+            .map_err(my)?;
+        Ok(n.unwrap_or_default())
+    }
+
     async fn run(&self, op: &Op, shared: &Shared) -> OpResult {
         use mysql_async::prelude::*;
         let my = |e: mysql_async::Error| e.to_string();
@@ -783,6 +947,7 @@ impl RawMysql {
                 docs.truncate(PAGE_SIZE);
                 black_box(docs);
             }
+            Op::Query(_) | Op::Count(_) => unreachable!("served by Client::run"),
             Op::Write(ids) => {
                 black_box(self.write(ids, &shared.payload.json).await.map_err(my)?);
             }

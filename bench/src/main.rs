@@ -12,12 +12,15 @@
 //! - [`load`]: closed and open loop, HDR histograms.
 //! - [`watch`]: the `watch` workload (change-feed latency, watchers' CPU).
 //! - [`reap`]: the `reap` workload (the expiry reaper's rate, Gets meanwhile).
+//! - [`query`]: the `query` workload (Query and Count on up to a million
+//!   documents loaded in bulk, against the raw driver with the same SQL).
 //! - [`report`]: the table, the JSON file and the PNG chart.
 
 mod drivers;
 mod floor;
 mod load;
 mod process;
+mod query;
 mod reap;
 mod report;
 mod watch;
@@ -125,6 +128,10 @@ struct RunArgs {
     /// `reap` workload: expired documents to reap [default: 100000].
     #[arg(long)]
     reap_docs: Option<u64>,
+    /// `query` workload: the collection's sizes, measured in turn as it grows
+    /// [default: 10000,100000,1000000].
+    #[arg(long, value_delimiter = ',')]
+    query_docs: Vec<u64>,
     /// Unix-socket targets for every workload, not only Get.
     #[arg(long)]
     uds_all: bool,
@@ -156,6 +163,7 @@ struct Resolved {
     open_other: Duration,
     startup_runs: usize,
     reap_docs: u64,
+    query_docs: Vec<u64>,
 }
 
 impl RunArgs {
@@ -190,7 +198,24 @@ impl RunArgs {
             open_other: secs(self.open_duration_other, 3.0, 0.3)?,
             startup_runs: self.startup_runs.unwrap_or(if q { 2 } else { 5 }),
             reap_docs: self.reap_docs.unwrap_or(if q { 2000 } else { 100_000 }),
+            query_docs: if !self.query_docs.is_empty() {
+                self.query_docs.clone()
+            } else if q {
+                vec![1000, 3000]
+            } else {
+                vec![10_000, 100_000, 1_000_000]
+            },
         };
+        if r.query_docs.windows(2).any(|w| w[0] >= w[1])
+            || r.query_docs
+                .first()
+                .is_some_and(|&n| n < query::PAGE as u64)
+        {
+            return Err(format!(
+                "--query-docs must grow, from at least {}",
+                query::PAGE
+            ));
+        }
         if r.docs < (2 * PAGE_SIZE) as u64 {
             return Err(format!("--docs must be at least {}", 2 * PAGE_SIZE));
         }
@@ -806,6 +831,32 @@ async fn measure(
             Some(reap::measure(&spec, plan, args.connections, admin, shared.clone()).await?);
     }
 
+    let mut query_report = None;
+    if r.workloads.contains(&Workload::Query) {
+        let spec = sidecar_spec(user_env.clone())
+            .ok_or("the query workload starts its own sidecar: it needs the sidecar binary")?;
+        let raw = targets
+            .iter()
+            .find(|t| t.name == "raw")
+            .ok_or("no raw target")?
+            .clients[0]
+            .clone();
+        let setup = query::QuerySetup {
+            db,
+            schema,
+            tmp,
+            spec,
+            raw,
+            sizes: r.query_docs.clone(),
+            connections: args.connections,
+            rate: r.rate,
+            warmup: r.warmup,
+            duration: r.duration,
+            open_duration: r.open_other,
+        };
+        query_report = Some(query::measure(setup, admin, shared.clone()).await?);
+    }
+
     drop(targets);
     let lifetime_peak_rss_mb = tcp_pid
         .and_then(|pid| process::status_kb(pid, "VmHWM"))
@@ -863,6 +914,7 @@ async fn measure(
         targets: Vec::new(),
         watch: watch_report,
         reap: reap_result,
+        query: query_report,
     };
     report.targets = report::check_targets(&report, cmax);
     Ok(report)

@@ -192,6 +192,8 @@ pub struct Report {
     pub watch: Option<crate::watch::WatchReport>,
     /// The `reap` workload, when it ran.
     pub reap: Option<crate::reap::ReapResult>,
+    /// The `query` workload, when it ran.
+    pub query: Option<crate::query::QueryReport>,
 }
 
 pub fn find<'a>(
@@ -375,8 +377,78 @@ pub fn check_targets(report: &Report, concurrency_max: usize) -> Vec<TargetCheck
     checks
 }
 
-/// The watch and reap tables, when they ran.
+/// The query table, when it ran.
+fn query_table(q: &crate::query::QueryReport, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\n[query] `{}`, indexes {}: Query customer = ?, order by created_at desc, {} a page; Count status = ?",
+        q.collection, q.indexes, q.page_size
+    );
+    let ms = |r: &RunResult| r.p50_us / 1000.0;
+    let _ = writeln!(
+        out,
+        "{:>9} {:>8} {:>9} {:>13} {:>13} {:>13} {:>13}",
+        "docs", "load s", "customers", "raw p50 ms", "raw mean ms", "side p50 ms", "side mean ms"
+    );
+    for s in &q.stages {
+        let get = |t: &str| s.page.iter().find(|r| r.target == t);
+        let cell = |r: Option<&RunResult>, f: &dyn Fn(&RunResult) -> f64| {
+            r.map_or("-".to_string(), |r| format!("{:.3}", f(r)))
+        };
+        let _ = writeln!(
+            out,
+            "{:>9} {:>8.1} {:>9} {:>13} {:>13} {:>13} {:>13}",
+            s.docs,
+            s.load_secs,
+            s.customers,
+            cell(get("raw"), &ms),
+            cell(get("raw"), &|r| r.mean_us / 1000.0),
+            cell(get("sidecar"), &ms),
+            cell(get("sidecar"), &|r| r.mean_us / 1000.0),
+        );
+    }
+    for (what, runs) in [
+        ("closed", &q.throughput),
+        ("open", &q.latency),
+        ("count", &q.count),
+    ] {
+        for r in runs.iter() {
+            let _ = writeln!(
+                out,
+                "  {what:<6} c={:<3} {:<8} {:>9.0} ops/s  p50 {:>9.3} ms  p99 {:>9.3} ms  errors {}{}",
+                r.concurrency,
+                r.target,
+                r.ops_per_sec,
+                ms(r),
+                r.p99_us / 1000.0,
+                r.errors,
+                r.cpu_mcpu.map_or(String::new(), |c| format!("  {c:.0} mCPU")),
+            );
+        }
+        let find = |t: &str| runs.iter().find(|r| r.target == t);
+        if let (Some(raw), Some(side)) = (find("raw"), find("sidecar")) {
+            if raw.ops_per_sec > 0.0 {
+                let _ = writeln!(
+                    out,
+                    "  {what:<6} sidecar / raw: {:.2}x",
+                    side.ops_per_sec / raw.ops_per_sec
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "  Count matched {} documents", q.counted);
+    for s in &q.skipped {
+        let _ = writeln!(out, "  skipped: {s}");
+    }
+    let _ = writeln!(out, "  raw query SQL: {}", q.raw_sql.query);
+    let _ = writeln!(out, "  raw count SQL: {}", q.raw_sql.count);
+}
+
+/// The watch, reap and query tables, when they ran.
 fn special_tables(report: &Report, out: &mut String) {
+    if let Some(q) = &report.query {
+        query_table(q, out);
+    }
     if let Some(w) = &report.watch {
         let _ = writeln!(
             out,

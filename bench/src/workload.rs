@@ -74,6 +74,10 @@ pub enum Op {
     /// Upsert these documents in one transaction (sorted, distinct: no deadlocks
     /// between concurrent writes).
     Write(Vec<u64>),
+    /// The first page of a customer's documents, newest first (`crate::query`).
+    Query(u64),
+    /// Count the documents of a status (`crate::query`).
+    Count(u64),
 }
 
 /// The workloads of the issue.
@@ -97,6 +101,13 @@ pub enum Workload {
     /// Gets at a fixed rate while the expiry reaper deletes expired documents
     /// (`crate::reap`). Not in the default set.
     Reap,
+    /// Query (equality on a customer, newest first, a page of 50) and Count (an
+    /// indexed status) on their own collection of up to a million documents
+    /// loaded in bulk (`crate::query`). Not in the default set.
+    Query,
+    /// The Count half of `query`, measured by its module.
+    #[value(skip)]
+    Count,
 }
 
 impl Workload {
@@ -118,16 +129,22 @@ impl Workload {
             Workload::Write => "write",
             Workload::Watch => "watch",
             Workload::Reap => "reap",
+            Workload::Query => "query",
+            Workload::Count => "count",
         }
     }
 
     /// Measured by its own module against sidecars only, not as requests
     /// against every target.
     pub fn is_special(self) -> bool {
-        matches!(self, Workload::Watch | Workload::Reap)
+        matches!(
+            self,
+            Workload::Watch | Workload::Reap | Workload::Query | Workload::Count
+        )
     }
 
-    /// The next request, drawn from `rng` over `docs` documents and `pages` full pages.
+    /// The next request, drawn from `rng` over `docs` documents and `pages` full pages
+    /// (`query` and `count`: `docs` customers or statuses).
     pub fn next(self, rng: &mut Rng, docs: u64, pages: usize) -> Op {
         match self {
             Workload::Get => Op::Get(rng.below(docs)),
@@ -142,6 +159,9 @@ impl Workload {
                 }
             }
             Workload::List => Op::List(rng.below(pages as u64) as usize),
+            // `docs` is the number of customers (statuses) to draw from.
+            Workload::Query => Op::Query(rng.below(docs)),
+            Workload::Count => Op::Count(rng.below(docs)),
             Workload::Write => {
                 let mut ids = Vec::with_capacity(WRITE_MUTATIONS);
                 while ids.len() < WRITE_MUTATIONS.min(docs as usize) {
