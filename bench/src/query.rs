@@ -28,7 +28,7 @@
 
 use crate::drivers::{Client, Shared};
 use crate::load::{self, Plan};
-use crate::process::{self, SidecarSpec};
+use crate::process::SidecarSpec;
 use crate::report::RunResult;
 use crate::workload::{Rng, Workload};
 use crate::{Admin, Db};
@@ -801,7 +801,6 @@ async fn run(
     }
     report.counted = answers(&sidecars[0], 0, &shared).await?.1;
     eprintln!("query: Count of status {} = {}", status(0), report.counted);
-    let _ = process::status_kb(pid, "VmHWM");
     Ok(report)
 }
 

@@ -1,5 +1,5 @@
-//! The harness itself: a `--quick` run against a temporary SQLite file produces a
-//! sane report (the figures of such a short run mean nothing). No PostgreSQL needed.
+//! The harness itself: `--quick` runs against a temporary SQLite file produce a
+//! sane report (the figures of such short runs mean nothing). No PostgreSQL needed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -166,4 +166,57 @@ fn a_bad_argument_is_refused_with_its_reason() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unsupported --database-url"), "{stderr}");
+}
+
+#[test]
+fn a_quick_query_run_agrees_with_the_raw_driver_and_reports_every_stage() {
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(BENCH)
+        .args([
+            "--quick",
+            "--workloads",
+            "query",
+            "--startup-runs",
+            "0",
+            "--no-png",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .arg("--sidecar")
+        .arg(sidecar())
+        .output()
+        .expect("the harness starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // The run fails if the sidecar and the raw driver return different pages.
+    assert!(
+        output.status.success(),
+        "the harness failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("[query]"), "{stdout}");
+    let json = out.path().join("sqlite.json");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("sqlite.json")).unwrap();
+    let q = &report["query"];
+    let stages = q["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "{q}");
+    for stage in stages {
+        let page = stage["page"].as_array().unwrap();
+        assert_eq!(page.len(), 2, "raw and sidecar: {stage}");
+        for r in page {
+            assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+            assert_eq!(r["errors"], 0, "{r}");
+        }
+    }
+    for part in ["throughput", "latency", "count"] {
+        let runs = q[part].as_array().unwrap();
+        assert_eq!(runs.len(), 2, "{part}: {q}");
+        assert!(runs.iter().all(|r| r["errors"] == 0), "{part}: {q}");
+    }
+    assert!(q["counted"].as_u64().unwrap() > 0, "{q}");
+    assert!(q["raw_sql"]["query"]
+        .as_str()
+        .unwrap()
+        .contains("docsidecar_key"));
 }
