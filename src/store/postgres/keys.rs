@@ -491,9 +491,12 @@ async fn run_lifted(
 }
 
 /// What a sidecar knows of each table's usable key columns.
+/// A table's usable key columns, and when they were read.
+type Known = (Instant, Arc<BTreeSet<String>>);
+
 #[derive(Debug, Default)]
 pub(super) struct KeyColumns {
-    known: Mutex<HashMap<String, (Instant, Arc<BTreeSet<String>>)>>,
+    known: Mutex<HashMap<String, Known>>,
 }
 
 impl KeyColumns {
