@@ -258,6 +258,13 @@ pub fn query_parts(query: &Query, dialect: &dyn Dialect, first: usize) -> Parts 
         b.parts
             .conditions
             .push(format!("({})", branches.join(" OR ")));
+        // Implied by the branches, but a bound an index range can start at:
+        // without it a deep page would scan every earlier page's rows.
+        let (expr, desc, value) = &values[0];
+        let p = b.param(value.clone());
+        b.parts
+            .conditions
+            .push(format!("{expr} {} {p}", if *desc { "<=" } else { ">=" }));
     }
     b.parts.order_by = terms
         .into_iter()

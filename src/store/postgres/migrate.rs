@@ -180,7 +180,10 @@ pub async fn migrate(target: &PgTarget, plan: &MigratePlan) -> StoreResult<()> {
         converge_grants(&tx, &target.schema, role, &plan.collections).await?;
     }
     temp_tables(&tx, plan).await?;
+    let indexes = super::keys::record(&tx, &target.schema, &plan.service, &plan.indexes).await?;
     tx.commit().await.map_err(|e| pg_error("COMMIT", e))?;
+    // CONCURRENTLY cannot run in a transaction: indexes are built after it.
+    super::keys::build(&client, &target.schema, &indexes).await?;
     info!(schema = %target.schema, collections = plan.collections.len(), "PostgreSQL schema migrated");
     Ok(())
 }

@@ -18,6 +18,7 @@
 mod ddl;
 mod error;
 mod feed;
+mod keys;
 pub mod migrate;
 mod pool;
 mod queries;
@@ -153,6 +154,8 @@ pub struct PostgresStore {
     clock: Clock,
     /// Indexes created on first use (no policy), so each is created once.
     indexed: sql::CreatedIndexes,
+    /// The key columns each table's valid indexes hold.
+    keys: keys::KeyColumns,
     wakeups: changes::Wakeups,
     /// `user@host:port/db` for messages and logs; never the password.
     target: String,
@@ -219,6 +222,7 @@ impl PostgresStore {
             auto_create: target.auto_create,
             clock,
             indexed: Default::default(),
+            keys: Default::default(),
             wakeups: changes::Wakeups::default(),
             target: name,
         };
@@ -594,5 +598,7 @@ impl DocumentStore for PostgresStore {
     }
 }
 
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;

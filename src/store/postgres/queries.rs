@@ -8,6 +8,8 @@ use super::{PostgresStore, COLUMNS, NOW};
 use crate::store::query::{Field, Index, Query};
 use crate::store::sql::{self, Dialect, Param};
 use crate::store::{Budget, FieldPath, Page, PageBuilder, StoreResult};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 
 /// The key function, as [`crate::store::key`] encodes: tag byte, payload.
@@ -54,7 +56,7 @@ $fn$"#
 }
 
 /// A path as a `text[]` literal: keys single-quoted, quotes doubled.
-fn path_array(path: &FieldPath) -> String {
+pub(super) fn path_array(path: &FieldPath) -> String {
     let keys: Vec<String> = path
         .segments()
         .iter()
@@ -65,6 +67,10 @@ fn path_array(path: &FieldPath) -> String {
 
 struct Postgres<'s> {
     schema: &'s str,
+    /// The table's usable key columns ([`super::keys`]): a field that has
+    /// one is compared on it, so that an index serves it under row-level
+    /// security; any other on the key expression.
+    columns: &'s BTreeSet<String>,
 }
 
 impl Dialect for Postgres<'_> {
@@ -77,6 +83,10 @@ impl Dialect for Postgres<'_> {
     }
 
     fn key(&self, path: &FieldPath) -> String {
+        let column = super::keys::key_column(path);
+        if self.columns.contains(&column) {
+            return super::ddl::quote_ident(&column);
+        }
         format!(
             "\"{}\".docsidecar_key(data #> {})",
             self.schema,
@@ -114,7 +124,11 @@ pub(super) fn index_ddl(
     concurrently: bool,
 ) -> StoreResult<String> {
     let table = super::ddl::qualified_table(schema, collection)?;
-    let dialect = Postgres { schema };
+    let none = BTreeSet::new();
+    let dialect = Postgres {
+        schema,
+        columns: &none,
+    };
     let keys: Vec<String> = index
         .fields
         .iter()
@@ -136,13 +150,19 @@ pub(super) fn index_ddl(
 }
 
 /// A query's statement and parameters (`$1` is the clock offset).
-fn statement(schema: &str, table: &str, q: &Query, count: bool) -> (String, Vec<Param>) {
+fn statement(
+    schema: &str,
+    columns: &BTreeSet<String>,
+    table: &str,
+    q: &Query,
+    count: bool,
+) -> (String, Vec<Param>) {
     let expiry = vec![format!("(expire_time IS NULL OR expire_time > {NOW})")];
-    sql::statement(q, &Postgres { schema }, table, expiry, count)
+    sql::statement(q, &Postgres { schema, columns }, table, expiry, count)
 }
 
 /// Bound parameters, boxed for tokio-postgres.
-type Bound = Vec<Box<dyn ToSql + Sync + Send>>;
+pub(super) type Bound = Vec<Box<dyn ToSql + Sync + Send>>;
 
 /// The statement's parameters as tokio-postgres takes them.
 fn bind(offset: i64, params: &[Param]) -> Bound {
@@ -187,11 +207,29 @@ impl PostgresStore {
 
     /// The statement of a query (or, with `count`, of its count) and its
     /// parameters, once the index it needs exists.
-    async fn prepared(&self, q: &Query, count: bool) -> StoreResult<(String, Bound)> {
+    pub(super) async fn prepared(&self, q: &Query, count: bool) -> StoreResult<(String, Bound)> {
         self.index_for(q).await?;
         let table = self.tables.table(&q.collection)?;
-        let (sql, params) = statement(&self.tables.schema, &table, q, count);
+        let columns = self.key_columns(q).await?;
+        let (sql, params) = statement(&self.tables.schema, &columns, &table, q, count);
         Ok((sql, bind(self.clock.offset(), &params)))
+    }
+
+    /// The key columns a query may use: none when it names no field.
+    async fn key_columns(&self, q: &Query) -> StoreResult<Arc<BTreeSet<String>>> {
+        if q.fields().is_empty() {
+            return Ok(Arc::default());
+        }
+        if let Some(columns) = self.keys.fresh(&q.collection) {
+            return Ok(columns);
+        }
+        let c = self.pools.acquire().await?;
+        let result = self
+            .keys
+            .load(&***c, &self.tables.schema, &q.collection)
+            .await;
+        c.release();
+        result.map_err(|e| self.pg(e))
     }
 
     pub(super) async fn run_query(&self, q: &Query, budget: Budget) -> StoreResult<Page> {

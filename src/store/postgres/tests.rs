@@ -13,13 +13,13 @@ use tokio_postgres::NoTls;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-fn url() -> String {
+pub(super) fn url() -> String {
     std::env::var("DOCSIDECAR_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.into())
 }
 
 /// Drops the test's schema, also when the test panics.
-struct SchemaGuard {
-    name: String,
+pub(super) struct SchemaGuard {
+    pub(super) name: String,
 }
 
 impl Drop for SchemaGuard {
@@ -44,7 +44,7 @@ struct Ctx {
     _guard: SchemaGuard,
 }
 
-async fn admin() -> Option<tokio_postgres::Client> {
+pub(super) async fn admin() -> Option<tokio_postgres::Client> {
     let (client, connection) =
         testing::reach("PostgreSQL", tokio_postgres::connect(&url(), NoTls)).await?;
     tokio::spawn(connection);

@@ -155,7 +155,7 @@ impl SqliteStore {
             .map_err(join_error)?
     }
 
-    fn busy(&self) -> StoreError {
+    pub(super) fn busy(&self) -> StoreError {
         StoreError::pool_exhausted(format!(
             "no SQLite connection became free within {:?}; retry",
             self.acquire_timeout

@@ -5,11 +5,11 @@ use super::SqliteStore;
 use crate::store::changes::{ChangeRecord, Changes, ChangesOp, FeedBounds};
 use crate::store::plan::{Change, ChangeKind};
 use crate::store::{Document, Key, Micros, StoreResult};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 
 /// Records changes inside the writing transaction.
 pub(super) fn record(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     changes: &[Change],
     commit_time: Micros,
 ) -> rusqlite::Result<()> {

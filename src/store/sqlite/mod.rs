@@ -7,6 +7,7 @@
 //! - [`conn`]: the writer, the reader pool, point reads on the worker;
 //! - [`schema`]: versioned migrations.
 
+mod commit;
 mod conn;
 mod feed;
 mod queries;
@@ -60,6 +61,8 @@ pub struct SqliteStore {
     /// Indexes created on first use, so each is created once.
     indexed: sql::CreatedIndexes,
     wakeups: changes::Wakeups,
+    /// Writes waiting to be committed together.
+    queue: commit::Queue,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -120,7 +123,7 @@ fn row_to_doc(collection: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Doc
 
 /// The stored row of `key`, live or expired, read inside the writing
 /// transaction (which holds the write lock). Its data only when asked.
-fn stored(tx: &Transaction<'_>, key: &Key, with_data: bool) -> rusqlite::Result<Option<Document>> {
+fn stored(tx: &Connection, key: &Key, with_data: bool) -> rusqlite::Result<Option<Document>> {
     let sql = if with_data {
         "SELECT scope, id, rev, data, create_time, update_time, expire_time FROM documents WHERE collection = ?1 AND scope = ?2 AND id = ?3"
     } else {
@@ -134,7 +137,7 @@ fn stored(tx: &Transaction<'_>, key: &Key, with_data: bool) -> rusqlite::Result<
 }
 
 /// Applies a planned action inside the writing transaction.
-fn apply(tx: &Transaction<'_>, action: &Action) -> rusqlite::Result<()> {
+fn apply(tx: &Connection, action: &Action) -> rusqlite::Result<()> {
     match action {
         Action::Insert(d) => {
             tx.prepare_cached(
@@ -211,6 +214,7 @@ impl SqliteStore {
             auto_index,
             indexed: Default::default(),
             wakeups: changes::Wakeups::default(),
+            queue: Default::default(),
         })
     }
 }
@@ -239,28 +243,7 @@ impl DocumentStore for SqliteStore {
     }
 
     async fn write(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
-        let now = self.clock.now();
-        let result = self
-            .with_writer(move |conn| {
-                let tx = immediate(conn)?;
-                let mut results = Vec::with_capacity(mutations.len());
-                for (index, mutation) in mutations.iter().enumerate() {
-                    // Returning early drops `tx`, which rolls everything back.
-                    let planned = stored(&tx, mutation.key(), mutation.needs_stored_data())
-                        .map_err(StoreError::from)
-                        .and_then(|row| mutation.plan(row, now))
-                        .and_then(|planned| {
-                            apply(&tx, &planned.action)?;
-                            feed::record(&tx, &planned.changes, now)?;
-                            Ok(planned)
-                        })
-                        .map_err(|e| e.in_mutation(index))?;
-                    results.push(planned.written);
-                }
-                tx.commit()?;
-                Ok(results)
-            })
-            .await;
+        let result = self.commit(mutations).await;
         if result.is_ok() {
             self.wakeups.notify();
         }

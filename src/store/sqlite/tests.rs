@@ -259,3 +259,60 @@ async fn a_full_disk_is_reported_and_reads_go_on() {
     let kept = store.get(&Key::new("docs", "", "kept")).await.unwrap();
     assert_eq!(kept.data, "{\"x\": \"yyyyyyyyyy\"}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_commits_and_fail_alone() {
+    use crate::store::testing::{save, Calls};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(&target(dir.path().join("g.db")), Clock::default())
+            .await
+            .unwrap(),
+    );
+    store.save_doc(save("c", "taken", "{}")).await.unwrap();
+    let before = store
+        .queue
+        .transactions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let writes: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                // Every eighth Write fails: create_only on a taken id.
+                let id = if i % 8 == 0 {
+                    "taken".into()
+                } else {
+                    format!("d{i}")
+                };
+                let mut op = save("c", &id, "{}");
+                op.create_only = true;
+                store.write(vec![Mutation::Save(op)]).await
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for w in writes {
+        match w.await.unwrap() {
+            Ok(written) => assert!(matches!(&written[0], Written::Saved(s) if s.created)),
+            Err(e) => {
+                assert!(matches!(e, StoreError::InMutation { .. }), "{e:?}");
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 8);
+    let transactions = store
+        .queue
+        .transactions
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert!(
+        transactions < 64,
+        "{transactions} transactions for 64 concurrent Writes"
+    );
+    eprintln!("64 concurrent Writes in {transactions} transactions");
+    // Every acknowledged Write is there, and nothing of the failed ones.
+    let page = store.list_docs("c", 1000).await.unwrap();
+    assert_eq!(page.documents.len(), 1 + 56);
+}
