@@ -159,22 +159,32 @@ const PG_COLUMNS: &str = "scope, id, rev, data::text, create_time, update_time, 
 const PG_LIVE: &str =
     "(expire_time IS NULL OR expire_time > ((extract(epoch from now()) * 1000000)::bigint + $1::bigint))";
 
+/// The key column `migrate` gives a declared field on PostgreSQL: `k$` and
+/// an FNV-1a hash of the path's JSON (`src/store/postgres/keys.rs`; the
+/// column's comment names the field).
+pub fn pg_key_column(field: &str) -> String {
+    let json = serde_json::to_string(&[field]).unwrap_or_default();
+    let hash = json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("\"k${:012x}\"", hash >> 16)
+}
+
 /// PostgreSQL: `$1` the clock offset (0), `$2` the scope (''), `$3` the
-/// value's key (bytea).
+/// value's key (bytea). The declared fields' `bytea` key columns, kept by the
+/// store's trigger and indexed by `migrate`, as the sidecar compares them.
 pub fn pg_sql(schema: &str) -> RawSql {
-    let key =
-        |field: &str| format!("\"{schema}\".docsidecar_key(data #> ARRAY['{field}']::text[])");
     let table = format!("\"{schema}\".\"{COLLECTION}\"");
     RawSql {
         query: format!(
             "SELECT {PG_COLUMNS} FROM {table} WHERE {PG_LIVE} AND scope = $2 AND {c} IN ($3) AND {t} IS NOT NULL ORDER BY {t} DESC, id LIMIT {}",
             PAGE + 1,
-            c = key("customer"),
-            t = key("created_at"),
+            c = pg_key_column("customer"),
+            t = pg_key_column("created_at"),
         ),
         count: format!(
             "SELECT count(*) FROM {table} WHERE {PG_LIVE} AND scope = $2 AND {} IN ($3)",
-            key("status")
+            pg_key_column("status")
         ),
     }
 }
