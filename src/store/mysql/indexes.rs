@@ -71,7 +71,9 @@ pub(super) async fn relation_columns(
 }
 
 /// Our indexes on each table: table → index names.
-async fn existing(conn: &mut mysql_async::Conn) -> Result<BTreeMap<String, BTreeSet<String>>, OpError> {
+async fn existing(
+    conn: &mut mysql_async::Conn,
+) -> Result<BTreeMap<String, BTreeSet<String>>, OpError> {
     let rows: Vec<(Vec<u8>, Vec<u8>)> = conn
         .query(
             "SELECT TABLE_NAME, INDEX_NAME FROM information_schema.STATISTICS
@@ -192,7 +194,12 @@ pub(super) async fn converge(c: &mut Conn, plan: &MigratePlan) -> Result<(), OpE
         for (service, collection, name, fields) in &ours {
             conn.exec_drop(
                 "INSERT INTO `_indexes` (service, collection, name, fields) VALUES (?, ?, ?, ?)",
-                (service.as_bytes(), collection.as_bytes(), name.as_bytes(), fields),
+                (
+                    service.as_bytes(),
+                    collection.as_bytes(),
+                    name.as_bytes(),
+                    fields,
+                ),
             )
             .await?;
         }
@@ -220,8 +227,7 @@ pub(super) async fn converge(c: &mut Conn, plan: &MigratePlan) -> Result<(), OpE
         .filter_map(|n| String::from_utf8(n).ok())
         .collect();
     for ((collection, name), (index, services)) in &wanted {
-        if !tables.contains(collection)
-            || present.get(collection).is_some_and(|p| p.contains(name))
+        if !tables.contains(collection) || present.get(collection).is_some_and(|p| p.contains(name))
         {
             continue;
         }

@@ -200,7 +200,10 @@ impl Sql {
             }
             Point::Number(None) => format!("{k} < x'30'"),
             Point::Number(Some(f)) => {
-                format!("({k} {strict} x'30' OR ({k} = x'30' AND {n} {op} {}))", self.double(*f))
+                format!(
+                    "({k} {strict} x'30' OR ({k} = x'30' AND {n} {op} {}))",
+                    self.double(*f)
+                )
             }
         }
     }
@@ -223,7 +226,9 @@ impl Sql {
         let mut parts = Vec::new();
         if !bytes.is_empty() {
             let marks: Vec<&str> = bytes.iter().map(|b| self.bytes(b)).collect();
-            parts.push(format!("{k} IN ({})", marks.join(", ")));
+            // n IS NULL holds for every non-number, and tells the planner
+            // that the index's next column is fixed too (its order follows).
+            parts.push(format!("({k} IN ({}) AND {n} IS NULL)", marks.join(", ")));
         }
         if !numbers.is_empty() {
             let marks: Vec<&str> = numbers.iter().map(|f| self.double(*f)).collect();
@@ -429,7 +434,10 @@ mod tests {
         }
         assert_eq!(point(&encode(&json!(-0.0))), Point::Number(Some(0.0)));
         assert_eq!(point(&[NUMBER]), Point::Number(None));
-        assert_eq!(point(&encode(&json!("ab"))), Point::Bytes(b"\x40ab\x00".to_vec()));
+        assert_eq!(
+            point(&encode(&json!("ab"))),
+            Point::Bytes(b"\x40ab\x00".to_vec())
+        );
         let long = "x".repeat(KEY_BYTES - 2);
         assert!(is_exact(&encode(&json!(long))));
         let longer = "x".repeat(KEY_BYTES - 1);

@@ -228,7 +228,7 @@ impl MysqlStore {
     /// The relation whose key columns serve `q`, or `None`: a field without
     /// columns there, or one no SQL may name (then the scan serves it).
     /// Without a policy the index `q` needs is created first.
-    async fn pushdown(&self, q: &Query) -> StoreResult<Option<String>> {
+    pub(super) async fn pushdown(&self, q: &Query) -> StoreResult<Option<String>> {
         let fields = keys::sql_fields(q);
         if !fields.iter().all(|p| keys::pushable(p)) {
             return Ok(None);
@@ -304,11 +304,7 @@ impl MysqlStore {
             };
             // Loosened conditions may return rows the sidecar drops.
             let fetch = Page::fetch_limit(q.limit).max(if sql.exact { 0 } else { 100 });
-            let statement = format!(
-                "SELECT {COLUMNS} FROM {relation} WHERE {LIVE} AND {} ORDER BY {} LIMIT {fetch}",
-                conditions(&sql),
-                sql.order_by.join(", ")
-            );
+            let statement = page_statement(relation, &sql, fetch);
             let mut params = vec![Value::from(self.clock.offset())];
             params.extend(sql.params);
             let (mut read, mut last, mut inexact, mut full) = (0, None, false, false);
@@ -381,6 +377,16 @@ impl MysqlStore {
         .await?;
         Ok(n)
     }
+}
+
+/// The statement of a page of at most `fetch` rows (parameters: the clock
+/// offset, then the SQL's).
+pub(super) fn page_statement(relation: &str, sql: &keys::Sql, fetch: usize) -> String {
+    format!(
+        "SELECT {COLUMNS} FROM {relation} WHERE {LIVE} AND {} ORDER BY {} LIMIT {fetch}",
+        conditions(&sql),
+        sql.order_by.join(", ")
+    )
 }
 
 fn conditions(sql: &keys::Sql) -> String {
