@@ -257,7 +257,10 @@ pub(super) async fn converge(c: &mut Conn, plan: &MigratePlan) -> Result<(), OpE
 /// The columns of each relation, as last looked up (they change only when
 /// `migrate` or a first use adds some).
 #[derive(Default)]
-pub(super) struct ColumnCache(Mutex<HashMap<String, (Instant, Arc<BTreeSet<String>>)>>);
+pub(super) struct ColumnCache(Mutex<HashMap<String, Looked>>);
+
+/// When a relation's columns were looked up, and what they were.
+type Looked = (Instant, Arc<BTreeSet<String>>);
 
 /// How long a relation's columns are trusted before they are looked up again.
 const COLUMNS_FOR: Duration = Duration::from_secs(30);

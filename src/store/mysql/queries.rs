@@ -384,7 +384,7 @@ impl MysqlStore {
 pub(super) fn page_statement(relation: &str, sql: &keys::Sql, fetch: usize) -> String {
     format!(
         "SELECT {COLUMNS} FROM {relation} WHERE {LIVE} AND {} ORDER BY {} LIMIT {fetch}",
-        conditions(&sql),
+        conditions(sql),
         sql.order_by.join(", ")
     )
 }
