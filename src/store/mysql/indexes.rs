@@ -10,7 +10,9 @@
 //! created on first use.
 
 use super::error::OpError;
-use super::keys::{column_ddl, columns, index_columns, index_name, is_index_name, pushable};
+use super::keys::{
+    column_ddl, columns, index_columns, index_name, is_index_name, pushable, MAX_INDEX_FIELDS,
+};
 use super::pool::Conn;
 use crate::store::query::{Field, Index};
 use crate::store::{is_valid_name, MigratePlan};
@@ -235,7 +237,7 @@ pub(super) async fn converge(c: &mut Conn, plan: &MigratePlan) -> Result<(), OpE
         if create(conn, collection, index).await? {
             info!(collection = %collection, index = %name, fields = %index, services = ?services, took = ?started.elapsed(), "created index {name} {index} on `{collection}`");
         } else {
-            warn!(collection = %collection, fields = %index, "index {index} of `{collection}` names a field MySQL/MariaDB cannot index (keys of ASCII letters, digits, `_` and `-` only): its queries scan");
+            warn!(collection = %collection, fields = %index, "index {index} of `{collection}` cannot be made on MySQL/MariaDB (field keys of ASCII letters, digits, `_` and `-` only, at most {MAX_INDEX_FIELDS} fields): its queries scan");
         }
     }
     for (table, names) in &mut present {

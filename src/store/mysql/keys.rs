@@ -100,9 +100,16 @@ pub(super) fn column_ddl(path: &FieldPath) -> [String; 2] {
     ]
 }
 
+/// Fields an index may have: InnoDB keys hold 3072 bytes, the scope and id
+/// take 1024 and each field 264.
+pub(super) const MAX_INDEX_FIELDS: usize = 7;
+
 /// The index's column list: the scope, each field's two columns in its
-/// direction, then the id.
+/// direction, then the id; `None` when MySQL/MariaDB cannot index it.
 pub(super) fn index_columns(index: &Index) -> Option<String> {
+    if index.fields.len() > MAX_INDEX_FIELDS {
+        return None;
+    }
     let mut out = vec!["scope".to_string()];
     for o in &index.fields {
         let Field::Path(path) = &o.field else {

@@ -300,6 +300,7 @@ impl MysqlStore {
         let mut page = PageBuilder::new(q.limit, budget);
         loop {
             let Some(sql) = keys::query_sql(q, cursor.as_ref()) else {
+                tracing::debug!(collection = %q.collection, "a page starts after a key the key columns do not hold whole: read by the scan");
                 return Ok(None);
             };
             // Loosened conditions may return rows the sidecar drops.
@@ -337,9 +338,11 @@ impl MysqlStore {
             })
             .await?;
             if inexact {
+                tracing::debug!(collection = %q.collection, "a page's order meets a key the key columns do not hold whole: read by the scan");
                 return Ok(None);
             }
             if full || read < fetch {
+                tracing::debug!(collection = %q.collection, "a page read through the key columns");
                 return Ok(Some(page.finish()));
             }
             cursor = last;
