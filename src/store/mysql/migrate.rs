@@ -4,7 +4,9 @@
 //! exactly `SELECT, INSERT, UPDATE, DELETE` on the read-write collections,
 //! `SELECT` on the read-only ones and on the catalog and version tables,
 //! nothing else; grants on collections the policy no longer declares are
-//! revoked. The serving sidecar then needs no DDL rights at all.
+//! revoked. The serving sidecar then needs no DDL rights at all. The
+//! declared query indexes (and their key columns) are added online, before
+//! the scope views are replaced (see `indexes`).
 //!
 //! Several replicas may run it at once. `GET_LOCK` does not work across a
 //! Galera cluster, and neither do row locks (each node has its own), so runs

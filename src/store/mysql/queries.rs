@@ -314,7 +314,9 @@ impl MysqlStore {
                 read += 1;
                 let data = parse(&doc)?;
                 let Some(order) = query::order_keys(&q.order, &doc, &data) else {
-                    return Ok(true);
+                    // The columns and the JSON disagree: leave it to the scan.
+                    inexact = true;
+                    return Ok(false);
                 };
                 let exact = q
                     .order
