@@ -138,7 +138,7 @@ impl MysqlStore {
     }
 
     /// A page read by the scan (see the module's documentation).
-    async fn scanned_page(&self, q: &Query, budget: Budget) -> StoreResult<Page> {
+    pub(super) async fn scanned_page(&self, q: &Query, budget: Budget) -> StoreResult<Page> {
         let after = q
             .after
             .as_ref()
