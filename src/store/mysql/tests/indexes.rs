@@ -393,3 +393,132 @@ async fn strings_stay_distinct_through_the_index_path() {
     let q = query("words", "", vec![range], vec![]);
     assert_eq!(s.count(&q).await.unwrap(), 3);
 }
+
+/// Every id of `q`, page by page, through `page` (the index path or the scan).
+async fn walk<'s, F, Fut>(q: &Query, page: F) -> Vec<String>
+where
+    F: Fn(Query) -> Fut,
+    Fut: std::future::Future<Output = Page> + 's,
+{
+    let mut q = q.clone();
+    let mut ids = Vec::new();
+    loop {
+        let got = page(q.clone()).await;
+        let last = got.documents.last().cloned();
+        ids.extend(got.documents.into_iter().map(|d| d.key.id));
+        let Some(last) = last.filter(|_| got.more) else {
+            return ids;
+        };
+        let data: serde_json::Value = serde_json::from_str(&last.data).unwrap();
+        q.after = Some(crate::store::query::Cursor {
+            keys: crate::store::query::order_keys(&q.order, &last, &data).unwrap(),
+            id: last.key.id,
+            scope: last.key.scope,
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_path_agrees_with_the_scan_on_random_queries() {
+    let Some(db) = database().await else {
+        return;
+    };
+    let s = store(&db, Clock::default()).await;
+    let mut seed = 7u64;
+    let mut below = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let long = "y".repeat(260);
+    let pool = [
+        json!(null),
+        json!(true),
+        json!(false),
+        json!(-0.0),
+        json!(0),
+        json!(0.1),
+        json!(-2.5),
+        json!(1e300),
+        json!("a"),
+        json!("A"),
+        json!("é"),
+        json!("e"),
+        json!(""),
+        json!(long.clone()),
+        json!(format!("{long}a")),
+        json!(format!("{long}b")),
+        json!([1]),
+        json!([]),
+        json!({"k": 1}),
+    ];
+    for i in 0..80 {
+        let mut doc = serde_json::Map::new();
+        for f in ["a", "b"] {
+            if below(6) > 0 {
+                doc.insert(f.into(), pool[below(pool.len() as u64) as usize].clone());
+            }
+        }
+        let id = format!("d{:02}", (i * 37) % 83);
+        let data = serde_json::Value::Object(doc).to_string();
+        s.save_doc(save("r", &id, &data)).await.unwrap();
+    }
+    for round in 0..60 {
+        let mut filters = Vec::new();
+        for _ in 0..below(3) {
+            let field = path(["a", "b"][below(2) as usize]);
+            let value = pool[below(pool.len() as u64) as usize].clone();
+            let other = pool[below(pool.len() as u64) as usize].clone();
+            let (low, high) = crate::store::key::type_range(&value);
+            let condition = match below(6) {
+                0 => Condition::In(vec![encode(&value)]),
+                1 => Condition::In(vec![encode(&value), encode(&other)]),
+                2 => Condition::NotIn(vec![encode(&value)]),
+                3 => Condition::Range(Bound::Excluded(encode(&value)), Bound::Excluded(high)),
+                4 => Condition::Range(Bound::Included(low), Bound::Included(encode(&value))),
+                _ => Condition::Exists(below(2) == 0),
+            };
+            filters.push(Filter { field, condition });
+        }
+        let mut order = Vec::new();
+        for f in ["a", "b"] {
+            if below(2) == 0 {
+                order.push((f, below(2) == 0));
+            }
+        }
+        if below(2) == 0 {
+            order.reverse();
+        }
+        let q = Query {
+            limit: 1 + below(6) as usize,
+            ..query("r", "", filters, order)
+        };
+        let indexed = walk(&q, |q| {
+            let s = &s;
+            async move { s.query(&q, Budget::unlimited()).await.unwrap() }
+        })
+        .await;
+        let scanned = walk(&q, |q| {
+            let s = &s;
+            async move { s.scanned_page(&q, Budget::unlimited()).await.unwrap() }
+        })
+        .await;
+        assert_eq!(indexed, scanned, "round {round}: {q:?}");
+        let counted = s
+            .count(&Query {
+                order: vec![],
+                ..q.clone()
+            })
+            .await
+            .unwrap();
+        let mut all = q.clone();
+        all.order.clear();
+        let every = walk(&all, |q| {
+            let s = &s;
+            async move { s.scanned_page(&q, Budget::unlimited()).await.unwrap() }
+        })
+        .await;
+        assert_eq!(counted as usize, every.len(), "round {round}: {q:?}");
+    }
+}
