@@ -265,6 +265,10 @@ impl Sql {
             Condition::Exists(true) => format!("{k} IS NOT NULL"),
             Condition::Exists(false) => format!("{k} IS NULL"),
             Condition::Range(low, high) => {
+                if let Some(sql) = self.number_range(&c, low, high) {
+                    self.conditions.push(sql);
+                    return;
+                }
                 let mut parts = vec![format!("{k} IS NOT NULL")];
                 match low {
                     Bound::Included(b) => parts.push(self.compare(&c, ">=", &point(b))),
@@ -285,6 +289,46 @@ impl Sql {
             }
         };
         self.conditions.push(sql);
+    }
+
+    /// A range within the numbers (a typed comparison with a number) as
+    /// `k = 0x30` and bounds on `n`, which an index serves as one range.
+    fn number_range(
+        &mut self,
+        (k, n): &(String, String),
+        low: &Bound<Vec<u8>>,
+        high: &Bound<Vec<u8>>,
+    ) -> Option<String> {
+        // Each bound: None (not within the numbers), or the comparison on n
+        // it needs (None: every number passes it).
+        let on_n = |bound: &Bound<Vec<u8>>, upper: bool| -> Option<Option<(&str, f64)>> {
+            let (key, inclusive) = match bound {
+                Bound::Included(k) => (k, true),
+                Bound::Excluded(k) => (k, false),
+                Bound::Unbounded => return None,
+            };
+            match (point(key), upper) {
+                (Point::Number(None), false) => Some(None),
+                (Point::Bytes(b), true) if b == [NUMBER + 1] => Some(None),
+                (Point::Number(Some(f)), upper) => {
+                    let op = match (upper, inclusive) {
+                        (false, true) => ">=",
+                        (false, false) => ">",
+                        (true, true) => "<=",
+                        (true, false) => "<",
+                    };
+                    Some(Some((op, f)))
+                }
+                _ => None,
+            }
+        };
+        let (low, high) = (on_n(low, false)?, on_n(high, true)?);
+        let mut parts = vec![format!("{k} = x'30'")];
+        for (op, f) in low.into_iter().chain(high) {
+            let mark = self.double(f);
+            parts.push(format!("{n} {op} {mark}"));
+        }
+        Some(format!("({})", parts.join(" AND ")))
     }
 
     /// A condition on `__id__` (a string): on the id column's bytes.

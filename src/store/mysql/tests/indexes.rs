@@ -224,6 +224,35 @@ async fn declared_indexes_serve_a_scoped_account_through_its_view() {
     assert!(!get("Extra").contains("filesort"), "{line}");
     assert!(get("rows").parse::<u64>().unwrap() <= 500, "{line}");
 
+    // With a range on the ordered field too: one index range, no sort.
+    let mut ranged = q.clone();
+    ranged.filters.push(Filter {
+        field: path("created"),
+        condition: Condition::Range(
+            Bound::Excluded(encode(&json!(11008))),
+            Bound::Excluded(vec![crate::store::key::NUMBER + 1]),
+        ),
+    });
+    let sql = super::keys::query_sql(&ranged, None).unwrap();
+    let statement = super::queries::page_statement("`orders$twitch`", &sql, 11);
+    let mut ranged_params = vec![Value::from(0i64)];
+    ranged_params.extend(sql.params.iter().cloned());
+    let row: mysql_async::Row = a
+        .exec_first(format!("EXPLAIN {statement}"), ranged_params)
+        .await
+        .unwrap()
+        .unwrap();
+    let key: Option<String> = row.get("key");
+    let extra: Option<String> = row.get("Extra");
+    let rows: Option<u64> = row.get("rows");
+    println!("EXPLAIN with a range: key={key:?} rows={rows:?} Extra={extra:?}");
+    assert_eq!(key, Some(super::keys::index_name(&declared)));
+    assert!(!extra.unwrap_or_default().contains("filesort"));
+    assert!(rows.unwrap() <= 20, "{rows:?}");
+    assert_eq!(run(&s, &ranged).await, expected[..9]);
+
+    let sql = super::keys::query_sql(&q, None).unwrap();
+    let statement = super::queries::page_statement("`orders$twitch`", &sql, 11);
     let mut runtime = mysql_async::Conn::new(
         server_opts()
             .db_name(Some(&db.name))
