@@ -162,7 +162,9 @@ async fn declared_indexes_serve_a_scoped_role_and_only_undeclared_ones_are_dropp
         walked.extend(page.documents.iter().map(|d| d.key.id.clone()));
         last = page.documents.last().cloned();
     }
-    let all: Vec<String> = (0..120).map(|i| format!("o{:06}", 11908 - 100 * i)).collect();
+    let all: Vec<String> = (0..120)
+        .map(|i| format!("o{:06}", 11908 - 100 * i))
+        .collect();
     assert_eq!(walked, all);
     let count = Query {
         filters: vec![Filter {
