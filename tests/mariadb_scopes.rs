@@ -512,3 +512,77 @@ async fn a_running_sidecar_follows_its_account_onto_the_views() {
     direct.disconnect().await.unwrap();
     a.stop().await;
 }
+
+/// Declared indexes through the binary: `migrate` creates them once (a rerun
+/// changes nothing), a scoped sidecar's queries are served through its
+/// view, and an index no policy declares any more is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_builds_the_declared_indexes_once_and_drops_the_undeclared() {
+    use docsidecar::proto::{filter::Operator, order::Direction, Filter, Order, QueryRequest};
+    let Some(server) = mariadb_url().await else {
+        return;
+    };
+    let s = Shared::new(server).await;
+    let [twitch, discord, _] = s.users.clone();
+    let indexed = |scope: &str, indexes: &str| format!("{}indexes = {indexes}\n", scoped(scope));
+    let twitch_policy = indexed("twitch", r#"[["n"], ["k", "n desc"]]"#);
+    let (ok, out) = s.migrate("twitch", &twitch_policy, &twitch);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("created index").count(), 2, "{out}");
+    let (ok, out) = s.migrate("discord", &indexed("discord", r#"[["n"]]"#), &discord);
+    assert!(ok && !out.contains("created index"), "{out}");
+    let (ok, out) = s.migrate("twitch", &twitch_policy, &twitch);
+    assert!(ok, "{out}");
+    for change in [
+        "created index",
+        "dropped index",
+        "recorded the",
+        "created view",
+    ] {
+        assert!(!out.contains(change), "a rerun changed things: {out}");
+    }
+
+    let a = s.sidecar("twitch", &twitch).await;
+    let mut ca = a.client.clone();
+    for (id, k, n) in [
+        ("a", "x", 1.0),
+        ("b", "X", 2.0),
+        ("c", "x", 3.0),
+        ("d", "é", 4.0),
+    ] {
+        let mut doc = save(id, n);
+        if let Some(data) = doc.data.as_mut() {
+            data.fields.insert("k".into(), string(k));
+        }
+        ca.save(doc).await.unwrap();
+    }
+    let request = QueryRequest {
+        collection: "platform_integrations".into(),
+        filters: vec![Filter {
+            field: "k".into(),
+            op: Operator::Equal.into(),
+            value: Some(string("x")),
+        }],
+        order_by: vec![Order {
+            field: "n".into(),
+            direction: Direction::Descending.into(),
+        }],
+        ..Default::default()
+    };
+    let found = ca.query(request).await.unwrap().into_inner();
+    let ids: Vec<&str> = found.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["c", "a"]);
+
+    // twitch no longer declares ["k", "n desc"]: dropped; ["n"] stays (and
+    // discord declares it too).
+    let (ok, out) = s.migrate("twitch", &indexed("twitch", r#"[["n"]]"#), &twitch);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("dropped index").count(), 1, "{out}");
+    let (ok, out) = s.migrate("twitch", &scoped("twitch"), &twitch);
+    assert!(
+        ok && !out.contains("dropped index"),
+        "discord still declares it: {out}"
+    );
+    let (ok, out) = s.migrate("discord", &scoped("discord"), &discord);
+    assert!(ok && out.contains("dropped index"), "{out}");
+}

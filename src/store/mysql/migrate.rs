@@ -4,7 +4,9 @@
 //! exactly `SELECT, INSERT, UPDATE, DELETE` on the read-write collections,
 //! `SELECT` on the read-only ones and on the catalog and version tables,
 //! nothing else; grants on collections the policy no longer declares are
-//! revoked. The serving sidecar then needs no DDL rights at all.
+//! revoked. The serving sidecar then needs no DDL rights at all. The
+//! declared query indexes (and their key columns) are added online, before
+//! the scope views are replaced (see `indexes`).
 //!
 //! Several replicas may run it at once. `GET_LOCK` does not work across a
 //! Galera cluster, and neither do row locks (each node has its own), so runs
@@ -326,6 +328,10 @@ async fn apply(
             .await
             .map_err(|e| fail(&format!("creating the table of `{collection}`"), e, name))?;
     }
+    // Before the scope views, which select the key columns added here.
+    super::indexes::converge(c, plan)
+        .await
+        .map_err(|e| fail("converging the query indexes", e, name))?;
     let scoping = super::scopes::prepare(c, plan, account).await?;
     if let Some(scoping) = &scoping {
         super::scopes::converge(c, database, scoping)
@@ -402,7 +408,7 @@ async fn grant(
         .into_iter()
         .filter_map(|n| String::from_utf8(n).ok())
         .filter(|n| is_valid_name(n) && !declared(n))
-        .chain(["_lock".to_string(), "_declarations".to_string()]);
+        .chain(["_lock", "_declarations", "_indexes"].map(String::from));
     for table in undeclared {
         let on = format!("`{database}`.`{table}`");
         revoke(c, &format!("REVOKE ALL PRIVILEGES ON {on} FROM {to}")).await?;

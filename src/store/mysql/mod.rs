@@ -14,7 +14,9 @@
 //! - [`error`]: server and driver errors in a caller's terms;
 //! - [`ddl`]: tables, catalog and schema version, creation on first write;
 //! - [`write`]: writes, retried as a whole on conflicts (Galera certification);
-//! - [`queries`]: Query and Count, on sort keys computed by the sidecar;
+//! - [`queries`]: Query and Count, pushed down to SQL on generated key
+//!   columns ([`keys`]) that declared indexes serve ([`indexes`]), or
+//!   evaluated by the sidecar on the rows it reads;
 //! - [`migrate`]: `docsidecar migrate` (tables, catalog, grants);
 //! - [`scopes`]: row scopes as views with a check option, granted per
 //!   account by `migrate`;
@@ -23,6 +25,8 @@
 mod ddl;
 mod error;
 mod feed;
+mod indexes;
+mod keys;
 pub mod migrate;
 mod pool;
 mod queries;
@@ -152,6 +156,10 @@ pub struct MysqlStore {
     /// What this account may see: a scoped one reaches views, not tables.
     relations: relations::Relations,
     auto_create: bool,
+    /// The columns of each relation (which key columns queries may use).
+    columns: indexes::ColumnCache,
+    /// Indexes created on first use (no policy).
+    indexed: sql::CreatedIndexes,
     clock: Clock,
     wakeups: changes::Wakeups,
     /// `user@host:port,…/database` for messages and logs; never the password.
@@ -235,6 +243,8 @@ impl MysqlStore {
             tables,
             relations: relations::Relations::default(),
             auto_create: target.auto_create,
+            columns: indexes::ColumnCache::default(),
+            indexed: sql::CreatedIndexes::default(),
             clock,
             wakeups: changes::Wakeups::default(),
             target: name,

@@ -1,11 +1,17 @@
-//! Reads on MySQL/MariaDB: Get, List and BatchGet by key, and queries,
-//! evaluated by the sidecar on the rows it reads:
+//! Reads on MySQL/MariaDB: Get, List and BatchGet by key, and queries.
+//!
+//! A query is pushed down to SQL on the generated key columns of its fields
+//! (see `keys`), which the declared indexes (`indexes`) serve, when every
+//! field it filters or orders on has them; the sidecar checks each row
+//! against the filters again (exact even where the SQL is loosened: long
+//! strings, arrays, objects, array containment). A page whose order meets a
+//! key the columns do not hold whole, or a query on fields without columns,
+//! is evaluated by the sidecar on the rows it reads instead (the scan):
 //! filters and order compare the same sort keys as every store
 //! ([`crate::store::key`], computed in Rust from each row's JSON), so the
-//! answers are the other stores' by construction. The collection's live rows
-//! of the scope are read in primary-key order, a chunk at a time; no SQL
-//! index serves a field yet, so every query scans (declared indexes are
-//! accepted and not created on this store).
+//! answers are the other stores' by construction. The scan reads the
+//! collection's live rows of the scope in primary-key order, a chunk at a
+//! time.
 //!
 //! - Without an order, matches stream into the page in id order and the scan
 //!   stops when the page is full.
@@ -14,8 +20,8 @@
 //!   a page; a second pass reads those documents, within the budget, and
 //!   keeps the ones that still match at the same position.
 
-use super::{bytes, ddl, int, list_shape, row_to_doc, MysqlStore, COLUMNS, LIVE};
-use crate::store::query::{self, Query};
+use super::{bytes, ddl, indexes, int, keys, list_shape, row_to_doc, MysqlStore, COLUMNS, LIVE};
+use crate::store::query::{self, Cursor, Field, Query};
 use crate::store::{
     Batch, BatchGetOp, Budget, Document, DocumentStore, Key, ListOp, Page, PageBuilder, Scopes,
     StoreError, StoreResult,
@@ -23,6 +29,8 @@ use crate::store::{
 use mysql_async::Value;
 use serde_json::Value as Json;
 use std::cmp::Ordering;
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Rows read per statement of a scan.
 const CHUNK: u64 = 500;
@@ -121,6 +129,16 @@ impl MysqlStore {
     }
 
     pub(super) async fn run_query(&self, q: &Query, budget: Budget) -> StoreResult<Page> {
+        if let Some(relation) = self.pushdown(q).await? {
+            if let Some(page) = self.indexed_page(q, &relation, budget).await? {
+                return Ok(page);
+            }
+        }
+        self.scanned_page(q, budget).await
+    }
+
+    /// A page read by the scan (see the module's documentation).
+    pub(super) async fn scanned_page(&self, q: &Query, budget: Budget) -> StoreResult<Page> {
         let after = q
             .after
             .as_ref()
@@ -190,6 +208,11 @@ impl MysqlStore {
     }
 
     pub(super) async fn run_count(&self, q: &Query) -> StoreResult<u64> {
+        if let Some(relation) = self.pushdown(q).await? {
+            if let Some(sql) = keys::query_sql(q, None) {
+                return self.indexed_count(q, &relation, sql).await;
+            }
+        }
         let mut n = 0;
         self.scan_matches(q, None, |_, _| {
             n += 1;
@@ -197,6 +220,185 @@ impl MysqlStore {
         })
         .await?;
         Ok(n)
+    }
+}
+
+/// Queries on the key columns (see `keys`).
+impl MysqlStore {
+    /// The relation whose key columns serve `q`, or `None`: a field without
+    /// columns there, or one no SQL may name (then the scan serves it).
+    /// Without a policy the index `q` needs is created first.
+    pub(super) async fn pushdown(&self, q: &Query) -> StoreResult<Option<String>> {
+        let fields = keys::sql_fields(q);
+        if !fields.iter().all(|p| keys::pushable(p)) {
+            return Ok(None);
+        }
+        self.index_for(q).await;
+        let relation = self.relation_for(&q.collection, &q.scopes).await?;
+        if fields.is_empty() {
+            return Ok(Some(relation));
+        }
+        let columns = self.columns_of(&relation).await?;
+        let served = fields
+            .iter()
+            .all(|p| keys::columns(p).iter().all(|c| columns.contains(c)));
+        Ok(served.then_some(relation))
+    }
+
+    /// The columns of a relation, looked up again now and then.
+    async fn columns_of(&self, relation: &str) -> StoreResult<Arc<BTreeSet<String>>> {
+        if let Some(columns) = self.columns.get(relation) {
+            return Ok(columns);
+        }
+        let mut c = self.pools.acquire().await?;
+        let result = indexes::relation_columns(c.conn(), relation).await;
+        c.done(&result);
+        let columns = Arc::new(result.map_err(|e| e.resolve(&self.target))?);
+        self.columns.set(relation, columns.clone());
+        Ok(columns)
+    }
+
+    /// Development (tables created on demand): creates the index `q` needs
+    /// on first use. A failure leaves the query to the scan.
+    async fn index_for(&self, q: &Query) {
+        let Some(index) = q.needed_index().filter(|_| self.auto_create) else {
+            return;
+        };
+        let name = format!("{}.{}", q.collection, keys::index_name(&index));
+        if self.indexed.contains(&name) {
+            return;
+        }
+        let Ok(mut c) = self.pools.acquire().await else {
+            return;
+        };
+        let result = indexes::create(c.conn(), &q.collection, &index).await;
+        c.done(&result);
+        match result {
+            Ok(true) => {
+                tracing::info!(collection = %q.collection, index = %index, "created an index on first use (no policy)");
+            }
+            Ok(false) => {}
+            // No table yet: nothing to index, nothing to find.
+            Err(e) if e.is_missing_table() => return,
+            Err(e) => {
+                tracing::warn!(collection = %q.collection, index = %index, error = %e, "could not create the index a query needs: it scans");
+            }
+        }
+        self.columns.forget(&format!("`{}`", q.collection));
+        self.indexed.insert(name);
+    }
+
+    /// A page through the key columns; `None` when its order meets a key
+    /// the columns do not hold whole (the scan serves that page).
+    async fn indexed_page(
+        &self,
+        q: &Query,
+        relation: &str,
+        budget: Budget,
+    ) -> StoreResult<Option<Page>> {
+        let mut cursor = q.after.clone();
+        let mut page = PageBuilder::new(q.limit, budget);
+        loop {
+            let Some(sql) = keys::query_sql(q, cursor.as_ref()) else {
+                tracing::debug!(collection = %q.collection, "a page starts after a key the key columns do not hold whole: read by the scan");
+                return Ok(None);
+            };
+            // Loosened conditions may return rows the sidecar drops.
+            let fetch = Page::fetch_limit(q.limit).max(if sql.exact { 0 } else { 100 });
+            let statement = page_statement(relation, &sql, fetch);
+            let mut params = vec![Value::from(self.clock.offset())];
+            params.extend(sql.params);
+            let (mut read, mut last, mut inexact, mut full) = (0, None, false, false);
+            self.scan(&statement, params, |row| {
+                let doc = row_to_doc(&q.collection, row)?;
+                read += 1;
+                let data = parse(&doc)?;
+                let Some(order) = query::order_keys(&q.order, &doc, &data) else {
+                    // The columns and the JSON disagree: leave it to the scan.
+                    inexact = true;
+                    return Ok(false);
+                };
+                let exact = q
+                    .order
+                    .iter()
+                    .zip(&order)
+                    .all(|(o, k)| o.field == Field::Id || keys::is_exact(k));
+                last = Some(Cursor {
+                    keys: order,
+                    id: doc.key.id.clone(),
+                    scope: doc.key.scope.clone(),
+                });
+                if !query::matches(&q.filters, &doc, &data) {
+                    return Ok(true);
+                }
+                if !exact {
+                    inexact = true;
+                    return Ok(false);
+                }
+                full = !page.push(doc);
+                Ok(!full)
+            })
+            .await?;
+            if inexact {
+                tracing::debug!(collection = %q.collection, "a page's order meets a key the key columns do not hold whole: read by the scan");
+                return Ok(None);
+            }
+            if full || read < fetch {
+                tracing::debug!(collection = %q.collection, "a page read through the key columns");
+                return Ok(Some(page.finish()));
+            }
+            cursor = last;
+        }
+    }
+
+    /// A count through the key columns: in SQL when its conditions are
+    /// exact, else of the rows they select that match.
+    async fn indexed_count(&self, q: &Query, relation: &str, sql: keys::Sql) -> StoreResult<u64> {
+        let mut params = vec![Value::from(self.clock.offset())];
+        params.extend(sql.params.iter().cloned());
+        let mut n = 0u64;
+        if sql.exact {
+            let statement = format!(
+                "SELECT COUNT(*) FROM {relation} WHERE {LIVE} AND {}",
+                conditions(&sql)
+            );
+            self.scan(&statement, params, |mut row| {
+                n = u64::try_from(int(&mut row, 0)?).unwrap_or(0);
+                Ok(false)
+            })
+            .await?;
+            return Ok(n);
+        }
+        let statement = format!(
+            "SELECT {COLUMNS} FROM {relation} WHERE {LIVE} AND {}",
+            conditions(&sql)
+        );
+        self.scan(&statement, params, |row| {
+            let doc = row_to_doc(&q.collection, row)?;
+            let data = parse(&doc)?;
+            n += u64::from(query::matches(&q.filters, &doc, &data));
+            Ok(true)
+        })
+        .await?;
+        Ok(n)
+    }
+}
+
+/// The statement of a page of at most `fetch` rows (parameters: the clock
+/// offset, then the SQL's).
+pub(super) fn page_statement(relation: &str, sql: &keys::Sql, fetch: usize) -> String {
+    format!(
+        "SELECT {COLUMNS} FROM {relation} WHERE {LIVE} AND {} ORDER BY {} LIMIT {fetch}",
+        conditions(sql),
+        sql.order_by.join(", ")
+    )
+}
+
+fn conditions(sql: &keys::Sql) -> String {
+    if sql.conditions.is_empty() {
+        "1 = 1".into()
+    } else {
+        sql.conditions.join(" AND ")
     }
 }
 

@@ -459,3 +459,5 @@ async fn the_reaper_deletes_expired_rows_in_batches() {
     let s = store(&db, clock.clone()).await;
     crate::store::conformance::the_reaper_deletes_expired_rows_in_batches(&s, &clock).await;
 }
+
+mod indexes;

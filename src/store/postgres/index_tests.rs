@@ -145,6 +145,27 @@ async fn declared_indexes_serve_a_scoped_role_and_only_undeclared_ones_are_dropp
         .collect();
     let got: Vec<String> = page.documents.iter().map(|d| d.key.id.clone()).collect();
     assert_eq!(got, want);
+    // The rest of the walk, a page at a time from each page's last document.
+    let mut walked = got.clone();
+    let mut last = page.documents.last().cloned();
+    while let Some(doc) = last {
+        let data: serde_json::Value = serde_json::from_str(&doc.data).unwrap();
+        let next = Query {
+            after: Some(crate::store::query::Cursor {
+                keys: vec![encode(&data["at"])],
+                id: doc.key.id.clone(),
+                scope: doc.key.scope.clone(),
+            }),
+            ..q.clone()
+        };
+        let page = store.run_query(&next, Budget::unlimited()).await.unwrap();
+        walked.extend(page.documents.iter().map(|d| d.key.id.clone()));
+        last = page.documents.last().cloned();
+    }
+    let all: Vec<String> = (0..120)
+        .map(|i| format!("o{:06}", 11908 - 100 * i))
+        .collect();
+    assert_eq!(walked, all);
     let count = Query {
         filters: vec![Filter {
             field: path("status"),
