@@ -888,7 +888,7 @@ impl RawMysql {
             .get()
             .exec_map(
                 query::mysql_sql().query,
-                (&b""[..], query::customer(k), 0i64),
+                (0i64, &b""[..], query::string_key(&query::customer(k))),
                 mysql_doc,
             )
             .await
@@ -906,7 +906,10 @@ impl RawMysql {
         let mut pooled = self.conn().await.map_err(my)?;
         let n: Option<u64> = pooled
             .get()
-            .exec_first(query::mysql_sql().count, (&b""[..], query::status(k), 0i64))
+            .exec_first(
+                query::mysql_sql().count,
+                (0i64, &b""[..], query::string_key(query::status(k))),
+            )
             .await
             .map_err(my)?;
         Ok(n.unwrap_or_default())

@@ -207,19 +207,32 @@ pub fn sqlite_sql() -> RawSql {
     }
 }
 
-/// MariaDB: the store keeps no key of a field in SQL yet (it reads the rows
-/// and filters them itself), so the raw side is what a team would write by
-/// hand on the same table: `JSON_VALUE` on `data`. Parameters: the scope,
-/// the value (a string), the clock offset (0).
+/// The key and number columns MariaDB/MySQL give a declared field: `k$`,
+/// `n$` and an FNV-1a hash of the dotted path (`src/store/mysql/keys.rs`),
+/// generated from `data`.
+pub fn mysql_key_columns(field: &str) -> (String, String) {
+    let hash = field.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let hash = format!("{:012x}", hash >> 16);
+    (format!("`k${hash}`"), format!("`n${hash}`"))
+}
+
+/// MariaDB: the declared fields' generated key columns (a string's key in
+/// `k$`, `n$` NULL), as the sidecar compares them. Parameters: the clock
+/// offset (0), the scope (''), the value's key (bytes).
 pub fn mysql_sql() -> RawSql {
     let live = "(expire_time IS NULL OR expire_time > (TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) + ?))";
+    let (ck, cn) = mysql_key_columns("customer");
+    let (tk, tn) = mysql_key_columns("created_at");
+    let (sk, sn) = mysql_key_columns("status");
     RawSql {
         query: format!(
-            "SELECT scope, id, rev, data, create_time, update_time, expire_time FROM `{COLLECTION}` WHERE scope = ? AND JSON_VALUE(data, '$.customer') = ? AND {live} ORDER BY JSON_VALUE(data, '$.created_at') DESC, id LIMIT {}",
+            "SELECT scope, id, rev, data, create_time, update_time, expire_time FROM `{COLLECTION}` WHERE {live} AND scope = ? AND ({ck} IN (?) AND {cn} IS NULL) AND {tk} IS NOT NULL ORDER BY {tk} DESC, {tn} DESC, id LIMIT {}",
             PAGE + 1
         ),
         count: format!(
-            "SELECT count(*) FROM `{COLLECTION}` WHERE scope = ? AND JSON_VALUE(data, '$.status') = ? AND {live}"
+            "SELECT COUNT(*) FROM `{COLLECTION}` WHERE {live} AND scope = ? AND ({sk} IN (?) AND {sn} IS NULL)"
         ),
     }
 }
