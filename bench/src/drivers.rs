@@ -73,6 +73,17 @@ impl Client {
         }
     }
 
+    /// The database's plan of the raw query (customer 0) and count (status 0):
+    /// its EXPLAIN lines.
+    pub async fn explain(&self) -> Result<Vec<String>, String> {
+        match self {
+            Client::Grpc(_) => Ok(Vec::new()),
+            Client::Pg(p) => p.explain().await,
+            Client::Sqlite(s) => s.explain().await,
+            Client::Mysql(m) => m.explain().await,
+        }
+    }
+
     /// The count of status `k`'s documents (`crate::query`).
     pub async fn count(&mut self, k: u64) -> Result<u64, String> {
         match self {
@@ -303,6 +314,23 @@ impl RawPg {
         Ok(ids)
     }
 
+    async fn explain(&self) -> Result<Vec<String>, String> {
+        let pg = |e: tokio_postgres::Error| e.to_string();
+        let c = self.pool.get().await.map_err(|e| e.to_string())?;
+        let mut lines = Vec::new();
+        for (sql, key) in [
+            (&self.query.query, query::string_key(&query::customer(0))),
+            (&self.query.count, query::string_key(query::status(0))),
+        ] {
+            let rows = c
+                .query(&format!("EXPLAIN {sql}"), &[&0i64, &"", &key])
+                .await
+                .map_err(pg)?;
+            lines.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        Ok(lines)
+    }
+
     async fn count(&self, k: u64) -> Result<u64, String> {
         let pg = |e: tokio_postgres::Error| e.to_string();
         let c = self.pool.get().await.map_err(|e| e.to_string())?;
@@ -498,6 +526,26 @@ impl RawSqlite {
                 ids.push(black_box(row?).1);
             }
             Ok(ids)
+        })
+        .await
+    }
+
+    async fn explain(&self) -> Result<Vec<String>, String> {
+        self.read(move |conn| {
+            let mut lines = Vec::new();
+            let sql = query::sqlite_sql();
+            for (sql, key) in [
+                (sql.query, query::string_key(&query::customer(0))),
+                (sql.count, query::string_key(query::status(0))),
+            ] {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let rows =
+                    stmt.query_map(params![now_micros(), "", key], |r| r.get::<_, String>(3))?;
+                for row in rows {
+                    lines.push(row?);
+                }
+            }
+            Ok(lines)
         })
         .await
     }
@@ -898,6 +946,37 @@ impl RawMysql {
             .take(query::PAGE)
             .map(|d| String::from_utf8_lossy(&black_box(d).id).into_owned())
             .collect())
+    }
+
+    async fn explain(&self) -> Result<Vec<String>, String> {
+        use mysql_async::prelude::*;
+        let my = |e: mysql_async::Error| e.to_string();
+        let mut pooled = self.conn().await.map_err(my)?;
+        let sql = query::mysql_sql();
+        let mut lines = Vec::new();
+        for (sql, key) in [
+            (sql.query, query::string_key(&query::customer(0))),
+            (sql.count, query::string_key(query::status(0))),
+        ] {
+            let rows: Vec<mysql_async::Row> = pooled
+                .get()
+                .exec(format!("EXPLAIN {sql}"), (0i64, &b""[..], key))
+                .await
+                .map_err(my)?;
+            for row in rows {
+                let cells: Vec<String> = (0..row.len())
+                    .map(|i| match row.as_ref(i) {
+                        Some(mysql_async::Value::Bytes(b)) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
+                        Some(mysql_async::Value::NULL) | None => "NULL".into(),
+                        Some(v) => v.as_sql(true),
+                    })
+                    .collect();
+                lines.push(cells.join(" | "));
+            }
+        }
+        Ok(lines)
     }
 
     async fn count(&self, k: u64) -> Result<u64, String> {

@@ -318,6 +318,9 @@ pub struct QueryReport {
     pub indexes: String,
     /// The SQL of the raw target.
     pub raw_sql: RawSql,
+    /// The database's plan of the raw query, then of the raw count, at the
+    /// last stage (EXPLAIN; SQLite: EXPLAIN QUERY PLAN).
+    pub raw_plan: Vec<String>,
     pub stages: Vec<Stage>,
     /// At the last stage, every customer: closed loop at [`CONCURRENCY`] and
     /// the open loop at the run's rate, raw and sidecar.
@@ -587,11 +590,17 @@ async fn closed(
     seed: u64,
 ) -> RunResult {
     let (name, clients, pid) = target;
+    // A Count may take longer than the warm-up: the first one counts (the
+    // checks before warmed the caches), and the run is long enough for a few.
+    let (warmup, duration) = match workload {
+        Workload::Count => (Duration::ZERO, setup.duration.max(Duration::from_secs(3))),
+        _ => (setup.warmup, setup.duration),
+    };
     let plan = Plan {
         workload,
         docs: draw,
-        warmup: setup.warmup,
-        duration: setup.duration,
+        warmup,
+        duration,
         pid,
         seed,
     };
@@ -679,6 +688,7 @@ async fn run(
         page_size: PAGE,
         indexes: INDEXES.into(),
         raw_sql,
+        raw_plan: Vec::new(),
         stages: Vec::new(),
         throughput: Vec::new(),
         latency: Vec::new(),
@@ -740,6 +750,10 @@ async fn run(
     }
 
     // The last stage: every customer.
+    report.raw_plan = setup.raw.explain().await?;
+    for line in &report.raw_plan {
+        eprintln!("query: plan: {line}");
+    }
     let last = *setup.sizes.last().expect("at least one size");
     let customers = customers_at(last);
     check_same(&sidecars[0], &setup.raw, customers, &shared).await?;

@@ -442,6 +442,9 @@ fn query_table(q: &crate::query::QueryReport, out: &mut String) {
     }
     let _ = writeln!(out, "  raw query SQL: {}", q.raw_sql.query);
     let _ = writeln!(out, "  raw count SQL: {}", q.raw_sql.count);
+    for line in &q.raw_plan {
+        let _ = writeln!(out, "  raw plan: {line}");
+    }
 }
 
 /// The watch, reap and query tables, when they ran.
