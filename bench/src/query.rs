@@ -28,7 +28,7 @@
 
 use crate::drivers::{Client, Shared};
 use crate::load::{self, Plan};
-use crate::process::SidecarSpec;
+use crate::process::{self, SidecarSpec};
 use crate::report::RunResult;
 use crate::workload::{Rng, Workload};
 use crate::{Admin, Db};
@@ -134,6 +134,12 @@ fn document(i: u64, sizes: &[u64]) -> (String, String) {
         "note": "Leave at the door; call on arrival. Fragile items are packed separately, invoice by mail.",
     });
     (order_id(i), data.to_string())
+}
+
+/// The mean JSON size of the first thousand documents, in bytes.
+fn mean_document_bytes(sizes: &[u64]) -> usize {
+    let total: usize = (0..1000).map(|i| document(i, sizes).1.len()).sum();
+    total / 1000
 }
 
 /// The policy of the query sidecar and of `migrate`.
@@ -316,6 +322,9 @@ pub struct QueryReport {
     pub collection: String,
     pub page_size: usize,
     pub indexes: String,
+    /// Mean JSON size of a document, in bytes (the floor's canned documents
+    /// have this size).
+    pub document_bytes: usize,
     /// The SQL of the raw target.
     pub raw_sql: RawSql,
     /// The database's plan of the raw query, then of the raw count, at the
@@ -323,7 +332,9 @@ pub struct QueryReport {
     pub raw_plan: Vec<String>,
     pub stages: Vec<Stage>,
     /// At the last stage, every customer: closed loop at [`CONCURRENCY`] and
-    /// the open loop at the run's rate, raw and sidecar.
+    /// the open loop at the run's rate: raw, sidecar, and the transport floor
+    /// (a no-op gRPC server answering pages of 50 canned documents of the
+    /// same size).
     pub throughput: Vec<RunResult>,
     pub latency: Vec<RunResult>,
     /// Count of one status at the last stage, closed loop, one worker.
@@ -656,7 +667,19 @@ pub async fn measure(
         env: spec_env,
     };
     let (sidecar, address) = spec.start("127.0.0.1:0")?;
-    let result = run(&setup, admin, shared, &address, sidecar.pid).await;
+    let bytes = mean_document_bytes(&setup.sizes);
+    let (floor, floor_address) = process::start_floor(bytes, None)?;
+    let floor_clients = crate::drivers::grpc_clients(&floor_address, setup.connections).await?;
+    let floor_target = (floor_clients, floor.pid);
+    let result = run(
+        &setup,
+        admin,
+        shared,
+        (&address, sidecar.pid),
+        &floor_target,
+    )
+    .await;
+    drop(floor);
     let problems = sidecar.problems();
     let _ = sidecar.stop(Duration::from_secs(15));
     if !problems.is_empty() {
@@ -673,8 +696,8 @@ async fn run(
     setup: &QuerySetup<'_>,
     admin: &mut Admin,
     shared: Arc<Shared>,
-    address: &str,
-    pid: u32,
+    (address, pid): (&str, u32),
+    floor: &(Vec<Client>, u32),
 ) -> Result<QueryReport, String> {
     let sidecars = crate::drivers::grpc_clients(address, setup.connections).await?;
     let raw = std::slice::from_ref(&setup.raw);
@@ -687,6 +710,7 @@ async fn run(
         collection: COLLECTION.into(),
         page_size: PAGE,
         indexes: INDEXES.into(),
+        document_bytes: mean_document_bytes(&setup.sizes),
         raw_sql,
         raw_plan: Vec::new(),
         stages: Vec::new(),
@@ -758,7 +782,11 @@ async fn run(
     let customers = customers_at(last);
     check_same(&sidecars[0], &setup.raw, customers, &shared).await?;
     let single = probe(&sidecars[0], &shared, customers).await?;
-    let targets = [("raw", raw, None), ("sidecar", &sidecars[..], Some(pid))];
+    let targets = [
+        ("raw", raw, None),
+        ("floor", &floor.0[..], Some(floor.1)),
+        ("sidecar", &sidecars[..], Some(pid)),
+    ];
     if single > Duration::from_millis(500) {
         report.skipped.push(format!(
             "concurrency {CONCURRENCY}: a page takes {:.1} s",
@@ -820,7 +848,7 @@ async fn run(
             report.latency.push(r);
         }
     }
-    for (name, clients, pid) in targets {
+    for (name, clients, pid) in [targets[0], targets[2]] {
         seed += 1;
         // Always status 0: one fifth of the collection.
         report.count.push(

@@ -381,8 +381,8 @@ pub fn check_targets(report: &Report, concurrency_max: usize) -> Vec<TargetCheck
 fn query_table(q: &crate::query::QueryReport, out: &mut String) {
     let _ = writeln!(
         out,
-        "\n[query] `{}`, indexes {}: Query customer = ?, order by created_at desc, {} a page; Count status = ?",
-        q.collection, q.indexes, q.page_size
+        "\n[query] `{}` ({} B documents), indexes {}: Query customer = ?, order by created_at desc, {} a page; Count status = ?",
+        q.collection, q.document_bytes, q.indexes, q.page_size
     );
     let ms = |r: &RunResult| r.p50_us / 1000.0;
     let _ = writeln!(
@@ -426,13 +426,15 @@ fn query_table(q: &crate::query::QueryReport, out: &mut String) {
             );
         }
         let find = |t: &str| runs.iter().find(|r| r.target == t);
-        if let (Some(raw), Some(side)) = (find("raw"), find("sidecar")) {
-            if raw.ops_per_sec > 0.0 {
-                let _ = writeln!(
-                    out,
-                    "  {what:<6} sidecar / raw: {:.2}x",
-                    side.ops_per_sec / raw.ops_per_sec
-                );
+        for base in ["raw", "floor"] {
+            if let (Some(b), Some(side)) = (find(base), find("sidecar")) {
+                if b.ops_per_sec > 0.0 {
+                    let _ = writeln!(
+                        out,
+                        "  {what:<6} sidecar / {base}: {:.2}x",
+                        side.ops_per_sec / b.ops_per_sec
+                    );
+                }
             }
         }
     }
