@@ -292,20 +292,22 @@ async fn build_locked(
     wanted: &BTreeMap<String, BTreeMap<String, Index>>,
 ) -> StoreResult<()> {
     let s = quote_ident(schema);
-    for row in client
+    let unfilled = client
         .query(
-            &format!("SELECT DISTINCT collection FROM {s}._keys WHERE NOT filled"),
+            &format!("SELECT collection, array_agg(column_name) FROM {s}._keys WHERE NOT filled GROUP BY collection"),
             &[],
         )
         .await
-        .map_err(|e| pg_error("reading the key columns", e))?
-    {
-        let collection: String = row.get(0);
+        .map_err(|e| pg_error("reading the key columns", e))?;
+    for row in unfilled {
+        // Only the columns the trigger already kept when the backfill began:
+        // one another run adds meanwhile is filled by that run.
+        let (collection, columns): (String, Vec<String>) = (row.get(0), row.get(1));
         let rows = backfill(client, schema, &collection).await?;
         client
             .execute(
-                &format!("UPDATE {s}._keys SET filled = true WHERE collection = $1"),
-                &[&collection],
+                &format!("UPDATE {s}._keys SET filled = true WHERE collection = $1 AND column_name = ANY($2)"),
+                &[&collection, &columns],
             )
             .await
             .map_err(|e| pg_error("recording a filled key column", e))?;
