@@ -136,9 +136,15 @@ impl Filter {
 impl Query {
     /// The fields whose keys the query reads (filters and order), id excluded.
     pub fn fields(&self) -> Vec<&FieldPath> {
+        self.fields_of(|_| true)
+    }
+
+    /// [`Query::fields`] of the filters `keep` keeps, and of the order.
+    pub fn fields_of(&self, keep: impl Fn(&Filter) -> bool) -> Vec<&FieldPath> {
         let mut fields: Vec<&FieldPath> = self
             .filters
             .iter()
+            .filter(|f| keep(f))
             .map(|f| &f.field)
             .chain(self.order.iter().map(|o| &o.field))
             .filter_map(|f| match f {

@@ -380,20 +380,7 @@ impl Sql {
 /// The fields whose columns the SQL of `q` reads (array containment is
 /// checked by the sidecar and needs none).
 pub(super) fn sql_fields(q: &Query) -> Vec<&FieldPath> {
-    let mut fields: Vec<&FieldPath> = q
-        .filters
-        .iter()
-        .filter(|f| !matches!(f.condition, Condition::ArrayContainsAny(_)))
-        .map(|f| &f.field)
-        .chain(q.order.iter().map(|o| &o.field))
-        .filter_map(|f| match f {
-            Field::Path(p) => Some(p),
-            Field::Id => None,
-        })
-        .collect();
-    fields.sort();
-    fields.dedup();
-    fields
+    q.fields_of(|f| !matches!(f.condition, Condition::ArrayContainsAny(_)))
 }
 
 /// The SQL of `q` after `cursor` (its keys exact), or `None` when a cursor

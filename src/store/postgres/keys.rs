@@ -21,7 +21,7 @@
 
 use super::ddl::{object_name, qualified_table, quote_ident};
 use super::migrate::pg_error;
-use super::queries::path_array;
+use super::queries::{key_list, path_array};
 use crate::store::query::{Field, Index};
 use crate::store::{FieldPath, StoreResult};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -172,12 +172,7 @@ pub(super) async fn record(
     }
     for (collection, list) in &wanted {
         let table = qualified_table(schema, collection)?;
-        let exists: bool = tx
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-            .await
-            .map_err(|e| pg_error("looking up a table", e))?
-            .get(0);
-        if !exists {
+        if !table_exists(tx, &table).await? {
             continue;
         }
         let needed: BTreeSet<&FieldPath> = list.values().flat_map(paths).collect();
@@ -215,6 +210,13 @@ pub(super) async fn record(
         }
     }
     Ok(wanted)
+}
+
+async fn table_exists(c: &impl GenericClient, table: &str) -> StoreResult<bool> {
+    Ok(c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(|e| pg_error("looking up a table", e))?
+        .get(0))
 }
 
 /// The trigger that keeps every key column of a collection's table.
@@ -292,20 +294,22 @@ async fn build_locked(
     wanted: &BTreeMap<String, BTreeMap<String, Index>>,
 ) -> StoreResult<()> {
     let s = quote_ident(schema);
-    for row in client
+    let unfilled = client
         .query(
-            &format!("SELECT DISTINCT collection FROM {s}._keys WHERE NOT filled"),
+            &format!("SELECT collection, array_agg(column_name) FROM {s}._keys WHERE NOT filled GROUP BY collection"),
             &[],
         )
         .await
-        .map_err(|e| pg_error("reading the key columns", e))?
-    {
-        let collection: String = row.get(0);
+        .map_err(|e| pg_error("reading the key columns", e))?;
+    for row in unfilled {
+        // Only the columns the trigger already kept when the backfill began:
+        // one another run adds meanwhile is filled by that run.
+        let (collection, columns): (String, Vec<String>) = (row.get(0), row.get(1));
         let rows = backfill(client, schema, &collection).await?;
         client
             .execute(
-                &format!("UPDATE {s}._keys SET filled = true WHERE collection = $1"),
-                &[&collection],
+                &format!("UPDATE {s}._keys SET filled = true WHERE collection = $1 AND column_name = ANY($2)"),
+                &[&collection, &columns],
             )
             .await
             .map_err(|e| pg_error("recording a filled key column", e))?;
@@ -341,12 +345,7 @@ async fn build_locked(
                 }
                 None => {}
             }
-            let exists: bool = client
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-                .await
-                .map_err(|e| pg_error("looking up a table", e))?
-                .get(0);
-            if !exists {
+            if !table_exists(client, &table).await? {
                 continue;
             }
             let started = Instant::now();
@@ -377,22 +376,10 @@ async fn build_locked(
 /// (scoped collections' policies compare it), the keys in the declared
 /// directions, then id.
 fn index_ddl(table: &str, name: &str, index: &Index) -> String {
-    let keys: Vec<String> = index
-        .fields
-        .iter()
-        .filter_map(|o| match &o.field {
-            Field::Path(p) => Some(format!(
-                "{}{}",
-                quote_ident(&key_column(p)),
-                if o.descending { " DESC" } else { "" }
-            )),
-            Field::Id => None,
-        })
-        .collect();
     format!(
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {table} (scope, {}, id)",
         quote_ident(name),
-        keys.join(", ")
+        key_list(index, |p| quote_ident(&key_column(p)))
     )
 }
 

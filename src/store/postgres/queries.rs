@@ -115,6 +115,24 @@ pub(super) fn index_name(collection: &str, index: &Index) -> String {
     super::ddl::object_name(collection, &format!("q{:012x}", hash >> 16))
 }
 
+/// An index's keys for `CREATE INDEX`: each field's `key` expression in
+/// its declared direction, comma-separated.
+pub(super) fn key_list(index: &Index, key: impl Fn(&FieldPath) -> String) -> String {
+    let keys: Vec<String> = index
+        .fields
+        .iter()
+        .filter_map(|o| match &o.field {
+            Field::Path(p) => Some(format!(
+                "{}{}",
+                key(p),
+                if o.descending { " DESC" } else { "" }
+            )),
+            Field::Id => None,
+        })
+        .collect();
+    keys.join(", ")
+}
+
 /// `CREATE INDEX` of a declared index: by scope, the keys in the declared
 /// directions, then id. `concurrently` for `migrate` on a live table.
 pub(super) fn index_ddl(
@@ -129,23 +147,12 @@ pub(super) fn index_ddl(
         schema,
         columns: &none,
     };
-    let keys: Vec<String> = index
-        .fields
-        .iter()
-        .filter_map(|o| match &o.field {
-            Field::Path(p) => Some(format!(
-                "{}{}",
-                dialect.key(p),
-                if o.descending { " DESC" } else { "" }
-            )),
-            Field::Id => None,
-        })
-        .collect();
+    let keys = key_list(index, |p| dialect.key(p));
     Ok(format!(
         "CREATE INDEX {}IF NOT EXISTS {} ON {table} (scope, {}, id)",
         if concurrently { "CONCURRENTLY " } else { "" },
         index_name(collection, index),
-        keys.join(", ")
+        keys
     ))
 }
 
