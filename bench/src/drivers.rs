@@ -45,7 +45,7 @@ pub type OpResult = Result<(), String>;
 impl Client {
     pub async fn run(&mut self, op: &Op, shared: &Shared) -> OpResult {
         if matches!(op, Op::Query(_) | Op::Count(_)) {
-            return query_op(self, op, shared).await;
+            return query_op(self, op).await;
         }
         match self {
             Client::Grpc(c) => grpc(c, op, shared).await,
@@ -56,7 +56,7 @@ impl Client {
     }
 
     /// The ids of customer `k`'s first query page (`crate::query`).
-    pub async fn query_ids(&mut self, k: u64, _shared: &Shared) -> Result<Vec<String>, String> {
+    pub async fn query_ids(&mut self, k: u64) -> Result<Vec<String>, String> {
         match self {
             Client::Grpc(c) => Ok(c
                 .query(query::query_request(k))
@@ -101,10 +101,10 @@ impl Client {
 }
 
 /// A query page must hold documents; a count is read and dropped.
-async fn query_op(client: &mut Client, op: &Op, shared: &Shared) -> OpResult {
+async fn query_op(client: &mut Client, op: &Op) -> OpResult {
     match op {
         Op::Query(k) => {
-            let ids = client.query_ids(*k, shared).await?;
+            let ids = client.query_ids(*k).await?;
             if ids.is_empty() || ids.len() > query::PAGE {
                 return Err(format!("a query page of {} documents", ids.len()));
             }

@@ -513,46 +513,18 @@ async fn load(
 
 /// The ids of customer `k`'s first page, and of a status's count, from one
 /// client: what the sidecar and the raw driver must agree on.
-async fn answers(client: &Client, k: u64, shared: &Shared) -> Result<(Vec<String>, u64), String> {
+async fn answers(client: &Client, k: u64) -> Result<(Vec<String>, u64), String> {
     let mut client = client.clone();
-    match &mut client {
-        Client::Grpc(c) => {
-            let page = c
-                .query(query_request(k))
-                .await
-                .map_err(|e| format!("Query: {:?}: {}", e.code(), e.message()))?
-                .into_inner();
-            let count = c
-                .count(count_request(k))
-                .await
-                .map_err(|e| format!("Count: {:?}: {}", e.code(), e.message()))?
-                .into_inner();
-            Ok((
-                page.documents.into_iter().map(|d| d.id).collect(),
-                count.count as u64,
-            ))
-        }
-        raw => {
-            let ids = raw.query_ids(k, shared).await?;
-            let count = raw.count(k).await?;
-            Ok((ids, count))
-        }
-    }
+    let ids = client.query_ids(k).await?;
+    let count = client.count(k).await?;
+    Ok((ids, count))
 }
 
 /// Sidecar and raw return the same page for a few customers and the same
 /// count; a page is full where the customer has 50 documents.
-async fn check_same(
-    sidecar: &Client,
-    raw: &Client,
-    customers: u64,
-    shared: &Shared,
-) -> Result<(), String> {
+async fn check_same(sidecar: &Client, raw: &Client, customers: u64) -> Result<(), String> {
     for k in [0, customers / 2, customers - 1] {
-        let (s, r) = (
-            answers(sidecar, k, shared).await?,
-            answers(raw, k, shared).await?,
-        );
+        let (s, r) = (answers(sidecar, k).await?, answers(raw, k).await?);
         if s != r {
             return Err(format!(
                 "the sidecar and the raw driver disagree on customer {} / status {}: sidecar {} ids (first {:?}), count {}; raw {} ids (first {:?}), count {}",
@@ -733,13 +705,13 @@ async fn run(
             // The first Query and Count: where the store builds a declared
             // index on first use, it does so now, on the smallest collection.
             let started = Instant::now();
-            answers(&sidecars[0], 0, &shared).await?;
+            answers(&sidecars[0], 0).await?;
             eprintln!(
                 "query: first Query and Count {:.1} s",
                 started.elapsed().as_secs_f64()
             );
         }
-        check_same(&sidecars[0], &setup.raw, hot, &shared).await?;
+        check_same(&sidecars[0], &setup.raw, hot).await?;
         let single = probe(&sidecars[0], &shared, hot).await?;
         let mut page = Vec::new();
         if single > Duration::from_secs(2) {
@@ -780,7 +752,7 @@ async fn run(
     }
     let last = *setup.sizes.last().expect("at least one size");
     let customers = customers_at(last);
-    check_same(&sidecars[0], &setup.raw, customers, &shared).await?;
+    check_same(&sidecars[0], &setup.raw, customers).await?;
     let single = probe(&sidecars[0], &shared, customers).await?;
     let targets = [
         ("raw", raw, None),
@@ -864,7 +836,7 @@ async fn run(
             .await,
         );
     }
-    report.counted = answers(&sidecars[0], 0, &shared).await?.1;
+    report.counted = answers(&sidecars[0], 0).await?.1;
     eprintln!("query: Count of status {} = {}", status(0), report.counted);
     Ok(report)
 }
