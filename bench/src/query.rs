@@ -146,8 +146,8 @@ fn mean_document_bytes(sizes: &[u64]) -> usize {
 fn policy() -> String {
     format!(
         "service = \"docsidecar-bench\"\n\
-         # On PostgreSQL the sidecar builds a declared index on first use when migrate does not.\n\
-         auto_create = true\n\n\
+         # Tables and indexes come from `docsidecar migrate` only, as in production.\n\
+         auto_create = false\n\n\
          [collections.{COLLECTION}]\naccess = \"read-write\"\nindexes = {INDEXES}\n"
     )
 }
