@@ -169,6 +169,7 @@ impl DbArgs {
         let mysql = |flavor, url| {
             self.mysql(flavor, url).map(|mut t| {
                 t.auto_create = auto_create;
+                t.auto_index = policy.is_none();
                 t.pool_size = pool_size;
                 Target::Mysql(Box::new(t))
             })

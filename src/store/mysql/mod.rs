@@ -110,6 +110,9 @@ pub struct MysqlTarget {
     /// demand. Off in production, where `docsidecar migrate` creates them and
     /// the runtime account has no DDL rights.
     pub auto_create: bool,
+    /// Create the index a query needs on first use: development (no policy)
+    /// only; with a policy, indexes come from `migrate`.
+    pub auto_index: bool,
 }
 
 impl MysqlTarget {
@@ -128,6 +131,7 @@ impl MysqlTarget {
             max_retries: 10,
             retry_delay: Duration::from_secs(1),
             auto_create: true,
+            auto_index: true,
         }
     }
 }
@@ -156,6 +160,7 @@ pub struct MysqlStore {
     /// What this account may see: a scoped one reaches views, not tables.
     relations: relations::Relations,
     auto_create: bool,
+    auto_index: bool,
     /// The columns of each relation (which key columns queries may use).
     columns: indexes::ColumnCache,
     /// Indexes created on first use (no policy).
@@ -243,6 +248,7 @@ impl MysqlStore {
             tables,
             relations: relations::Relations::default(),
             auto_create: target.auto_create,
+            auto_index: target.auto_create && target.auto_index,
             columns: indexes::ColumnCache::default(),
             indexed: sql::CreatedIndexes::default(),
             clock,

@@ -261,7 +261,7 @@ impl MysqlStore {
     /// Development (tables created on demand): creates the index `q` needs
     /// on first use. A failure leaves the query to the scan.
     async fn index_for(&self, q: &Query) {
-        let Some(index) = q.needed_index().filter(|_| self.auto_create) else {
+        let Some(index) = q.needed_index().filter(|_| self.auto_index) else {
             return;
         };
         let name = format!("{}.{}", q.collection, keys::index_name(&index));

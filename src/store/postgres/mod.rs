@@ -152,6 +152,9 @@ pub struct PostgresStore {
     tables: ddl::Tables,
     auto_create: bool,
     clock: Clock,
+    /// Whether a query's index is created on first use: without a policy
+    /// (development) only; with one, indexes come from `migrate`.
+    auto_index: bool,
     /// Indexes created on first use (no policy), so each is created once.
     indexed: sql::CreatedIndexes,
     /// The key columns each table's valid indexes hold.
@@ -221,6 +224,7 @@ impl PostgresStore {
             tables,
             auto_create: target.auto_create,
             clock,
+            auto_index: target.auto_create && matches!(target.declared, Declared::Any),
             indexed: Default::default(),
             keys: Default::default(),
             wakeups: changes::Wakeups::default(),

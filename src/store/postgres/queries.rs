@@ -188,7 +188,7 @@ impl PostgresStore {
     /// Creates the index a query needs, in development (no policy: indexes
     /// appear on first use).
     async fn index_for(&self, q: &Query) -> StoreResult<()> {
-        let Some(index) = q.needed_index().filter(|_| self.auto_create) else {
+        let Some(index) = q.needed_index().filter(|_| self.auto_index) else {
             return Ok(());
         };
         let name = index_name(&q.collection, &index);
