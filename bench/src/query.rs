@@ -17,8 +17,11 @@
 //! The collection grows in stages (10k, 100k, 1M by default); at each, the
 //! time of one page (closed loop, one worker) is measured on customers that
 //! have a full page at every stage, so a flat figure shows an index at work.
-//! At the last stage: throughput at concurrency 16, latency at the open-loop
-//! rate, and the time of a Count of one status (a fifth of the collection).
+//! At the last stage: throughput at concurrency 16 and latency at the
+//! open-loop rate (raw, sidecar, and a transport floor answering pages of 50
+//! canned documents of the same size), and the time of a Count of one status
+//! (a fifth of the collection). Before anything is measured at a stage, the
+//! sidecar and the raw driver must return the same pages and counts.
 //!
 //! The customer of document `i` is `i mod n`, where `n` is the stage's size
 //! over 50 (at most 10 000): the first 10 000 documents hold 200 customers
