@@ -67,11 +67,29 @@ impl Queue {
     }
 }
 
+/// Withdraws a queued Write when its caller's future is dropped.
+struct Pending<'q> {
+    queue: &'q Queue,
+    serial: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.queue.withdraw(self.serial);
+    }
+}
+
 impl SqliteStore {
     /// A Write, committed with whatever other Writes wait at the same time.
     pub(super) async fn commit(&self, mutations: Vec<Mutation>) -> StoreResult<Vec<Written>> {
         let started = std::time::Instant::now();
         let (serial, mut answer) = self.queue.push(mutations, self.clock.now());
+        // A caller that goes away (a deadline, a cancelled call) before a
+        // writer took its Write takes the Write back: it is never applied later.
+        let _pending = Pending {
+            queue: &self.queue,
+            serial,
+        };
         let lock = tokio::time::timeout(self.acquire_timeout, self.writer.clone().lock_owned());
         let answered = tokio::select! {
             // Another Write's turn at the writer took this one along.

@@ -316,3 +316,35 @@ async fn concurrent_writes_share_commits_and_fail_alone() {
     let page = store.list_docs("c", 1000).await.unwrap();
     assert_eq!(page.documents.len(), 1 + 56);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_caller_left_before_its_commit_is_never_applied() {
+    use crate::store::testing::{save, Calls};
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        SqliteStore::open(&target(dir.path().join("c.db")), Clock::default())
+            .await
+            .unwrap(),
+    );
+    // Hold the writer, queue a Write, then give up on it.
+    let held = store.writer.clone().lock_owned().await;
+    let write = store.write(vec![Mutation::Save(save("c", "late", "{}"))]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), write)
+            .await
+            .is_err(),
+        "the writer is held"
+    );
+    drop(held);
+    // The next Write commits alone; the abandoned one is not there.
+    store.save_doc(save("c", "next", "{}")).await.unwrap();
+    let ids: Vec<String> = store
+        .list_docs("c", 10)
+        .await
+        .unwrap()
+        .documents
+        .into_iter()
+        .map(|d| d.key.id)
+        .collect();
+    assert_eq!(ids, ["next"]);
+}
