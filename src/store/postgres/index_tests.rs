@@ -206,6 +206,44 @@ async fn declared_indexes_serve_a_scoped_role_and_only_undeclared_ones_are_dropp
         eprintln!("EXPLAIN as the runtime role:\n{plan}");
     }
 
+    // Values of every type, written through the store (the trigger) as the
+    // runtime role: each key column holds exactly the key of its field.
+    for (i, value) in [
+        "null",
+        "true",
+        "false",
+        "-0.0",
+        "1e300",
+        "-2.5",
+        "\"Ab\u{e9}\"",
+        "[1,[2]]",
+        "{\"b\":1,\"a\":[null]}",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut op = crate::store::testing::save("orders", &format!("t{i}"), "");
+        op.key.scope = "s1".into();
+        op.data = format!("{{\"customer\":{value},\"at\":{value}}}");
+        let m = crate::store::Mutation::Save(op);
+        store.write(vec![m]).await.unwrap();
+    }
+    for field in ["customer", "at", "status"] {
+        let column = keys::key_column(&FieldPath::parse(field).unwrap());
+        let wrong: i64 = admin
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM \"{schema}\".orders
+                     WHERE \"{column}\" IS DISTINCT FROM \"{schema}\".docsidecar_key(data #> ARRAY['{field}'])"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(wrong, 0, "rows whose {field} key column is not its key");
+    }
+
     // Converging: an index another service still declares stays; one no
     // service declares goes; a rerun changes nothing.
     migrate::migrate(&target, &plan(&a, "s1", vec![by_customer.clone()]))
