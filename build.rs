@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Decode failures (for example Struct nesting past prost's recursion limit)
         // are the caller's input problem: INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::codec::ProtoCodec")
+        // Documents are encoded straight from their stored JSON (src/wire.rs).
+        .extern_path(".google.protobuf.Struct", "crate::wire::Data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 # Builds an unstripped release binary in target/profiling (the release profile
 # plus symbols; or SIDECAR_BINARY=path), runs the harness against it under valgrind with instrumentation
 # switched on only for the closed-loop Get run (after the preload), and prints
-# Ir per Get (instructions / calls of api::json::from_json, one per Get) and the
+# Ir per Get (instructions / calls of wire::Data::from_json, one per Get) and the
 # top inclusive costs. Needs valgrind (Debian: valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ wait "$bench" || { cat "$work/run.txt"; exit 1; }
 out="$(ls "$work"/callgrind."$pid".out*)"
 total="$(callgrind_annotate "$out" | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')"
 gets="$(callgrind_annotate --inclusive=yes --tree=caller "$out" \
-  | grep -E "=> .*api/json.rs:docsidecar::api::json::from_json \(" | head -n1 \
+  | grep -E "=> .*wire.rs:docsidecar::wire::Data::from_json \(" | head -n1 \
   | sed -E 's/.*\(([0-9,]+)x\).*/\1/' | tr -d ,)"
 echo "Gets counted: $gets; instructions: $total; per Get: $((total / gets))"
 echo

@@ -33,7 +33,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let saved = client
         .save(SaveRequest {
             collection: "people".into(),
-            data: Some(data),
+            // `proto::Data` is the API's `Struct` field type; a `prost_types::Struct` converts.
+            data: Some(data.into()),
             ..Default::default()
         })
         .await?

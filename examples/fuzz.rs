@@ -239,7 +239,7 @@ impl Gen {
         SaveRequest {
             collection: self.collection(),
             id: self.id(),
-            data: (!self.rng.chance(5)).then(|| self.object(1)),
+            data: (!self.rng.chance(5)).then(|| self.object(1).into()),
             expected_rev: if self.rng.chance(20) {
                 self.string()
             } else {
@@ -289,7 +289,7 @@ impl Gen {
             collection: self.collection(),
             id: self.id(),
             scope: self.scope(),
-            merge: self.rng.chance(70).then(|| self.object(1)),
+            merge: self.rng.chance(70).then(|| self.object(1).into()),
             transforms,
             expected_rev: if self.rng.chance(15) {
                 self.string()
@@ -570,9 +570,12 @@ async fn memory_probe(addr: &str, pid: u32) {
         let save = SaveRequest {
             collection: "big".into(),
             id: id.clone(),
-            data: Some(Struct {
-                fields: [("pad".to_string(), string_value("x".repeat(100 * 1024)))].into(),
-            }),
+            data: Some(
+                Struct {
+                    fields: [("pad".to_string(), string_value("x".repeat(100 * 1024)))].into(),
+                }
+                .into(),
+            ),
             ..Default::default()
         };
         let (code, message) = call(&mut client, addr, "Save", grpc_frame(&save.encode_to_vec()))

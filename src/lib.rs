@@ -30,7 +30,8 @@
 //! - [`status`]: gRPC statuses with the standard error details, for every layer.
 //! - [`deadline`]: the layer that answers DEADLINE_EXCEEDED when a client's
 //!   deadline passes.
-//! - [`proto`]: the generated protobuf types, server and client.
+//! - [`proto`]: the generated protobuf types, server and client; [`wire`]: their
+//!   `Struct` fields, which encode documents straight from stored JSON.
 
 pub mod admin;
 pub mod api;
@@ -52,12 +53,15 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+pub mod wire;
 pub mod x509;
 
 /// Generated protobuf types, the `DocumentService` server and its client.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("docsidecar.v1");
+
+    pub use crate::wire::Data;
 
     /// Encoded file descriptor set of the API, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

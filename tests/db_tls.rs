@@ -235,7 +235,7 @@ async fn mariadb_verify_full_with_the_test_ca_and_secure_transport_required() {
         .save(SaveRequest {
             collection: "secure".into(),
             id: "a".into(),
-            data: Some(object(vec![("n", num(1.0))])),
+            data: Some(object(vec![("n", num(1.0))]).into()),
             ..Default::default()
         })
         .await

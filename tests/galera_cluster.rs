@@ -199,7 +199,7 @@ fn save(collection: &str, id: &str, n: f64, expected_rev: &str) -> SaveRequest {
     SaveRequest {
         collection: collection.into(),
         id: id.into(),
-        data: Some(object(vec![("n", num(n))])),
+        data: Some(object(vec![("n", num(n))]).into()),
         expected_rev: expected_rev.into(),
         ..Default::default()
     }

@@ -18,7 +18,7 @@ fn save(id: &str) -> SaveRequest {
     SaveRequest {
         collection: "notes".into(),
         id: id.into(),
-        data: Some(object(vec![("n", num(1.0))])),
+        data: Some(object(vec![("n", num(1.0))]).into()),
         ..Default::default()
     }
 }

@@ -133,7 +133,7 @@ async fn the_runtime_account_is_confined_to_its_tables_by_the_database() {
         .save(SaveRequest {
             collection: "orders".into(),
             id: "o1".into(),
-            data: Some(object(vec![("total", num(3.0))])),
+            data: Some(object(vec![("total", num(3.0))]).into()),
             ..Default::default()
         })
         .await
@@ -155,7 +155,7 @@ async fn the_runtime_account_is_confined_to_its_tables_by_the_database() {
         .save(SaveRequest {
             collection: "catalog".into(),
             id: "c1".into(),
-            data: Some(object(vec![])),
+            data: Some(object(vec![]).into()),
             ..Default::default()
         })
         .await

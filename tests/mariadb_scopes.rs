@@ -163,7 +163,7 @@ fn save(id: &str, n: f64) -> SaveRequest {
     SaveRequest {
         collection: "platform_integrations".into(),
         id: id.into(),
-        data: Some(object(vec![("n", num(n))])),
+        data: Some(object(vec![("n", num(n))]).into()),
         ..Default::default()
     }
 }

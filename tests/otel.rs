@@ -185,7 +185,7 @@ async fn save_and_get(
     let save = SaveRequest {
         collection: "notes".into(),
         id: "n1".into(),
-        data: Some(object(vec![("body", string(SECRET))])),
+        data: Some(object(vec![("body", string(SECRET))]).into()),
         ..Default::default()
     };
     client.save(traced(save, SAVE_PARENT)).await.unwrap();

@@ -18,7 +18,7 @@ fn save(collection: &str, id: &str) -> SaveRequest {
     SaveRequest {
         collection: collection.into(),
         id: id.into(),
-        data: Some(object(vec![("at", string(id))])),
+        data: Some(object(vec![("at", string(id))]).into()),
         ..Default::default()
     }
 }

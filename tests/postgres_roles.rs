@@ -15,7 +15,7 @@ fn save(collection: &str, id: &str, data: Struct) -> SaveRequest {
     SaveRequest {
         collection: collection.into(),
         id: id.into(),
-        data: Some(data),
+        data: Some(data.into()),
         ..Default::default()
     }
 }

@@ -109,7 +109,7 @@ fn save(id: &str, n: f64) -> SaveRequest {
     SaveRequest {
         collection: "integrations".into(),
         id: id.into(),
-        data: Some(object(vec![("n", num(n))])),
+        data: Some(object(vec![("n", num(n))]).into()),
         ..Default::default()
     }
 }

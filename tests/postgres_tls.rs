@@ -36,7 +36,7 @@ async fn round_trip(url: &str, app: &str, admin: &tokio_postgres::Client) -> Vec
     c.save(SaveRequest {
         collection: "tls".into(),
         id: "a".into(),
-        data: Some(object(vec![])),
+        data: Some(object(vec![]).into()),
         ..Default::default()
     })
     .await

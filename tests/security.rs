@@ -24,7 +24,7 @@ fn save(collection: &str, id: &str) -> SaveRequest {
     SaveRequest {
         collection: collection.into(),
         id: id.into(),
-        data: Some(object(vec![("x", num(1.0))])),
+        data: Some(object(vec![("x", num(1.0))]).into()),
         ..Default::default()
     }
 }

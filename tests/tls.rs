@@ -91,7 +91,7 @@ async fn works(channel: Channel) -> bool {
     let request = SaveRequest {
         collection: "c".into(),
         id: "a".into(),
-        data: Some(object(vec![])),
+        data: Some(object(vec![]).into()),
         ..Default::default()
     };
     Client::new(channel).save(request).await.is_ok()

@@ -442,7 +442,7 @@ async fn a_message_over_the_limit_is_resource_exhausted_naming_the_setting() {
         .save(SaveRequest {
             collection: "c".into(),
             id: "big".into(),
-            data: Some(object(vec![("s", string(&"x".repeat(10_000)))])),
+            data: Some(object(vec![("s", string(&"x".repeat(10_000)))]).into()),
             ..Default::default()
         })
         .await

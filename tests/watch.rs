@@ -128,7 +128,7 @@ async fn writer(seed: u64, sidecars: Sidecars, history: Arc<Mutex<History>>, unt
                     op: Some(Op::Save(SaveRequest {
                         collection: col.into(),
                         id: id.clone(),
-                        data: Some(object(vec![("n", num(0.0))])),
+                        data: Some(object(vec![("n", num(0.0))]).into()),
                         expected_rev: rev.clone().unwrap_or_default(),
                         create_only: rev.is_none(),
                         ..Default::default()
@@ -166,7 +166,7 @@ async fn writer(seed: u64, sidecars: Sidecars, history: Arc<Mutex<History>>, unt
                 .save(SaveRequest {
                     collection: collection.into(),
                     id: id.clone(),
-                    data: Some(object(vec![("n", num(0.0))])),
+                    data: Some(object(vec![("n", num(0.0))]).into()),
                     expected_rev: expected,
                     create_only: prev.is_none(),
                     ..Default::default()

@@ -451,7 +451,7 @@ pub(super) fn document(doc: store::Document) -> Result<proto::Document, ApiError
         update_time,
         expire_time,
     } = doc;
-    let data = json::from_json(&data).map_err(|e| {
+    let data = crate::wire::Data::from_json(&data).map_err(|e| {
         StoreError::Internal(format!(
             "document `{id}` in collection `{collection}` does not hold a JSON object ({e}): it was written outside docsidecar; repair or delete it"
         ))

@@ -3,10 +3,8 @@
 //! it straight out, and reads parse JSON straight into protobuf values.
 
 use crate::store::MAX_DEPTH;
-use prost_types::{value::Kind, ListValue, Struct, Value};
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use prost_types::{value::Kind, Struct, Value};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
-use std::collections::BTreeMap;
 use std::fmt;
 
 /// Where a value sits in the document, rendered only for an error message.
@@ -148,76 +146,88 @@ impl Serialize for JsonValue<'_> {
     }
 }
 
-/// Parses stored JSON text of an object into a Struct.
-pub fn from_json(text: &str) -> Result<Struct, serde_json::Error> {
-    let ProtoValue(value) = serde_json::from_str(text)?;
-    match value.kind {
-        Some(Kind::StructValue(s)) => Ok(s),
-        _ => Err(de::Error::custom("a stored document is not a JSON object")),
-    }
-}
+/// Stored JSON text parsed into a Struct tree: the reference that
+/// [`crate::wire::Data::from_json`] (which the server uses) is tested against.
+#[cfg(test)]
+pub(crate) mod tree {
+    use super::*;
+    use prost_types::ListValue;
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::collections::BTreeMap;
 
-struct ProtoValue(Value);
-
-fn kind(kind: Kind) -> ProtoValue {
-    ProtoValue(Value { kind: Some(kind) })
-}
-
-impl<'de> Deserialize<'de> for ProtoValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ProtoVisitor)
-    }
-}
-
-struct ProtoVisitor;
-
-impl<'de> Visitor<'de> for ProtoVisitor {
-    type Value = ProtoValue;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_unit<E>(self) -> Result<ProtoValue, E> {
-        Ok(kind(Kind::NullValue(0)))
-    }
-    fn visit_bool<E>(self, b: bool) -> Result<ProtoValue, E> {
-        Ok(kind(Kind::BoolValue(b)))
-    }
-    fn visit_i64<E>(self, n: i64) -> Result<ProtoValue, E> {
-        Ok(kind(Kind::NumberValue(n as f64)))
-    }
-    fn visit_u64<E>(self, n: u64) -> Result<ProtoValue, E> {
-        Ok(kind(Kind::NumberValue(n as f64)))
-    }
-    fn visit_f64<E>(self, n: f64) -> Result<ProtoValue, E> {
-        Ok(kind(Kind::NumberValue(n)))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<ProtoValue, E> {
-        Ok(kind(Kind::StringValue(s.to_string())))
-    }
-    fn visit_string<E>(self, s: String) -> Result<ProtoValue, E> {
-        Ok(kind(Kind::StringValue(s)))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ProtoValue, A::Error> {
-        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(ProtoValue(v)) = seq.next_element()? {
-            values.push(v);
+    /// Parses stored JSON text of an object into a Struct.
+    pub fn from_json(text: &str) -> Result<Struct, serde_json::Error> {
+        let ProtoValue(value) = serde_json::from_str(text)?;
+        match value.kind {
+            Some(Kind::StructValue(s)) => Ok(s),
+            _ => Err(de::Error::custom("a stored document is not a JSON object")),
         }
-        Ok(kind(Kind::ListValue(ListValue { values })))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ProtoValue, A::Error> {
-        let mut fields = BTreeMap::new();
-        while let Some((k, ProtoValue(v))) = map.next_entry::<String, ProtoValue>()? {
-            fields.insert(k, v);
+
+    struct ProtoValue(Value);
+
+    fn kind(kind: Kind) -> ProtoValue {
+        ProtoValue(Value { kind: Some(kind) })
+    }
+
+    impl<'de> Deserialize<'de> for ProtoValue {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(ProtoVisitor)
         }
-        Ok(kind(Kind::StructValue(Struct { fields })))
+    }
+
+    struct ProtoVisitor;
+
+    impl<'de> Visitor<'de> for ProtoVisitor {
+        type Value = ProtoValue;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+
+        fn visit_unit<E>(self) -> Result<ProtoValue, E> {
+            Ok(kind(Kind::NullValue(0)))
+        }
+        fn visit_bool<E>(self, b: bool) -> Result<ProtoValue, E> {
+            Ok(kind(Kind::BoolValue(b)))
+        }
+        fn visit_i64<E>(self, n: i64) -> Result<ProtoValue, E> {
+            Ok(kind(Kind::NumberValue(n as f64)))
+        }
+        fn visit_u64<E>(self, n: u64) -> Result<ProtoValue, E> {
+            Ok(kind(Kind::NumberValue(n as f64)))
+        }
+        fn visit_f64<E>(self, n: f64) -> Result<ProtoValue, E> {
+            Ok(kind(Kind::NumberValue(n)))
+        }
+        fn visit_str<E>(self, s: &str) -> Result<ProtoValue, E> {
+            Ok(kind(Kind::StringValue(s.to_string())))
+        }
+        fn visit_string<E>(self, s: String) -> Result<ProtoValue, E> {
+            Ok(kind(Kind::StringValue(s)))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ProtoValue, A::Error> {
+            let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(ProtoValue(v)) = seq.next_element()? {
+                values.push(v);
+            }
+            Ok(kind(Kind::ListValue(ListValue { values })))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ProtoValue, A::Error> {
+            let mut fields = BTreeMap::new();
+            while let Some((k, ProtoValue(v))) = map.next_entry::<String, ProtoValue>()? {
+                fields.insert(k, v);
+            }
+            Ok(kind(Kind::StructValue(Struct { fields })))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::tree::from_json;
     use super::*;
+    use prost_types::ListValue;
 
     fn num(n: f64) -> Value {
         Value {

@@ -44,7 +44,7 @@ enum RandomOp {
 fn random_update(collection: &str, id: &str, kind: u64) -> UpdateRequest {
     let mut request = update(collection, id);
     match kind {
-        0 => request.merge = Some(object(vec![("nested", null()), ("m", num(1.0))])),
+        0 => request.merge = Some(object(vec![("nested", null()), ("m", num(1.0))]).into()),
         1 => {
             request.transforms = vec![
                 transform("count", T::Increment(num(1.5))),
@@ -57,7 +57,7 @@ fn random_update(collection: &str, id: &str, kind: u64) -> UpdateRequest {
             ]
         }
         2 => {
-            request.merge = Some(object(vec![("step", string("patched"))]));
+            request.merge = Some(object(vec![("step", string("patched"))]).into());
             request.transforms = vec![transform(
                 "nested.list",
                 T::RemoveAll(ListValue {

@@ -3,6 +3,7 @@
 use super::support::*;
 use crate::common::*;
 use docsidecar::proto::{BatchGetRequest, ListRequest};
+use prost_types::Struct;
 use std::collections::BTreeSet;
 use tonic::Code;
 
@@ -54,7 +55,7 @@ pub async fn round_trips_every_json_type(mut t: TestServer) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(got.data, Some(data));
+    assert_eq!(got.data.map(Struct::from), Some(data));
     assert_eq!(got.collection, "things");
     assert_eq!(got.id, "all-types");
     assert_eq!(got.rev, saved.rev);

@@ -450,7 +450,7 @@ pub async fn read_only_and_hidden_fields_are_enforced(mut t: TestServer) {
         "status",
     );
     let mut set_status = update("accounts", "a1");
-    set_status.merge = Some(object(vec![("status", string("done"))]));
+    set_status.merge = Some(object(vec![("status", string("done"))]).into());
     refused(c.update(set_status).await, "FIELD_READ_ONLY", "status");
 
     // Hidden: any value (even the stored one) and any enclosing object refused.
@@ -463,7 +463,7 @@ pub async fn read_only_and_hidden_fields_are_enforced(mut t: TestServer) {
         );
     }
     let mut clear = update("accounts", "a1");
-    clear.merge = Some(object(vec![("secret", null())]));
+    clear.merge = Some(object(vec![("secret", null())]).into());
     refused(c.update(clear).await, "FIELD_HIDDEN", "secret.ssn");
     let mut bump = update("accounts", "a1");
     bump.transforms = vec![transform("secret.ssn", T::Increment(num(1.0)))];
@@ -492,10 +492,7 @@ pub async fn read_only_and_hidden_fields_are_enforced(mut t: TestServer) {
 
     // A sibling of the hidden field is fine; the response hides it still.
     let mut pin = update("accounts", "a1");
-    pin.merge = Some(object(vec![(
-        "secret",
-        nested(object(vec![("pin", num(2.0))])),
-    )]));
+    pin.merge = Some(object(vec![("secret", nested(object(vec![("pin", num(2.0))])))]).into());
     let updated = c.update(pin).await.unwrap().into_inner();
     assert!(!has_ssn(updated.document.unwrap().data.as_ref().unwrap()));
 

@@ -43,7 +43,7 @@ async fn updated(client: &mut Client, request: UpdateRequest) -> Struct {
         .unwrap()
         .into_inner();
     assert_eq!(stored, document);
-    document.data.unwrap()
+    document.data.unwrap().into()
 }
 
 pub async fn update_applies_a_merge_patch(mut t: TestServer) {
@@ -62,11 +62,14 @@ pub async fn update_applies_a_merge_patch(mut t: TestServer) {
         .unwrap()
         .into_inner();
     let mut request = update("docs", "a");
-    request.merge = Some(object(vec![
-        ("a", nested(object(vec![("b", null()), ("d", num(3.0))]))),
-        ("gone", null()),
-        ("new", string("x")),
-    ]));
+    request.merge = Some(
+        object(vec![
+            ("a", nested(object(vec![("b", null()), ("d", num(3.0))]))),
+            ("gone", null()),
+            ("new", string("x")),
+        ])
+        .into(),
+    );
     let response = c.update(request.clone()).await.unwrap().into_inner();
     assert!(!response.created);
     assert_ne!(response.rev, first.rev);
@@ -88,10 +91,13 @@ pub async fn update_applies_a_merge_patch(mut t: TestServer) {
     );
     // A patch replaces anything that is not an object on either side.
     let mut request = update("docs", "a");
-    request.merge = Some(object(vec![
-        ("a", list(vec![num(1.0)])),
-        ("keep", nested(object(vec![]))),
-    ]));
+    request.merge = Some(
+        object(vec![
+            ("a", list(vec![num(1.0)])),
+            ("keep", nested(object(vec![]))),
+        ])
+        .into(),
+    );
     let data = updated(c, request).await;
     assert_eq!(data.fields["a"], list(vec![num(1.0)]));
     assert_eq!(data.fields["keep"], nested(object(vec![])));
@@ -254,7 +260,7 @@ pub async fn update_conditions(mut t: TestServer) {
 
     let mut request = update("docs", "u");
     request.expected_rev = created.rev.clone();
-    request.merge = Some(object(vec![("m", boolean(true))]));
+    request.merge = Some(object(vec![("m", boolean(true))]).into());
     let response = c.update(request).await.unwrap().into_inner();
     assert!(!response.created);
     assert_ne!(response.rev, created.rev);
@@ -267,7 +273,7 @@ pub async fn update_results_obey_the_document_rules(mut t: TestServer) {
         .await
         .unwrap();
     let mut request = update("docs", "big");
-    request.merge = Some(object(vec![("b", string(&half))]));
+    request.merge = Some(object(vec![("b", string(&half))]).into());
     assert_status(
         c.update(request).await,
         Code::InvalidArgument,
@@ -286,10 +292,8 @@ pub async fn update_results_obey_the_document_rules(mut t: TestServer) {
     .await
     .unwrap();
     let mut request = update("docs", "deep");
-    request.merge = Some(object(vec![(
-        "top",
-        nested(object(vec![("more", nested(deep))])),
-    )]));
+    request.merge =
+        Some(object(vec![("top", nested(object(vec![("more", nested(deep))])))]).into());
     assert_status(
         c.update(request).await,
         Code::InvalidArgument,

@@ -88,7 +88,7 @@ impl Writers {
                         let request = SaveRequest {
                             collection: collection.clone(),
                             id: id.clone(),
-                            data: Some(object(vec![("i", num(i as f64))])),
+                            data: Some(object(vec![("i", num(i as f64))]).into()),
                             ..Default::default()
                         };
                         let started = Instant::now();
