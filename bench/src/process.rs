@@ -232,7 +232,15 @@ impl SidecarSpec<'_> {
 /// TCP address.
 pub fn start_floor(payload: usize, uds: Option<&Path>) -> Result<(Process, String), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut command = Command::new(exe);
+    // A wrapper (bench/callgrind-get.sh: valgrind) runs the floor under it.
+    let mut command = match std::env::var_os("DOCSIDECAR_BENCH_FLOOR_WRAPPER") {
+        Some(wrapper) => {
+            let mut command = Command::new(wrapper);
+            command.arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
     command.args([
         "floor-server",
         "--tcp",

@@ -91,6 +91,10 @@ impl From<rusqlite::Error> for StoreError {
 const COLUMNS: &str = "scope, id, rev, data, create_time, update_time, expire_time";
 /// A row is live (not expired) at `?now`.
 const LIVE: &str = "(expire_time IS NULL OR expire_time > ?4)";
+/// A Get, spelled out: the statement cache is keyed by the text, and building it
+/// with `format!` on every call was a measurable share of a Get.
+const GET: &str = "SELECT scope, id, rev, data, create_time, update_time, expire_time FROM documents \
+     WHERE collection = ?1 AND scope = ?2 AND id = ?3 AND (expire_time IS NULL OR expire_time > ?4)";
 
 /// A document's columns as the insert and the update number them (?1 to ?8).
 fn row_params(d: &Document) -> [&dyn rusqlite::ToSql; 8] {
@@ -230,13 +234,11 @@ impl DocumentStore for SqliteStore {
         let k = key.clone();
         let found = self
             .read_point(move |conn| {
-                conn.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM documents WHERE collection = ?1 AND scope = ?2 AND id = ?3 AND {LIVE}"
-                ))?
-                .query_row(params![k.collection, k.scope, k.id, now], |r| {
-                    row_to_doc(&k.collection, r)
-                })
-                .optional()
+                conn.prepare_cached(GET)?
+                    .query_row(params![k.collection, k.scope, k.id, now], |r| {
+                        row_to_doc(&k.collection, r)
+                    })
+                    .optional()
             })
             .await?;
         found.ok_or_else(|| StoreError::not_found(&key.collection, &key.id))

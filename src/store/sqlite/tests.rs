@@ -348,3 +348,11 @@ async fn a_write_whose_caller_left_before_its_commit_is_never_applied() {
         .collect();
     assert_eq!(ids, ["next"]);
 }
+
+#[test]
+fn the_spelled_out_get_selects_the_columns_and_liveness_of_every_read() {
+    assert_eq!(
+        GET,
+        format!("SELECT {COLUMNS} FROM documents WHERE collection = ?1 AND scope = ?2 AND id = ?3 AND {LIVE}")
+    );
+}
