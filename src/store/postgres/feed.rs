@@ -6,13 +6,13 @@
 //! or not at all. Wake-ups travel as `NOTIFY` with an empty payload (any role
 //! may LISTEN); polling is the truth.
 
-use super::error::{describe, OpError};
+use super::error::describe;
 use super::{PostgresStore, NOW};
 use crate::background::Tasks;
 use crate::store::changes::{ChangeRecord, Changes, ChangesOp, FeedBounds};
 use crate::store::plan::{Change, ChangeKind};
 use crate::store::{Document, Key, Micros, StoreResult};
-use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,45 +63,71 @@ pub(super) fn channel(schema: &str) -> String {
     format!("docsidecar_feed_{schema}")
 }
 
-/// Records changes inside the writing transaction (unnumbered) and asks for a
-/// wake-up at commit.
-pub(super) async fn record(
-    c: &impl GenericClient,
+/// The part of a write's statement that records its changes inside the
+/// writing transaction (unnumbered) and asks for a wake-up at commit:
+/// `c AS (INSERT …) SELECT pg_notify(…)`, to follow `WITH` (and `w AS (…),`,
+/// the document's own write, when `after_write`). Its parameters start at
+/// `$first`, in the order [`record_params`] gives them. The changes are
+/// numbered (`seq`) in their order; after a document write they are inserted
+/// only once that write has run (it is read to the end first), so its errors
+/// come first, as when they were two statements.
+pub(super) fn record_sql(schema: &str, first: usize, after_write: bool) -> String {
+    let p = |n: usize| format!("${}", first + n);
+    let done = if after_write {
+        " CROSS JOIN (SELECT count(*) FROM w) AS done"
+    } else {
+        ""
+    };
+    format!(
+        r#"c AS (INSERT INTO "{schema}"._changes (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
+               SELECT u.collection, u.scope, u.id, u.rev, u.kind, u.data::jsonb, u.create_time, u.update_time, u.expire_time, {}::bigint
+               FROM unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::int2[], {}::text[], {}::int8[], {}::int8[], {}::int8[])
+                    WITH ORDINALITY AS u(collection, scope, id, rev, kind, data, create_time, update_time, expire_time, n){done}
+               ORDER BY u.n)
+           SELECT pg_notify({}, '')"#,
+        p(9),
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(10)
+    )
+}
+
+/// The parameters of [`record_sql`]: one array per column, the commit time,
+/// the NOTIFY channel.
+pub(super) fn record_params<'a>(
     schema: &str,
-    changes: &[Change],
+    changes: &'a [Change],
     now: Micros,
-) -> Result<(), OpError> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let stmt = c
-        .prepare_cached(&format!(
-            r#"INSERT INTO "{schema}"._changes (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
-               VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10)"#
-        ))
-        .await?;
-    for ch in changes {
-        let doc = ch.document.as_ref();
-        c.execute(
-            &stmt,
-            &[
-                &ch.key.collection,
-                &ch.key.scope,
-                &ch.key.id,
-                &ch.rev,
-                &ch.kind.code(),
-                &doc.map(|d| d.data.as_str()),
-                &doc.map(|d| d.create_time),
-                &doc.map(|d| d.update_time),
-                &doc.and_then(|d| d.expire_time),
-                &now,
-            ],
-        )
-        .await?;
-    }
-    c.execute("SELECT pg_notify($1, '')", &[&channel(schema)])
-        .await?;
-    Ok(())
+) -> Vec<Box<dyn ToSql + Sync + Send + 'a>> {
+    let column = |f: fn(&'a Change) -> Option<&'a str>| -> Vec<Option<&'a str>> {
+        changes.iter().map(f).collect()
+    };
+    let time = |f: fn(&Document) -> Option<i64>| -> Vec<Option<i64>> {
+        changes
+            .iter()
+            .map(|c| c.document.as_ref().and_then(f))
+            .collect()
+    };
+    vec![
+        Box::new(column(|c| Some(&c.key.collection))),
+        Box::new(column(|c| Some(&c.key.scope))),
+        Box::new(column(|c| Some(&c.key.id))),
+        Box::new(column(|c| Some(&c.rev))),
+        Box::new(changes.iter().map(|c| c.kind.code()).collect::<Vec<i16>>()),
+        Box::new(column(|c| c.document.as_ref().map(|d| d.data.as_str()))),
+        Box::new(time(|d| Some(d.create_time))),
+        Box::new(time(|d| Some(d.update_time))),
+        Box::new(time(|d| d.expire_time)),
+        Box::new(now),
+        Box::new(channel(schema)),
+    ]
 }
 
 fn record_of(row: &tokio_postgres::Row) -> Result<ChangeRecord, tokio_postgres::Error> {
