@@ -63,14 +63,14 @@ pub(super) fn channel(schema: &str) -> String {
     format!("docsidecar_feed_{schema}")
 }
 
-/// The part of a write's statement that records its changes inside the
-/// writing transaction (unnumbered) and asks for a wake-up at commit:
-/// `c AS (INSERT …) SELECT pg_notify(…)`, to follow `WITH` (and `w AS (…),`,
-/// the document's own write, when `after_write`). Its parameters start at
-/// `$first`, in the order [`record_params`] gives them. The changes are
-/// numbered (`seq`) in their order; after a document write they are inserted
-/// only once that write has run (it is read to the end first), so its errors
-/// come first, as when they were two statements.
+/// The statement that records a write's changes inside the writing
+/// transaction, unnumbered: an `INSERT` that may follow `WITH w AS (…)`, the
+/// document's own write (`after_write`). Its parameters start at `$first`,
+/// in the order [`record_params`] gives them. The changes are numbered
+/// (`seq`) in their order; after a document write they are inserted only
+/// once that write has run (it is read to the end first), so its errors
+/// come first, as when they were two statements. The wake-up is the
+/// writer's: [`notify`], after COMMIT.
 pub(super) fn record_sql(schema: &str, first: usize, after_write: bool) -> String {
     let p = |n: usize| format!("${}", first + n);
     let done = if after_write {
@@ -79,12 +79,11 @@ pub(super) fn record_sql(schema: &str, first: usize, after_write: bool) -> Strin
         ""
     };
     format!(
-        r#"c AS (INSERT INTO "{schema}"._changes (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
-               SELECT u.collection, u.scope, u.id, u.rev, u.kind, u.data::jsonb, u.create_time, u.update_time, u.expire_time, {}::bigint
-               FROM unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::int2[], {}::text[], {}::int8[], {}::int8[], {}::int8[])
-                    WITH ORDINALITY AS u(collection, scope, id, rev, kind, data, create_time, update_time, expire_time, n){done}
-               ORDER BY u.n)
-           SELECT pg_notify({}, '')"#,
+        r#"INSERT INTO "{schema}"._changes (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
+           SELECT u.collection, u.scope, u.id, u.rev, u.kind, u.data::jsonb, u.create_time, u.update_time, u.expire_time, {}::bigint
+           FROM unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::int2[], {}::text[], {}::int8[], {}::int8[], {}::int8[])
+                WITH ORDINALITY AS u(collection, scope, id, rev, kind, data, create_time, update_time, expire_time, n){done}
+           ORDER BY u.n"#,
         p(9),
         p(0),
         p(1),
@@ -95,14 +94,12 @@ pub(super) fn record_sql(schema: &str, first: usize, after_write: bool) -> Strin
         p(6),
         p(7),
         p(8),
-        p(10)
     )
 }
 
-/// The parameters of [`record_sql`]: one array per column, the commit time,
-/// the NOTIFY channel.
+/// The parameters of [`record_sql`]: one array per column, then the commit
+/// time.
 pub(super) fn record_params<'a>(
-    schema: &str,
     changes: &'a [Change],
     now: Micros,
 ) -> Vec<Box<dyn ToSql + Sync + Send + 'a>> {
@@ -126,8 +123,18 @@ pub(super) fn record_params<'a>(
         Box::new(time(|d| Some(d.update_time))),
         Box::new(time(|d| d.expire_time)),
         Box::new(now),
-        Box::new(channel(schema)),
     ]
+}
+
+/// The wake-up after a write that recorded changes committed: its own
+/// transaction, sent right after COMMIT. Inside the writing transaction a
+/// NOTIFY holds PostgreSQL's notification lock from before the commit
+/// record is flushed until the commit ends, so every notifying writer of
+/// the database commits alone (no group commit: BENCHMARKS.md, issue 17).
+/// Listeners learn of the change as soon as before, give or take that
+/// round trip; a wake-up lost with a crashed sidecar is made up by polling.
+pub(super) fn notify(schema: &str) -> String {
+    format!("NOTIFY \"{}\"", channel(schema))
 }
 
 fn record_of(row: &tokio_postgres::Row) -> Result<ChangeRecord, tokio_postgres::Error> {

@@ -8,7 +8,8 @@
 //! issued concurrently on one connection, and the server runs them in the
 //! order sent). `BEGIN` goes with the first read, which also reads the
 //! transaction's time; each mutation's write goes with the next mutation's
-//! read; the last write goes with `COMMIT`. A Save is two round trips; a
+//! read; the last write goes with `COMMIT` (and the change feed's NOTIFY,
+//! which runs after it, see `feed::notify`). A Save is two round trips; a
 //! Write of n mutations n + 1.
 
 use super::error::{describe, is_conflict, OpError};
@@ -111,10 +112,10 @@ fn statement<'a>(
     }
     let record = super::feed::record_sql(schema, params.len() + 1, write.is_some());
     let sql = match write {
-        Some(write) => format!("WITH w AS ({write} RETURNING 1), {record}"),
-        None => format!("WITH {record}"),
+        Some(write) => format!("WITH w AS ({write} RETURNING 1) {record}"),
+        None => record,
     };
-    params.extend(super::feed::record_params(schema, changes, now));
+    params.extend(super::feed::record_params(changes, now));
     Some((sql, params))
 }
 
@@ -233,6 +234,8 @@ impl PostgresStore {
         // The previous mutation's write, sent with the next read or COMMIT.
         let mut pending: Option<Pending> = None;
         let mut now = 0;
+        // Whether a change was recorded: the commit is followed by a wake-up.
+        let mut recorded = false;
         for (index, (mutation, table)) in mutations.iter().zip(tables).enumerate() {
             let collection = mutation.collection();
             if missing.contains(collection) && !created.contains(&collection) {
@@ -302,6 +305,7 @@ impl PostgresStore {
                 Err(e) => return Err(e.in_mutation(index).into()),
             };
             results.push(written);
+            recorded |= !changes.is_empty();
             pending = Some(Pending {
                 index,
                 action,
@@ -326,7 +330,7 @@ impl PostgresStore {
                     Poll::Ready(written) => (written, None),
                     Poll::Pending => {
                         let (written, committed) =
-                            join(write, client.batch_execute("COMMIT")).await;
+                            join(write, self.commit(client, recorded)).await;
                         *open = false;
                         (written, Some(committed))
                     }
@@ -338,14 +342,14 @@ impl PostgresStore {
                     (Ok(_), Some(committed)) => committed,
                     // Answered already (a busy machine paused this task): COMMIT now.
                     (Ok(_), None) => {
-                        let committed = client.batch_execute("COMMIT").await;
+                        let committed = self.commit(client, recorded).await;
                         *open = false;
                         committed
                     }
                 }
             }
             None => {
-                let committed = client.batch_execute("COMMIT").await;
+                let committed = self.commit(client, recorded).await;
                 *open = false;
                 committed
             }
@@ -364,6 +368,21 @@ impl PostgresStore {
         })?;
         self.tables.remember(created);
         Ok(Some(results))
+    }
+
+    /// COMMIT, and the feed's wake-up after it when the transaction recorded
+    /// changes (sent together; see [`super::feed::notify`]).
+    async fn commit(&self, client: &Object, recorded: bool) -> Result<(), tokio_postgres::Error> {
+        if !recorded {
+            return client.batch_execute("COMMIT").await;
+        }
+        let notify = super::feed::notify(&self.tables.schema);
+        let (committed, notified) =
+            join(client.batch_execute("COMMIT"), client.batch_execute(&notify)).await;
+        if let Err(e) = notified {
+            tracing::debug!(error = %describe(&e), "the change feed's NOTIFY after a write failed");
+        }
+        committed
     }
 
     /// A pending mutation with its statement, if it has one.
