@@ -12,9 +12,9 @@ use crate::background::Tasks;
 use crate::store::changes::{ChangeRecord, Changes, ChangesOp, FeedBounds};
 use crate::store::plan::{Change, ChangeKind};
 use crate::store::{Document, Key, Micros, StoreResult};
-use tokio_postgres::types::ToSql;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 /// Changes numbered per sequencer transaction.
 const BATCH: i64 = 1000;

@@ -610,8 +610,20 @@ async fn racing_conditional_writes_decide_on_the_latest_row_and_feed_in_commit_o
     }
     let total = tasks * rounds;
     let doc = store.get_doc("c", "x").await.unwrap();
-    assert_eq!(doc.data, format!(r#"{{"n": {total}}}"#), "no increment lost");
-    assert_eq!(store.list_docs("c_log", 1000).await.unwrap().documents.len(), total);
+    assert_eq!(
+        doc.data,
+        format!(r#"{{"n": {total}}}"#),
+        "no increment lost"
+    );
+    assert_eq!(
+        store
+            .list_docs("c_log", 1000)
+            .await
+            .unwrap()
+            .documents
+            .len(),
+        total
+    );
 
     // A Write that fails at its second mutation applies nothing.
     let mut stale = save("c", "x", r#"{"n":-1}"#);
@@ -643,7 +655,10 @@ async fn racing_conditional_writes_decide_on_the_latest_row_and_feed_in_commit_o
         })
         .collect();
     let expected: Vec<i64> = [0, 0].into_iter().chain(1..=total as i64).collect();
-    assert_eq!(ns, expected, "the first save, the one winner, then every increment in order");
+    assert_eq!(
+        ns, expected,
+        "the first save, the one winner, then every increment in order"
+    );
     let logs: Vec<&str> = records
         .iter()
         .filter(|r| r.key.collection == "c_log")

@@ -43,8 +43,9 @@ async fn stored(
     offset: &i64,
 ) -> Result<(Option<Document>, Micros), OpError> {
     let locked = locked_row(COLUMNS, table, mutation.needs_stored_data(), ["$2", "$3"]);
-    let sql =
-        format!("WITH r AS ({locked}) SELECT r.*, {NOW} FROM (VALUES (0)) AS one LEFT JOIN r ON true");
+    let sql = format!(
+        "WITH r AS ({locked}) SELECT r.*, {NOW} FROM (VALUES (0)) AS one LEFT JOIN r ON true"
+    );
     let key = mutation.key();
     let stmt = c.prepare_cached(&sql).await?;
     let row = c.query_one(&stmt, &[offset, &key.scope, &key.id]).await?;
@@ -207,7 +208,9 @@ impl PostgresStore {
     ) -> Result<Option<Vec<Written>>, Retry> {
         let missing = self.missing_tables(client, mutations).await?;
         let mut open = false;
-        let result = self.attempt(client, mutations, tables, &missing, &mut open).await;
+        let result = self
+            .attempt(client, mutations, tables, &missing, &mut open)
+            .await;
         if open {
             // A failed statement ended the attempt. Should the rollback fail,
             // the connection is broken, and the pool drops broken connections.
@@ -267,8 +270,7 @@ impl PostgresStore {
                 begun.map_err(|e| self.pg(e))?;
                 *open = true;
                 read
-            } else if let Some((p, (sql, params))) = self.write_of(previous.as_ref(), tables, now)
-            {
+            } else if let Some((p, (sql, params))) = self.write_of(previous.as_ref(), tables, now) {
                 // Prepared first: only a prepared write goes out before the
                 // read in the same poll (a cache miss would reorder them).
                 let stmt = match client.prepare_cached(&sql).await {
@@ -329,8 +331,7 @@ impl PostgresStore {
                 let (written, committed) = match futures_util::poll!(write.as_mut()) {
                     Poll::Ready(written) => (written, None),
                     Poll::Pending => {
-                        let (written, committed) =
-                            join(write, self.commit(client, recorded)).await;
+                        let (written, committed) = join(write, self.commit(client, recorded)).await;
                         *open = false;
                         (written, Some(committed))
                     }
@@ -377,8 +378,11 @@ impl PostgresStore {
             return client.batch_execute("COMMIT").await;
         }
         let notify = super::feed::notify(&self.tables.schema);
-        let (committed, notified) =
-            join(client.batch_execute("COMMIT"), client.batch_execute(&notify)).await;
+        let (committed, notified) = join(
+            client.batch_execute("COMMIT"),
+            client.batch_execute(&notify),
+        )
+        .await;
         if let Err(e) = notified {
             tracing::debug!(error = %describe(&e), "the change feed's NOTIFY after a write failed");
         }
