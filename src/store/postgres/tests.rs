@@ -679,3 +679,51 @@ async fn racing_conditional_writes_decide_on_the_latest_row_and_feed_in_commit_o
     drop(store);
     drop(ctx.admin);
 }
+
+/// A delete in a collection that has no table is decided before the
+/// transaction: a failed read there would abort it, and COMMIT would then
+/// silently roll back the Write's other mutations while reporting them done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_in_a_collection_without_a_table_leaves_the_rest_of_the_write_applied() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    let s = &ctx.store;
+    s.save_doc(save("here", "a", "{}")).await.unwrap();
+    let gone = || {
+        let mut d = delete("nowhere", "x");
+        d.allow_missing = true;
+        Mutation::Delete(d)
+    };
+    let written = s
+        .write(vec![Mutation::Save(save("here", "b", "{}")), gone()])
+        .await
+        .unwrap();
+    assert!(matches!(written[1], Written::Deleted));
+    s.get_doc("here", "b").await.expect("the save is applied");
+    // The delete first, then a save that creates the collection.
+    s.write(vec![gone(), Mutation::Save(save("nowhere", "y", "{}"))])
+        .await
+        .unwrap();
+    s.get_doc("nowhere", "y").await.unwrap();
+    // Alone; and without allow_missing, NOT_FOUND with nothing applied.
+    assert_eq!(s.write(vec![gone()]).await.unwrap(), [Written::Deleted]);
+    let e = s
+        .write(vec![
+            Mutation::Save(save("here", "c", "{}")),
+            Mutation::Delete(delete("elsewhere", "x")),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&e), "mutation 1: NotFound");
+    assert!(matches!(
+        s.get_doc("here", "c").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(!s
+        .list_collections()
+        .await
+        .unwrap()
+        .contains(&"elsewhere".to_string()));
+    drop(ctx.admin);
+}

@@ -124,8 +124,6 @@ fn statement<'a>(
 enum Failed {
     /// The attempt ends with this.
     Stop(Retry),
-    /// A delete in a collection without a table: nothing to delete.
-    Skip,
     /// A table believed to exist is gone: forget it and run again.
     Forget,
 }
@@ -166,9 +164,11 @@ impl PostgresStore {
         }))
     }
 
-    /// Collections some save of `mutations` needs a table for that does not
-    /// exist yet (auto_create only). Looked up before BEGIN: inside the
-    /// transaction a statement on a missing table would abort everything.
+    /// Collections of `mutations` without a table (auto_create only). Looked
+    /// up before BEGIN: inside the transaction a statement on a missing table
+    /// would abort everything, the other mutations' work included. A save
+    /// creates its table in the transaction; a delete there has nothing to
+    /// delete.
     async fn missing_tables<'m>(
         &self,
         client: &Object,
@@ -177,7 +177,13 @@ impl PostgresStore {
         if !self.auto_create {
             return Ok(BTreeSet::new());
         }
-        let unknown = Mutation::unknown_collections(mutations, |c| self.tables.known(c));
+        let unknown: Vec<&str> = mutations
+            .iter()
+            .map(Mutation::collection)
+            .filter(|c| !self.tables.known(c))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         if unknown.is_empty() {
             return Ok(BTreeSet::new());
         }
@@ -191,7 +197,10 @@ impl PostgresStore {
             .into_iter()
             .filter(|c| !existing.contains(*c))
             .collect();
-        if !missing.is_empty() {
+        let creates = mutations
+            .iter()
+            .any(|m| !matches!(m, Mutation::Delete(_)) && missing.contains(m.collection()));
+        if creates {
             self.tables.ensure_schema(client, &self.target).await?;
         }
         Ok(missing)
@@ -241,7 +250,18 @@ impl PostgresStore {
         let mut recorded = false;
         for (index, (mutation, table)) in mutations.iter().zip(tables).enumerate() {
             let collection = mutation.collection();
-            if missing.contains(collection) && !created.contains(&collection) {
+            let absent = missing.contains(collection) && !created.contains(&collection);
+            if let (true, Mutation::Delete(op)) = (absent, mutation) {
+                // No table, no document: nothing to send.
+                if op.allow_missing {
+                    results.push(Written::Deleted);
+                    continue;
+                }
+                return Err(StoreError::not_found(collection, &op.key.id)
+                    .in_mutation(index)
+                    .into());
+            }
+            if absent {
                 created.push(collection);
                 // The table must exist before the read is sent: apply what is
                 // pending, begin, create.
@@ -287,15 +307,7 @@ impl PostgresStore {
             };
             let (row, at) = match read {
                 Ok(read) => read,
-                Err(e) => match self.failed(e, index, mutation) {
-                    Failed::Skip => {
-                        results.push(Written::Deleted);
-                        // Nothing to delete in a collection that does not exist.
-                        continue;
-                    }
-                    Failed::Forget => return Ok(None),
-                    Failed::Stop(e) => return Err(e),
-                },
+                Err(e) => return ended(self.failed(e, index, mutation)),
             };
             now = at;
             let Planned {
@@ -313,6 +325,10 @@ impl PostgresStore {
                 action,
                 changes,
             });
+        }
+        if !*open {
+            // Nothing was sent: deletes in collections without a table.
+            return Ok(Some(results));
         }
         let committed = match self.write_of(pending.as_ref(), tables, now) {
             Some((p, (sql, params))) => {
@@ -409,7 +425,9 @@ impl PostgresStore {
                 _ if !self.auto_create => {
                     Failed::Stop(self.tables.no_table(collection).in_mutation(index).into())
                 }
-                Mutation::Delete(op) if op.allow_missing => Failed::Skip,
+                // The table went after it was looked up: look again (the
+                // transaction is aborted, the other mutations' work with it).
+                Mutation::Delete(op) if op.allow_missing => Failed::Forget,
                 Mutation::Delete(op) => Failed::Stop(
                     StoreError::not_found(collection, &op.key.id)
                         .in_mutation(index)
@@ -444,7 +462,7 @@ impl PostgresStore {
 /// Ends an attempt: `Ok(None)` runs it again.
 fn ended(failed: Failed) -> Result<Option<Vec<Written>>, Retry> {
     match failed {
-        Failed::Skip | Failed::Forget => Ok(None),
+        Failed::Forget => Ok(None),
         Failed::Stop(e) => Err(e),
     }
 }
