@@ -3,7 +3,7 @@
 
 use super::error::{describe, is_create_race, is_insufficient_privilege, map_pg_error, OpError};
 use crate::store::{is_valid_name, StoreError, StoreResult, NAME_RULE};
-use deadpool_postgres::{GenericClient, Transaction};
+use deadpool_postgres::GenericClient;
 use std::collections::HashSet;
 use std::sync::RwLock;
 
@@ -303,23 +303,26 @@ impl Tables {
         tx.commit().await.map_err(pg)
     }
 
-    /// Creates a collection's table inside a write's transaction, so that it
-    /// disappears again if the write fails.
+    /// Creates a collection's table inside a write's transaction (open on
+    /// `c`), so that it disappears again if the write fails.
     pub(super) async fn create_in(
         &self,
-        tx: &mut Transaction<'_>,
+        c: &impl GenericClient,
         collection: &str,
     ) -> Result<(), OpError> {
         // A savepoint: losing the race to another creator aborts only this statement.
-        let savepoint = tx.savepoint("docsidecar_create_table").await?;
-        match savepoint.batch_execute(&table_ddl(&self.schema, collection)?).await {
+        c.batch_execute("SAVEPOINT docsidecar_create_table").await?;
+        match c.batch_execute(&table_ddl(&self.schema, collection)?).await {
             Ok(()) => {
-                savepoint.commit().await?;
+                c.batch_execute("RELEASE SAVEPOINT docsidecar_create_table")
+                    .await?;
                 tracing::info!(schema = %self.schema, collection, "created the table of a new collection");
                 Ok(())
             }
             // The other creator committed before this statement gave up: the table exists.
-            Err(e) if is_create_race(&e) => Ok(savepoint.rollback().await?),
+            Err(e) if is_create_race(&e) => Ok(c
+                .batch_execute("ROLLBACK TO SAVEPOINT docsidecar_create_table")
+                .await?),
             Err(e) if is_insufficient_privilege(&e) => Err(StoreError::PermissionDenied(format!(
                 "collection `{collection}` has no table and the database role may not create one in schema `{}`: run `docsidecar migrate` ({})",
                 self.schema,

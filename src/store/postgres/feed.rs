@@ -6,15 +6,15 @@
 //! or not at all. Wake-ups travel as `NOTIFY` with an empty payload (any role
 //! may LISTEN); polling is the truth.
 
-use super::error::{describe, OpError};
+use super::error::describe;
 use super::{PostgresStore, NOW};
 use crate::background::Tasks;
 use crate::store::changes::{ChangeRecord, Changes, ChangesOp, FeedBounds};
 use crate::store::plan::{Change, ChangeKind};
 use crate::store::{Document, Key, Micros, StoreResult};
-use deadpool_postgres::GenericClient;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 /// Changes numbered per sequencer transaction.
 const BATCH: i64 = 1000;
@@ -63,45 +63,78 @@ pub(super) fn channel(schema: &str) -> String {
     format!("docsidecar_feed_{schema}")
 }
 
-/// Records changes inside the writing transaction (unnumbered) and asks for a
-/// wake-up at commit.
-pub(super) async fn record(
-    c: &impl GenericClient,
-    schema: &str,
-    changes: &[Change],
+/// The statement that records a write's changes inside the writing
+/// transaction, unnumbered: an `INSERT` that may follow `WITH w AS (…)`, the
+/// document's own write (`after_write`). Its parameters start at `$first`,
+/// in the order [`record_params`] gives them. The changes are numbered
+/// (`seq`) in their order; after a document write they are inserted only
+/// once that write has run (it is read to the end first), so its errors
+/// come first, as when they were two statements. The wake-up is the
+/// writer's: [`notify`], after COMMIT.
+pub(super) fn record_sql(schema: &str, first: usize, after_write: bool) -> String {
+    let p = |n: usize| format!("${}", first + n);
+    let done = if after_write {
+        " CROSS JOIN (SELECT count(*) FROM w) AS done"
+    } else {
+        ""
+    };
+    format!(
+        r#"INSERT INTO "{schema}"._changes (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
+           SELECT u.collection, u.scope, u.id, u.rev, u.kind, u.data::jsonb, u.create_time, u.update_time, u.expire_time, {}::bigint
+           FROM unnest({}::text[], {}::text[], {}::text[], {}::text[], {}::int2[], {}::text[], {}::int8[], {}::int8[], {}::int8[])
+                WITH ORDINALITY AS u(collection, scope, id, rev, kind, data, create_time, update_time, expire_time, n){done}
+           ORDER BY u.n"#,
+        p(9),
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+    )
+}
+
+/// The parameters of [`record_sql`]: one array per column, then the commit
+/// time.
+pub(super) fn record_params<'a>(
+    changes: &'a [Change],
     now: Micros,
-) -> Result<(), OpError> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let stmt = c
-        .prepare_cached(&format!(
-            r#"INSERT INTO "{schema}"._changes (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
-               VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10)"#
-        ))
-        .await?;
-    for ch in changes {
-        let doc = ch.document.as_ref();
-        c.execute(
-            &stmt,
-            &[
-                &ch.key.collection,
-                &ch.key.scope,
-                &ch.key.id,
-                &ch.rev,
-                &ch.kind.code(),
-                &doc.map(|d| d.data.as_str()),
-                &doc.map(|d| d.create_time),
-                &doc.map(|d| d.update_time),
-                &doc.and_then(|d| d.expire_time),
-                &now,
-            ],
-        )
-        .await?;
-    }
-    c.execute("SELECT pg_notify($1, '')", &[&channel(schema)])
-        .await?;
-    Ok(())
+) -> Vec<Box<dyn ToSql + Sync + Send + 'a>> {
+    let column = |f: fn(&'a Change) -> Option<&'a str>| -> Vec<Option<&'a str>> {
+        changes.iter().map(f).collect()
+    };
+    let time = |f: fn(&Document) -> Option<i64>| -> Vec<Option<i64>> {
+        changes
+            .iter()
+            .map(|c| c.document.as_ref().and_then(f))
+            .collect()
+    };
+    vec![
+        Box::new(column(|c| Some(&c.key.collection))),
+        Box::new(column(|c| Some(&c.key.scope))),
+        Box::new(column(|c| Some(&c.key.id))),
+        Box::new(column(|c| Some(&c.rev))),
+        Box::new(changes.iter().map(|c| c.kind.code()).collect::<Vec<i16>>()),
+        Box::new(column(|c| c.document.as_ref().map(|d| d.data.as_str()))),
+        Box::new(time(|d| Some(d.create_time))),
+        Box::new(time(|d| Some(d.update_time))),
+        Box::new(time(|d| d.expire_time)),
+        Box::new(now),
+    ]
+}
+
+/// The wake-up after a write that recorded changes committed: its own
+/// transaction, sent right after COMMIT. Inside the writing transaction a
+/// NOTIFY holds PostgreSQL's notification lock from before the commit
+/// record is flushed until the commit ends, so every notifying writer of
+/// the database commits alone (no group commit: BENCHMARKS.md, issue 17).
+/// Listeners learn of the change as soon as before, give or take that
+/// round trip; a wake-up lost with a crashed sidecar is made up by polling.
+pub(super) fn notify(schema: &str) -> String {
+    format!("NOTIFY \"{}\"", channel(schema))
 }
 
 fn record_of(row: &tokio_postgres::Row) -> Result<ChangeRecord, tokio_postgres::Error> {

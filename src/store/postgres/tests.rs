@@ -513,3 +513,217 @@ async fn the_key_function_encodes_as_the_sidecar_does() {
         assert_eq!(key, crate::store::key::encode(&v), "{v}");
     }
 }
+
+/// Numbers every committed change (as the sequencer does) and reads the
+/// feed of `collections`.
+async fn feed(store: &PostgresStore, collections: &[&str]) -> Vec<changes::ChangeRecord> {
+    let mut sequencer = store.pools.dedicated("test sequencer").await.unwrap();
+    while store.sequence(&mut sequencer).await.unwrap() > 0 {}
+    store
+        .changes(&changes::ChangesOp {
+            after: 0,
+            collections: Some(collections.iter().map(|c| c.to_string()).collect()),
+            limit: 10_000,
+        })
+        .await
+        .unwrap()
+        .records
+}
+
+/// Writes travel pipelined (BEGIN with the first read, each write with the
+/// next read, the last write with COMMIT): racing conditional saves of one
+/// document still decide on the latest committed row, one at a time. Of
+/// tasks saving with the rev they all read, exactly one wins; tasks doing
+/// read-modify-write in two-mutation Writes lose no increment; the feed holds
+/// one record per successful mutation, in commit order; a Write whose second
+/// mutation is ABORTED leaves neither a document nor a change behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_conditional_writes_decide_on_the_latest_row_and_feed_in_commit_order() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    let store = Arc::new(ctx.store);
+    let first = store.save_doc(save("c", "x", r#"{"n":0}"#)).await.unwrap();
+    let rev0 = first.document.rev.clone();
+
+    // Everyone read rev0: exactly one save with it wins.
+    let mut handles = Vec::new();
+    for i in 0..16 {
+        let store = store.clone();
+        let rev0 = rev0.clone();
+        handles.push(tokio::spawn(async move {
+            let mut op = save("c", "x", &format!(r#"{{"n":0,"by":{i}}}"#));
+            op.expected_rev = Some(rev0);
+            store.save_doc(op).await
+        }));
+    }
+    let mut won = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(saved) => {
+                won += 1;
+                assert!(!saved.created);
+            }
+            Err(e) => assert_eq!(kind(&e), "RevMismatch(actual: true)"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one conditional save wins");
+
+    // Read-modify-write increments, each with a log entry in the same Write.
+    let tasks = 8;
+    let rounds = 5;
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut aborted = 0;
+            for _ in 0..rounds {
+                loop {
+                    let doc = store.get_doc("c", "x").await.unwrap();
+                    let n = serde_json::from_str::<serde_json::Value>(&doc.data).unwrap()["n"]
+                        .as_i64()
+                        .unwrap();
+                    let mut op = save("c", "x", &format!(r#"{{"n":{}}}"#, n + 1));
+                    op.expected_rev = Some(doc.rev);
+                    let mut log = save("c_log", &format!("{}", n + 1), &format!(r#"{{"t":{t}}}"#));
+                    log.create_only = true;
+                    match store
+                        .write(vec![Mutation::Save(op), Mutation::Save(log)])
+                        .await
+                    {
+                        Ok(written) => {
+                            assert_eq!(written.len(), 2);
+                            break;
+                        }
+                        Err(e) => {
+                            assert_eq!(kind(&e), "mutation 0: RevMismatch(actual: true)");
+                            aborted += 1;
+                        }
+                    }
+                }
+            }
+            aborted
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let total = tasks * rounds;
+    let doc = store.get_doc("c", "x").await.unwrap();
+    assert_eq!(
+        doc.data,
+        format!(r#"{{"n": {total}}}"#),
+        "no increment lost"
+    );
+    assert_eq!(
+        store
+            .list_docs("c_log", 1000)
+            .await
+            .unwrap()
+            .documents
+            .len(),
+        total
+    );
+
+    // A Write that fails at its second mutation applies nothing.
+    let mut stale = save("c", "x", r#"{"n":-1}"#);
+    stale.expected_rev = Some(rev0.clone());
+    let e = store
+        .write(vec![
+            Mutation::Save(save("c_log", "never", "{}")),
+            Mutation::Save(stale),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&e), "mutation 1: RevMismatch(actual: true)");
+    assert!(matches!(
+        store.get_doc("c_log", "never").await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // One record per successful mutation, in commit order: the counter
+    // climbs by one from record to record, each next to its log entry.
+    let records = feed(&store, &["c", "c_log"]).await;
+    let ns: Vec<i64> = records
+        .iter()
+        .filter(|r| r.key.collection == "c")
+        .map(|r| {
+            let data = &r.document.as_ref().unwrap().data;
+            serde_json::from_str::<serde_json::Value>(data).unwrap()["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    let expected: Vec<i64> = [0, 0].into_iter().chain(1..=total as i64).collect();
+    assert_eq!(
+        ns, expected,
+        "the first save, the one winner, then every increment in order"
+    );
+    let logs: Vec<&str> = records
+        .iter()
+        .filter(|r| r.key.collection == "c_log")
+        .map(|r| r.key.id.as_str())
+        .collect();
+    let expected: Vec<String> = (1..=total).map(|n| n.to_string()).collect();
+    assert_eq!(logs, expected);
+    for pair in records.windows(2) {
+        assert!(pair[0].position < pair[1].position);
+    }
+    // Each increment's two records are adjacent (one transaction).
+    for (i, r) in records.iter().enumerate().skip(2) {
+        if r.key.collection == "c_log" {
+            assert_eq!(records[i - 1].key.collection, "c");
+            assert_eq!(records[i - 1].commit_time, r.commit_time);
+        }
+    }
+    drop(store);
+    drop(ctx.admin);
+}
+
+/// A delete in a collection that has no table is decided before the
+/// transaction: a failed read there would abort it, and COMMIT would then
+/// silently roll back the Write's other mutations while reporting them done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_in_a_collection_without_a_table_leaves_the_rest_of_the_write_applied() {
+    let Some(ctx) = setup(|_| {}).await else {
+        return;
+    };
+    let s = &ctx.store;
+    s.save_doc(save("here", "a", "{}")).await.unwrap();
+    let gone = || {
+        let mut d = delete("nowhere", "x");
+        d.allow_missing = true;
+        Mutation::Delete(d)
+    };
+    let written = s
+        .write(vec![Mutation::Save(save("here", "b", "{}")), gone()])
+        .await
+        .unwrap();
+    assert!(matches!(written[1], Written::Deleted));
+    s.get_doc("here", "b").await.expect("the save is applied");
+    // The delete first, then a save that creates the collection.
+    s.write(vec![gone(), Mutation::Save(save("nowhere", "y", "{}"))])
+        .await
+        .unwrap();
+    s.get_doc("nowhere", "y").await.unwrap();
+    // Alone; and without allow_missing, NOT_FOUND with nothing applied.
+    assert_eq!(s.write(vec![gone()]).await.unwrap(), [Written::Deleted]);
+    let e = s
+        .write(vec![
+            Mutation::Save(save("here", "c", "{}")),
+            Mutation::Delete(delete("elsewhere", "x")),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(kind(&e), "mutation 1: NotFound");
+    assert!(matches!(
+        s.get_doc("here", "c").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(!s
+        .list_collections()
+        .await
+        .unwrap()
+        .contains(&"elsewhere".to_string()));
+    drop(ctx.admin);
+}
