@@ -247,6 +247,9 @@ struct RawDoc {
 }
 
 /// tokio-postgres behind a deadpool pool, with the sidecar's statements.
+/// `ChangeKind::Saved`'s code in the PostgreSQL change table.
+const PG_SAVED: i16 = 1;
+
 pub struct RawPg {
     pool: Pool,
     get: String,
@@ -278,12 +281,20 @@ impl RawPg {
         Ok(RawPg {
             pool,
             get: format!("SELECT {columns} FROM {table} WHERE id = $1"),
+            // The upsert and its change record (as every sidecar write records
+            // one, `src/store/postgres/feed.rs`) in one statement: the least a
+            // hand-written service with a change feed sends.
             upsert: format!(
-                "INSERT INTO {table} AS d (id, rev, data, create_time, update_time)
-                 VALUES ($1, $2, $3::text::jsonb, $4, $4)
-                 ON CONFLICT (scope, id) DO UPDATE
-                 SET rev = EXCLUDED.rev, data = EXCLUDED.data, update_time = EXCLUDED.update_time
-                 RETURNING (d.xmax = 0) AS created"
+                r#"WITH d AS (
+                     INSERT INTO {table} AS d (id, rev, data, create_time, update_time)
+                     VALUES ($1, $2, $3::text::jsonb, $4, $4)
+                     ON CONFLICT (scope, id) DO UPDATE
+                     SET rev = EXCLUDED.rev, data = EXCLUDED.data, update_time = EXCLUDED.update_time
+                     RETURNING (d.xmax = 0) AS created, d.scope, d.id, d.rev, d.data, d.create_time, d.update_time, d.expire_time),
+                 c AS (
+                     INSERT INTO "{schema}"._changes (collection, scope, id, rev, kind, data, create_time, update_time, expire_time, commit_time)
+                     SELECT '{COLLECTION}', scope, id, rev, {PG_SAVED}, data, create_time, update_time, expire_time, $4 FROM d)
+                 SELECT created FROM d"#
             ),
             first_page: format!("SELECT {columns} FROM {table} ORDER BY id LIMIT $1"),
             next_page: format!("SELECT {columns} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2"),
