@@ -280,7 +280,8 @@ impl RawPg {
         let columns = "id, rev, data::text, create_time, update_time";
         Ok(RawPg {
             pool,
-            get: format!("SELECT {columns} FROM {table} WHERE id = $1"),
+            // The unscoped rows (scope ''), by primary key (scope, id), as the sidecar reads them.
+            get: format!("SELECT {columns} FROM {table} WHERE scope = '' AND id = $1"),
             // The upsert and its change record (as every sidecar write records
             // one, `src/store/postgres/feed.rs`) in one statement: the least a
             // hand-written service with a change feed sends.
@@ -296,8 +297,12 @@ impl RawPg {
                      SELECT '{COLLECTION}', scope, id, rev, {PG_SAVED}, data, create_time, update_time, expire_time, $4 FROM d)
                  SELECT created FROM d"#
             ),
-            first_page: format!("SELECT {columns} FROM {table} ORDER BY id LIMIT $1"),
-            next_page: format!("SELECT {columns} FROM {table} WHERE id > $1 ORDER BY id LIMIT $2"),
+            first_page: format!(
+                "SELECT {columns} FROM {table} WHERE scope = '' ORDER BY id LIMIT $1"
+            ),
+            next_page: format!(
+                "SELECT {columns} FROM {table} WHERE scope = '' AND id > $1 ORDER BY id LIMIT $2"
+            ),
             query: query::pg_sql(schema),
         })
     }
@@ -654,7 +659,7 @@ impl RawSqlite {
                 let doc = self
                     .read_point(move |conn| {
                         conn.prepare_cached(&format!(
-                            "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND id = ?2"
+                            "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND scope = '' AND id = ?2"
                         ))?
                         .query_row(params![COLLECTION, id], sqlite_doc)
                         .optional()
@@ -682,13 +687,13 @@ impl RawSqlite {
                         let mut docs = match &after {
                             Some(after) => conn
                                 .prepare_cached(&format!(
-                                    "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                                    "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND scope = '' AND id > ?2 ORDER BY id LIMIT ?3"
                                 ))?
                                 .query_map(params![COLLECTION, after, limit], sqlite_doc)?
                                 .collect::<rusqlite::Result<Vec<_>>>()?,
                             None => conn
                                 .prepare_cached(&format!(
-                                    "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 ORDER BY id LIMIT ?2"
+                                    "SELECT {SQLITE_COLUMNS} FROM documents WHERE collection = ?1 AND scope = '' ORDER BY id LIMIT ?2"
                                 ))?
                                 .query_map(params![COLLECTION, limit], sqlite_doc)?
                                 .collect::<rusqlite::Result<Vec<_>>>()?,
