@@ -2,8 +2,8 @@
 //! `UpdateRequest.merge`) as [`Data`]: a `prost_types::Struct` tree when decoded
 //! from a request, or, for a document read from a store, the protobuf encoding
 //! written straight from its stored JSON text. A read never builds the tree of
-//! maps, boxes and strings only to encode and drop it (issue 17: that tree was
-//! most of the sidecar's own CPU in a List).
+//! maps, boxes and strings only to encode and drop it (issue 17: a List of 100
+//! costs the sidecar a fifth less CPU without it).
 //!
 //! The generated types take `Data` through prost's `extern_path` (build.rs); it
 //! encodes and decodes as the same message, so clients see no difference.
