@@ -365,6 +365,26 @@ pub async fn deletes_may_allow_missing(mut t: TestServer) {
     .await
     .unwrap();
     assert_status(c.get(get("docs", "d")).await, Code::NotFound, "not found");
+    // In a Write, such a delete in a collection never written to leaves the
+    // other mutations applied (PostgreSQL once rolled them back, answering OK).
+    let mixed = c
+        .write(WriteRequest {
+            mutations: vec![
+                super::writes::save_op("docs", "kept", 2.0),
+                Mutation {
+                    op: Some(Op::Delete(DeleteRequest {
+                        allow_missing: true,
+                        ..delete("never_written", "x", "")
+                    })),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mixed.results.len(), 2);
+    let kept = c.get(get("docs", "kept")).await.unwrap().into_inner();
+    assert_eq!(kept.data.map(Struct::from), Some(doc(2.0)));
 }
 
 pub async fn write_mixes_saves_updates_and_deletes(mut t: TestServer) {
